@@ -1,0 +1,26 @@
+# `make test` and `make demo` set everything up on a fresh machine: gfortran (escnn's py3nj needs
+# it), a virtual env in .venv, torch from this machine's disk, then eqzoo itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo bench clean
+
+$(STAMP): pyproject.toml
+	@command -v gfortran >/dev/null || { apt-get update -qq && apt-get install -y -qq gfortran; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	# torch first, pinned, so that pip takes the local build instead of a multi-GB download
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py layers
+
+clean:
+	rm -rf $(VENV)

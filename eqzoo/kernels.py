@@ -1,0 +1,224 @@
+r"""Build-time maths of relaxed steerable kernels.
+
+An unconstrained, band-limited kernel between a field of type ρ_in and one of type ρ_out is
+
+.. math:: κ_0(x) = \sum_h W_h\, ψ_h(x), \qquad W_h ∈ \mathbb{R}^{d_{out} × d_{in}},
+
+with ψ_h the ring harmonics escnn uses for R2Conv (Gaussian rings × cos/sin(fφ), frequency cut
+off per ring; same rings, widths and cut-offs). Rotating or reflecting the plane maps these
+functions into their own span: ``ψ_h(M(g)^{-1} x) = Σ_k T(g)_{hk} ψ_k(x)``. So the λ-twirl
+
+.. math:: κ_λ(x) = \int_G λ(g)\, ρ_{out}(g)\, κ_0(g^{-1}x)\, ρ_{in}(g)^{-1}\, dg
+
+acts on the coefficients only: ``W'_k = Σ_g w_g Σ_h T(g)_{hk} ρ_out(g) W_h ρ_in(g)^T`` with the
+quadrature weights ``w_g`` of :meth:`GroupLikelihood.kernel_weights`. The integrand is a
+trigonometric polynomial of degree ≤ F = (max frequency of ρ_in, ρ_out, ψ), so a grid of more than
+F + L_out rotations integrates it exactly; finite groups sum over all their elements.
+Uniform λ gives the projection onto the G-equivariant kernels of this band-limited space (escnn's
+strict basis), λ = δ_e leaves κ_0 free, and λ uniform on a subgroup K gives K-equivariance.
+
+Everything here depends only on the group, the field types, kernel size and band-limits: it is
+computed once per process (and cached on disk) while a layer is built.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .groups import Group
+
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where basis precomputations are cached (``$EQZOO_CACHE`` or ``~/.cache/eqzoo``)."""
+    return Path(os.environ.get("EQZOO_CACHE", Path.home() / ".cache" / "eqzoo"))
+
+
+# -- ring harmonics --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RingHarmonics:
+    """The band-limited harmonic basis ψ_h on rings that escnn's R2Conv uses for a kernel size."""
+
+    kernel_size: int
+    dilation: int
+    rings: tuple  # (radius, sigma, max frequency)
+
+    @functools.cached_property
+    def elements(self) -> list[tuple[float, float, int, int]]:
+        """(radius, sigma, frequency f, 0 for cos / 1 for sin)."""
+        out = []
+        for r, sigma, fmax in self.rings:
+            for f in range(fmax + 1):
+                out.append((r, sigma, f, 0))
+                if f > 0:
+                    out.append((r, sigma, f, 1))
+        return out
+
+    @property
+    def size(self) -> int:
+        return len(self.elements)
+
+    @property
+    def max_frequency(self) -> int:
+        return max(f for _, _, f, _ in self.elements)
+
+    def sample(self, points: np.ndarray) -> np.ndarray:
+        """ψ_h at points [P, 2] (x, y) -> [H, P]."""
+        x, y = points[:, 0], points[:, 1]
+        rad = np.hypot(x, y)
+        phi = np.arctan2(y, x)
+        rows = []
+        for r, sigma, f, trig in self.elements:
+            radial = np.exp(-0.5 * (rad - r) ** 2 / sigma**2)
+            angular = np.cos(f * phi) if trig == 0 else np.sin(f * phi)
+            if f > 0:  # a steerable function of frequency f > 0 vanishes at the origin
+                angular = np.where(rad < 1e-9, 0.0, angular)
+            rows.append(radial * angular)
+        return np.stack(rows)
+
+    def pixel_points(self) -> np.ndarray:
+        """Centres of the k x k pixels as (x, y), row-major, y pointing up (escnn's convention)."""
+        k, d = self.kernel_size, self.dilation
+        origin = (d * (k - 1)) / 2
+        rows, cols = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        return np.stack([cols.ravel() * d - origin, origin - rows.ravel() * d], axis=1).astype(np.float64)
+
+    def on_pixels(self) -> np.ndarray:
+        """[H, k, k]."""
+        k = self.kernel_size
+        return self.sample(self.pixel_points()).reshape(self.size, k, k)
+
+    def action(self, s: int, theta: float) -> np.ndarray:
+        """T with ψ_h(M^{-1} x) = Σ_k T[h, k] ψ_k(x) for M = R_θ F^s, F: x -> -x.
+
+        M^{-1} x has angle β = φ - θ (s = 0) or π - β (s = 1), and
+        cos f(π-β) = (-1)^f cos fβ,  sin f(π-β) = -(-1)^f sin fβ."""
+        H = self.size
+        T = np.zeros((H, H))
+        index = {e: i for i, e in enumerate(self.elements)}
+        for i, (r, sigma, f, trig) in enumerate(self.elements):
+            sign = (-1.0) ** f if s else 1.0
+            c, sn = math.cos(f * theta), math.sin(f * theta)
+            j_cos = index[(r, sigma, f, 0)]
+            if trig == 0:  # cos f(φ-θ) = cos fφ cos fθ + sin fφ sin fθ
+                T[i, j_cos] += sign * c
+                if f > 0:
+                    T[i, index[(r, sigma, f, 1)]] += sign * sn
+            else:  # sin f(φ-θ) = sin fφ cos fθ - cos fφ sin fθ
+                sign = -sign if s else sign
+                T[i, index[(r, sigma, f, 1)]] += sign * c
+                T[i, j_cos] += -sign * sn
+        return T
+
+
+@functools.lru_cache(maxsize=None)
+def ring_harmonics(kernel_size: int, dilation: int = 1) -> RingHarmonics:
+    """escnn's default rings, widths and frequency cut-offs for R2Conv."""
+    from escnn.nn.modules.conv.r2convolution import compute_basis_params
+
+    keep, rings, sigma, max_freq = compute_basis_params(kernel_size, None, None, None, dilation, None)
+    out = []
+    for r, sg in zip(rings, sigma):
+        fmax = max((f for f in range(max_freq + 1) if keep({"radius": r, "irrep:frequency": f,
+                                                           "frequency": f, "j": (f, f)})), default=0)
+        out.append((float(r), float(sg), int(fmax)))
+    return RingHarmonics(kernel_size, dilation, tuple(out))
+
+
+# -- representations ---------------------------------------------------------------------------
+
+def repr_max_frequency(rep) -> int:
+    """Highest rotation frequency among the irreps of an escnn representation of a subgroup of O(2)."""
+    G = rep.group
+    best = 0
+    for irr_id in rep.irreps:
+        irr = G.irrep(*irr_id)
+        best = max(best, int(irr.attributes.get("frequency", 0)))
+    return best
+
+
+@dataclass
+class TwirlOperators:
+    """Precomputed per-grid-element operators of one (ρ_in, ρ_out, kernel size) layer."""
+
+    n_rot: int
+    basis: np.ndarray  # [H, k, k]
+    harmonic_action: np.ndarray  # [m, H, H]
+    rho_in: np.ndarray  # [m, d_in, d_in]
+    rho_out: np.ndarray  # [m, d_out, d_out]
+    invariant_out: np.ndarray  # [d_out, t] orthonormal basis of ρ_out's invariant vectors (bias)
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.basis, self.harmonic_action, self.rho_in, self.rho_out):
+            h.update(np.ascontiguousarray(np.round(a, 6) + 0.0).tobytes())
+        return h.hexdigest()[:16]
+
+
+def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out_bandlimit) -> int:
+    """Rotations the twirl needs: all of a finite group; for O(2)/SO(2) more than F + L_out."""
+    if group.is_finite:
+        return group.n_rot
+    F = repr_max_frequency(rep_in) + repr_max_frequency(rep_out) + harmonics.max_frequency
+    return F + (out_bandlimit or 0) + 1
+
+
+_MEMORY: dict = {}
+
+
+def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: int,
+                    n_rot: int) -> TwirlOperators:
+    """The operators for one layer, cached in memory and on disk."""
+    key = (group.spec, rep_in.name, rep_out.name, kernel_size, dilation, n_rot)
+    if key in _MEMORY:
+        return _MEMORY[key]
+    name = hashlib.sha256(repr((CACHE_VERSION,) + key).encode()).hexdigest()[:24]
+    path = cache_dir() / "bases" / f"{name}.npz"
+    ops = None
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                ops = TwirlOperators(int(z["n_rot"]), z["basis"], z["harmonic_action"], z["rho_in"],
+                                     z["rho_out"], z["invariant_out"])
+        except Exception:  # a corrupt cache entry is rebuilt, never trusted
+            ops = None
+    if ops is None:
+        ops = _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot)
+        _write_cache(path, ops)
+    _MEMORY[key] = ops
+    return ops
+
+
+def _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot) -> TwirlOperators:
+    harm = ring_harmonics(kernel_size, dilation)
+    s, theta = group.grid(n_rot)
+    elements = group.elements(n_rot)
+    T = np.stack([harm.action(si, ti) for si, ti in zip(s, theta)])
+    r_in = np.stack([rep_in(g) for g in elements])
+    r_out = np.stack([rep_out(g) for g in elements])
+    # invariant vectors of ρ_out: eigenvectors of the (exact) group average with eigenvalue 1
+    avg = r_out.mean(0)
+    avg = (avg + avg.T) / 2
+    vals, vecs = np.linalg.eigh(avg)
+    inv = vecs[:, vals > 0.5]
+    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, inv)
+
+
+def _write_cache(path: Path, ops: TwirlOperators) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, n_rot=ops.n_rot, basis=ops.basis, harmonic_action=ops.harmonic_action,
+                 rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home only costs rebuild time

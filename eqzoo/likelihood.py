@@ -1,0 +1,213 @@
+r"""The learnt likelihood λ over a group G: how equivariant a layer is.
+
+λ is a density on G w.r.t. the normalised Haar measure (uniform ≡ 1):
+
+.. math::
+    λ(g) = \exp ℓ(g) \,/\, \textstyle\int_G \exp ℓ, \qquad
+    ℓ(s, θ) = \sum_{k=0}^{L} \big(a_k + b_k (-1)^s\big)\cos kθ + \big(c_k + d_k (-1)^s\big)\sin kθ
+
+(the ``b, d`` terms only where G has reflections). These functions span the matrix coefficients of
+the irreps of G up to frequency L, so θ = (a, b, c, d) are the Fourier coefficients of the logits.
+All start at 0: every layer starts *fully equivariant*. For a finite group with L = N/2 every
+positive function on G is reachable; the normalisation is then an exact mean over G. For O(2)/SO(2)
+it is a quadrature on a fine grid (:data:`FINE_GRID` rotations), exact to float precision for the
+smooth ``exp ℓ``.
+
+What the kernel sees is ``λ_out = F_{L_out} ⋆ λ``, λ smoothed over the rotations by the Fejér
+kernel :math:`F_L(θ) = \frac{1}{L+1}\big(\frac{\sin((L+1)θ/2)}{\sin(θ/2)}\big)^2 ≥ 0`. It is
+band-limited at ``L_out`` *and non-negative everywhere* (a positive mixture of translates of a
+non-negative kernel), so the twirl integrates against a genuine density and a quadrature with more
+than ``L_out + F`` rotations is exact for a kernel of angular frequency ≤ F. ``out_bandlimit=None``
+(the default for finite groups) means no smoothing: the kernel sees λ itself.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from .groups import Group, get_group
+
+FINE_GRID = 256  # rotations used to normalise and integrate λ on O(2)/SO(2)
+DEFAULT_BANDLIMIT = 4  # L and L_out for O(2)/SO(2), the reference defaults
+
+
+class GroupLikelihood(nn.Module):
+    r"""A learnable density λ on a group, parameterised by the Fourier coefficients of its logits.
+
+    Args:
+        group: a group spec (``"D4"``, ``"O2"``, ...) or :class:`~eqzoo.groups.Group`.
+        bandlimit: L, the highest frequency of the logits. Finite groups: default (and maximum)
+            ``N // 2``, which makes every positive density reachable; O(2)/SO(2): default 4.
+        out_bandlimit: ``L_out``, the highest frequency of λ the kernel sees (Fejér-smoothed, so
+            it stays non-negative). Default ``None`` for finite groups (λ exactly), 4 for O(2)/SO(2).
+        learnable: ``False`` freezes λ (uniform unless set with :meth:`set_density`).
+    """
+
+    def __init__(self, group, bandlimit: int | None = None, out_bandlimit: int | None = -1,
+                 learnable: bool = True):
+        super().__init__()
+        G = get_group(group)
+        self.group = G
+        if bandlimit is None:
+            bandlimit = G.n_rot // 2 if G.is_finite else DEFAULT_BANDLIMIT
+        if out_bandlimit == -1:
+            out_bandlimit = None if G.is_finite else DEFAULT_BANDLIMIT
+        if not isinstance(bandlimit, int) or bandlimit < 0:
+            raise ValueError(f"bandlimit must be an int >= 0, got {bandlimit!r}")
+        if G.is_finite:
+            bandlimit = min(bandlimit, G.n_rot // 2)
+        if out_bandlimit is not None:
+            if not isinstance(out_bandlimit, int) or out_bandlimit < 0:
+                raise ValueError(f"out_bandlimit must be None or an int >= 0, got {out_bandlimit!r}")
+            if G.is_finite and 2 * out_bandlimit >= G.n_rot:
+                out_bandlimit = None  # every frequency of a finite group: no smoothing needed
+        if not G.is_finite and out_bandlimit is None:
+            raise ValueError(f"{G.spec} needs a finite out_bandlimit (the kernel's quadrature is "
+                             "exact only for band-limited λ); e.g. out_bandlimit=4")
+        self.bandlimit = bandlimit
+        self.out_bandlimit = out_bandlimit
+        self._freqs = self._frequencies()
+        self.coefficients = nn.Parameter(torch.zeros(len(self._freqs)), requires_grad=learnable)
+        s, theta = G.grid(None if G.is_finite else FINE_GRID)
+        self.register_buffer("_fine_features", self._features(s, theta), persistent=False)
+
+    # -- parameterisation ----------------------------------------------------------------------
+    def _frequencies(self) -> list[tuple[int, str, int]]:
+        """(k, 'cos'|'sin', flip-parity) for each real Fourier feature of the logits."""
+        out = []
+        for k in range(self.bandlimit + 1):
+            trigs = ["cos"]
+            # sin(kθ) vanishes on C_N when k = N/2 (and at k = 0): not a feature there
+            if k > 0 and not (self.group.is_finite and 2 * k == self.group.n_rot):
+                trigs.append("sin")
+            for trig in trigs:
+                for parity in range(self.group.n_flip):
+                    out.append((k, trig, parity))
+        return out
+
+    def _features(self, s, theta) -> torch.Tensor:
+        s = torch.as_tensor(np.asarray(s), dtype=torch.float64)
+        theta = torch.as_tensor(np.asarray(theta), dtype=torch.float64)
+        cols = []
+        for k, trig, parity in self._freqs:
+            f = torch.cos(k * theta) if trig == "cos" else torch.sin(k * theta)
+            cols.append(f * (1 - 2 * s) if parity else f)
+        return torch.stack(cols, dim=-1).float()
+
+    @property
+    def learnable(self) -> bool:
+        return self.coefficients.requires_grad
+
+    def logits(self, s, theta) -> torch.Tensor:
+        feats = self._features(s, theta).to(self.coefficients)
+        return feats @ self.coefficients
+
+    def _fine_log_density(self) -> torch.Tensor:
+        """log λ on the fine grid (flip-major), computed in float32 or better even under autocast."""
+        with torch.autocast(self.coefficients.device.type, enabled=False):
+            c = self.coefficients.float() if self.coefficients.dtype in (torch.float16, torch.bfloat16) else self.coefficients
+            ell = self._fine_features.to(c) @ c
+            return ell - torch.logsumexp(ell, 0) + math.log(ell.numel())
+
+    def grid_density(self) -> torch.Tensor:
+        """λ on the fine grid: all of G for finite groups, else FINE_GRID rotations per flip."""
+        return self._fine_log_density().exp()
+
+    def density(self, elements=None) -> torch.Tensor:
+        """λ at escnn group elements (a list), or on the fine grid when ``elements`` is None."""
+        if elements is None:
+            return self.grid_density()
+        s, theta = zip(*[self.group.coords(g) for g in elements])
+        with torch.autocast(self.coefficients.device.type, enabled=False):
+            log_z = torch.logsumexp(self._fine_features.to(self.coefficients) @ self.coefficients, 0)
+            log_z = log_z - math.log(self._fine_features.shape[0])
+            return (self.logits(s, theta) - log_z).exp()
+
+    def kernel_weights(self, n_rot: int | None = None) -> torch.Tensor:
+        r"""Quadrature weights ``w_g`` (flip-major over :meth:`Group.grid`) with
+        :math:`\sum_g w_g f(g) = \int_G λ_{out}(g) f(g)\,dg` for f of angular frequency < n_rot - L_out.
+        They are non-negative and sum to 1; uniform λ gives ``1 / |grid|``."""
+        G = self.group
+        lam = self.grid_density().view(G.n_flip, -1)  # [flip, rotations of the fine grid]
+        if self.out_bandlimit is None:
+            return (lam / lam.numel()).flatten()
+        m = lam.shape[1]
+        n = G.n_rot if G.is_finite else int(n_rot)
+        L = self.out_bandlimit
+        if n <= 2 * L:
+            raise ValueError(f"a quadrature of {n} rotations cannot carry λ of band-limit {L}")
+        # Fejér: Fourier coefficient k of λ scaled by (1 - k/(L+1)), k <= L; evaluated at n points
+        spec = torch.fft.rfft(lam, dim=1)[:, : L + 1]
+        fejer = 1 - torch.arange(L + 1, device=lam.device, dtype=lam.dtype) / (L + 1)
+        smooth = torch.fft.irfft(spec * fejer, n=n, dim=1) * (n / m)
+        return (smooth / (n * G.n_flip)).flatten()
+
+    # -- divergences -----------------------------------------------------------------------------
+    def kl_uniform(self) -> torch.Tensor:
+        """KL(λ ‖ uniform) = E_λ[log λ] ≥ 0 (exactly, on the normalising grid)."""
+        log_lam = self._fine_log_density()
+        return (log_lam.exp() * log_lam).mean()
+
+    def kl(self, other: "GroupLikelihood", detach_other: bool = False) -> torch.Tensor:
+        """KL(self ‖ other) on the common grid; ``detach_other`` stops gradients into ``other``."""
+        if other.group != self.group:
+            raise ValueError(f"KL between likelihoods on different groups: {self.group} vs {other.group}")
+        log_p = self._fine_log_density()
+        log_q = other._fine_log_density()
+        if detach_other:
+            log_q = log_q.detach()
+        return (log_p.exp() * (log_p - log_q)).mean()
+
+    def alignment(self) -> torch.Tensor:
+        """log(max_g λ(g) / λ(e)) ≥ 0: zero iff the identity is a mode."""
+        log_lam = self._fine_log_density()
+        return log_lam.max() - log_lam[0]  # grid element 0 is the identity
+
+    # -- analysis --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_density(self, density) -> None:
+        """Set λ (up to the band-limit) to a given positive density: a callable ``f(s, θ)`` on
+        numpy arrays, or a tensor of values on the fine grid. Least squares on the log."""
+        G = self.group
+        s, theta = G.grid(None if G.is_finite else FINE_GRID)
+        values = density(s, theta) if callable(density) else density
+        values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        if values.shape != (len(s),):
+            raise ValueError(f"density must have {len(s)} values on the grid, got shape {tuple(values.shape)}")
+        if (values <= 0).any():
+            raise ValueError("density must be positive everywhere (λ = exp(logits))")
+        X = self._fine_features.double()
+        sol = torch.linalg.lstsq(X, values.log().unsqueeze(1)).solution.squeeze(1)
+        self.coefficients.copy_(sol.to(self.coefficients))
+
+    @torch.no_grad()
+    def summary(self, threshold: float = 0.5) -> dict:
+        """Readable degree of equivariance: KL to uniform, mass near the identity, and the largest
+        subgroup K whose every element keeps at least ``threshold`` of the identity's likelihood
+        (the layer is roughly K-equivariant)."""
+        G = self.group
+        lam = self.grid_density().double().cpu().view(G.n_flip, -1)
+        m = lam.shape[1]
+        # "near" = the identity's own cell for finite groups, ±π/8 on O(2)/SO(2)
+        width = 1 if G.is_finite else max(1, round(m / 16))
+        near = torch.cat([lam[0, :width], lam[0, m - width + 1:]]) if width > 1 else lam[0, :1]
+        mass_near = float(near.sum() / lam.numel())
+        best, best_size = "C1", 1
+        for name, k, flip in G.subgroups():
+            step = m // k if k else 1
+            if k and m % k:
+                continue
+            rows = [0, 1] if flip else [0]
+            vals = lam[rows][:, ::step]
+            if float(vals.min()) >= threshold * float(lam[0, 0]):
+                size = (k or m) * len(rows) * (10**6 if k == 0 else 1)
+                if size > best_size:
+                    best, best_size = name, size
+        return {"group": G.spec, "kl_uniform": float(self.kl_uniform()), "mass_near_identity": mass_near,
+                "closest_subgroup": best, "bandlimit": self.bandlimit, "out_bandlimit": self.out_bandlimit}
+
+    def extra_repr(self) -> str:
+        return f"group={self.group.spec}, bandlimit={self.bandlimit}, out_bandlimit={self.out_bandlimit}, learnable={self.learnable}"

@@ -1,0 +1,234 @@
+r"""Partially equivariant convolution and linear layers on plain tensors.
+
+The filter is the λ-twirl of an unconstrained band-limited kernel (see :mod:`eqzoo.kernels`):
+
+.. math:: κ_λ = \sum_g w_g(λ)\; ρ_{out}(g)\, κ_0(g^{-1}\,\cdot)\, ρ_{in}(g)^{T},
+
+computed on the coefficients with one batched contraction per step; everything else is
+precomputed when the layer is built. In eval mode the filter is cached until the weights, λ, the
+device or the dtype change.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..groups import group_of
+from ..kernels import quadrature_size, ring_harmonics, twirl_operators
+from ..likelihood import GroupLikelihood
+from .fields import single_repr
+
+
+def _pair_permutations(rho_out, rho_in):
+    """Index [m, d_out*d_in] of (σ_g(a), τ_g(b)) when every ρ(g) is a permutation matrix
+    (ρ(g)[a, σ_g(a)] = 1), else None."""
+    def perm(r):
+        ok = np.allclose(np.abs(r).sum(-1), 1) and np.allclose(np.abs(r).max(-1), 1) and (r > -1e-9).all()
+        return np.argmax(r, axis=-1) if ok else None
+    po, pi = perm(rho_out), perm(rho_in)
+    if po is None or pi is None:
+        return None
+    idx = po[:, :, None] * rho_in.shape[1] + pi[:, None, :]
+    return torch.from_numpy(idx.reshape(len(idx), -1)).long()
+
+
+class _Twirled(nn.Module):
+    """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
+
+    def __init__(self, in_type, out_type, kernel_size: int, dilation: int, bias: bool,
+                 likelihood: GroupLikelihood | None):
+        super().__init__()
+        rep_in, rep_out = single_repr(in_type, "in_type"), single_repr(out_type, "out_type")
+        if in_type.gspace != out_type.gspace:
+            raise ValueError(f"in_type and out_type live on different gspaces: {in_type.gspace.name} "
+                             f"vs {out_type.gspace.name}")
+        self.group = group_of(in_type)
+        if likelihood is None:
+            likelihood = GroupLikelihood(self.group)
+        elif not isinstance(likelihood, GroupLikelihood):
+            raise TypeError(f"likelihood must be a GroupLikelihood or None, got {type(likelihood).__name__}")
+        elif likelihood.group != self.group:
+            raise ValueError(f"likelihood is over {likelihood.group} but the fields are over {self.group}")
+        self.likelihood = likelihood
+        self.in_type, self.out_type = in_type, out_type
+        self.in_channels, self.out_channels = in_type.size, out_type.size
+        self.kernel_size, self.dilation = kernel_size, dilation
+        harm = ring_harmonics(kernel_size, dilation)
+        self.n_rot = quadrature_size(self.group, rep_in, rep_out, harm, likelihood.out_bandlimit)
+        ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot)
+        self.basis_fingerprint = ops.fingerprint
+        # float64 so that .double() layers are exact; cast to the weights' dtype when used
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("_basis", torch.tensor(ops.basis, **f64), persistent=False)
+        self.register_buffer("_harmonic_action", torch.tensor(ops.harmonic_action, **f64), persistent=False)
+        self.register_buffer("_rho_in", torch.tensor(ops.rho_in, **f64), persistent=False)
+        self.register_buffer("_rho_out", torch.tensor(ops.rho_out, **f64), persistent=False)
+        self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
+        # Regular fields of finite groups: ρ(g) are permutations and the twirl is a gather.
+        self.register_buffer("_pair_index", _pair_permutations(ops.rho_out, ops.rho_in), persistent=False)
+        d_in, d_out = rep_in.size, rep_out.size
+        self._shape = (len(out_type), d_out, len(in_type), d_in, harm.size)
+        self.weight = nn.Parameter(torch.empty(self._shape))
+        if bias and ops.invariant_out.shape[1] > 0:
+            self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1]))
+        else:
+            self.register_parameter("bias", None)
+        self._cache = None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy)."""
+        nn.init.normal_(self.weight)
+        m = self._harmonic_action.shape[0]
+        uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
+        filt = self._synthesize(uniform)
+        fan_in = self.in_channels * self.kernel_size**2
+        std = float(filt.std()) if filt.numel() > 1 else 0.0
+        if std > 0:
+            self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
+        if self.bias is not None:
+            self.bias.zero_()
+        self._cache = None
+
+    def _synthesize(self, q: torch.Tensor) -> torch.Tensor:
+        """Filter [C_out, C_in, k, k] for quadrature weights q [m]."""
+        w = self.weight
+        Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
+        k = self.kernel_size
+        F_o, d_o, F_i, d_i, H = self._shape
+        if self._pair_index is not None:
+            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)]: one gather, one matmul over (g, h)
+            m = Tq.shape[0]
+            wt = w.permute(0, 2, 1, 3, 4).reshape(F_o * F_i, d_o * d_i, H)
+            x = wt[:, self._pair_index.reshape(-1)].reshape(F_o * F_i * d_o * d_i, m * H)
+            coeff = (x @ Tq.reshape(m * H, H)).reshape(F_o, F_i, d_o, d_i, H)
+            filt = torch.einsum("oiadk,kxy->oaidxy", coeff, self._basis.to(w.dtype))
+            return filt.reshape(self.out_channels, self.in_channels, k, k)
+        a = torch.einsum("ghk,oaibh->goaibk", Tq, w)
+        a = torch.einsum("gca,goaibk->gocibk", self._rho_out.to(w.dtype), a)
+        coeff = torch.einsum("gdb,gocibk->ocidk", self._rho_in.to(w.dtype), a)
+        filt = torch.einsum("ocidk,kxy->ocidxy", coeff, self._basis.to(w.dtype))
+        return filt.reshape(self.out_channels, self.in_channels, k, k)
+
+    def _expanded_bias(self):
+        if self.bias is None:
+            return None
+        return (self.bias @ self._bias_basis.to(self.bias.dtype).T).reshape(-1)
+
+    def filter_and_bias(self):
+        """The current filter and bias as plain tensors (recomputed, with gradients)."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            q = self.likelihood.kernel_weights(self.n_rot)
+            return self._synthesize(q), self._expanded_bias()
+
+    def _cache_key(self):
+        ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
+
+    def _current(self):
+        needs_grad = torch.is_grad_enabled() and any(
+            p.requires_grad for p in (self.weight, self.bias, self.likelihood.coefficients) if p is not None)
+        if self.training or needs_grad or torch.compiler.is_compiling():
+            self._cache = None
+            return self.filter_and_bias()
+        key = self._cache_key()
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key,) + tuple(self.filter_and_bias())
+        return self._cache[1], self._cache[2]
+
+    def _check_input(self, x: torch.Tensor, spatial: bool):
+        want = 4 if spatial else 2
+        if x.dim() != want or x.shape[1] != self.in_channels:
+            shape = "[B, C, H, W]" if spatial else "[B, C]"
+            raise ValueError(f"{type(self).__name__} expects {shape} with C = {self.in_channels} "
+                             f"({len(self.in_type)} fields of size {self._shape[3]}), got shape {tuple(x.shape)}")
+
+    def _apply(self, fn, recurse=True):
+        self._cache = None  # moved / cast: rebuild the cached filter
+        return super()._apply(fn, recurse)
+
+
+class PEConv2d(_Twirled):
+    r"""Steerable convolution with a learnt degree of equivariance.
+
+    Args:
+        in_type, out_type: escnn FieldTypes over the same gspace, each made of copies of one
+            representation. Tensors are plain ``[B, C, H, W]`` with channels grouped per field.
+        kernel_size, stride, padding, dilation, bias: as :class:`torch.nn.Conv2d` (square kernels).
+        likelihood: the :class:`~eqzoo.GroupLikelihood` to use (shared by passing the same object),
+            or ``None`` for a fresh one owned by this layer. A frozen uniform likelihood
+            (``learnable=False``) gives the strict steerable convolution.
+    """
+
+    def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, bias: bool = True, likelihood: GroupLikelihood | None = None):
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
+        super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, spatial=True)
+        filt, bias = self._current()
+        filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
+        bias = bias.to(filt.dtype) if bias is not None else None
+        return F.conv2d(x, filt, bias, self.stride, self.padding, self.dilation)
+
+    @torch.no_grad()
+    def export(self) -> nn.Conv2d:
+        """An ``nn.Conv2d`` computing the same function (the current filter, frozen)."""
+        filt, bias = self.filter_and_bias()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, bias=bias is not None,
+                         device=filt.device, dtype=filt.dtype)
+        conv.weight.copy_(filt)
+        if bias is not None:
+            conv.bias.copy_(bias)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, group={self.group.spec}")
+
+
+class PELinear(_Twirled):
+    """Linear map between fields (``[B, C]`` tensors) with a learnt degree of equivariance, e.g.
+    a head from the last fields to trivial class logits (invariant while λ is uniform)."""
+
+    def __init__(self, in_type, out_type, bias: bool = True, likelihood: GroupLikelihood | None = None):
+        super().__init__(in_type, out_type, 1, 1, bias, likelihood)
+
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x, spatial=False)
+        filt, bias = self._current()
+        filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
+        bias = bias.to(filt.dtype) if bias is not None else None
+        return F.linear(x, filt[:, :, 0, 0], bias)
+
+    @torch.no_grad()
+    def export(self) -> nn.Linear:
+        filt, bias = self.filter_and_bias()
+        lin = nn.Linear(self.in_channels, self.out_channels, bias=bias is not None,
+                        device=filt.device, dtype=filt.dtype)
+        lin.weight.copy_(filt[:, :, 0, 0])
+        if bias is not None:
+            lin.bias.copy_(bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_channels}, out_features={self.out_channels}, group={self.group.spec}"

@@ -1,0 +1,113 @@
+"""Batch normalisation per field, on plain tensors.
+
+Equivariance needs statistics that commute with ρ(g): the mean is taken only on the invariant
+(trivial-irrep) part of each field and the variance is one number per field (ρ is orthogonal, so a
+field's norm is invariant). For permutation fields this is exactly escnn's InnerBatchNorm and runs
+as one fused ``F.batch_norm`` over ``[B, fields, d*H*W]``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fields import invariant_basis, is_permutation, single_repr
+
+
+class FieldBatchNorm2d(nn.Module):
+    def __init__(self, field_type, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True):
+        super().__init__()
+        rep = single_repr(field_type)
+        self.field_type = field_type
+        self.num_fields, self.field_size = len(field_type), rep.size
+        self.num_features = field_type.size
+        self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.permutation = is_permutation(rep)
+        E = torch.tensor(invariant_basis(rep), dtype=torch.float32)
+        self.register_buffer("_invariant", E, persistent=False)
+        t = 1 if self.permutation else E.shape[1]
+        self.register_buffer("running_mean", torch.zeros(self.num_fields, t))
+        self.register_buffer("running_var", torch.ones(self.num_fields))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(self.num_fields))
+            self.bias = nn.Parameter(torch.zeros(self.num_fields, t))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1)
+        self.num_batches_tracked.zero_()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check(self, x):
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"FieldBatchNorm2d expects [B, {self.num_features}, H, W] "
+                             f"({self.num_fields} fields of size {self.field_size}), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        B, C, H, W = x.shape
+        if self.permutation:
+            y = F.batch_norm(x.reshape(B, self.num_fields, -1), self.running_mean.view(-1),
+                             self.running_var, self.weight, None if self.bias is None else self.bias.view(-1),
+                             self.training, self.momentum, self.eps)
+            return y.reshape(B, C, H, W)
+        return self._general(x)
+
+    def _general(self, x):
+        B, C, H, W = x.shape
+        E = self._invariant.to(x.dtype)
+        xf = x.reshape(B, self.num_fields, self.field_size, H * W)
+        if self.training:
+            mean = torch.einsum("bfdp,dt->ft", xf, E) / (B * H * W)
+            centred = xf - (mean @ E.T)[None, :, :, None]
+            var = centred.pow(2).mean(dim=(0, 2, 3))
+            n = B * H * W * self.field_size
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
+        else:
+            mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
+            centred = xf - (mean @ E.T)[None, :, :, None]
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + (self.bias @ E.T)[None, :, :, None]
+        return y.reshape(B, C, H, W)
+
+    def _per_channel(self):
+        """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""
+        d = self.field_size
+        E = self._invariant.to(self.running_var.dtype)
+        if self.permutation:
+            mean = self.running_mean.view(-1).repeat_interleave(d)
+            bias = self.bias.view(-1).repeat_interleave(d) if self.affine else None
+        else:
+            mean = (self.running_mean @ E.T).reshape(-1)
+            bias = (self.bias @ E.T).reshape(-1) if self.affine else None
+        var = self.running_var.repeat_interleave(d)
+        weight = self.weight.repeat_interleave(d) if self.affine else None
+        return mean, var, weight, bias
+
+    @torch.no_grad()
+    def export(self) -> nn.BatchNorm2d:
+        """An ``nn.BatchNorm2d`` equal to this layer in eval mode (running statistics broadcast to
+        channels). Training it further would no longer tie the channels of a field."""
+        mean, var, weight, bias = self._per_channel()
+        bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine,
+                            device=var.device, dtype=var.dtype)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.copy_(self.num_batches_tracked)
+        if self.affine:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+        return bn.train(self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_fields} fields x {self.field_size}, eps={self.eps}, momentum={self.momentum}"
