@@ -1,0 +1,341 @@
+"""Core layers: equivariance at uniform λ, the kernel spaces, subgroups, caching, export, errors."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from escnn import nn as enn
+
+import eqzoo
+from eqzoo import GroupLikelihood
+from eqzoo.groups import get_group
+from eqzoo.nn import FieldBatchNorm2d, PEConv2d, PELinear, field_relu
+
+PIXEL_EXACT = [(0, 0.0), (0, math.pi / 2), (0, math.pi), (0, 3 * math.pi / 2),
+               (1, 0.0), (1, math.pi / 2), (1, math.pi), (1, 3 * math.pi / 2)]
+
+
+def pixel_elements(G):
+    """Elements of G that act exactly on the pixel grid (90-degree rotations, flips)."""
+    out = []
+    for s, t in PIXEL_EXACT:
+        if s and not G.has_flip:
+            continue
+        if G.is_finite and (t * G.n_rot / (2 * math.pi)) % 1:
+            continue
+        if G.spec == "D1" and t:
+            continue
+        out.append(G.element(s, t))
+    return out
+
+
+def rel_err(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+def equivariance_errors(layer, fin, fout, x, elements):
+    """Relative error of layer(g.x) vs g.layer(x) for each element, in order."""
+    y = layer(x)
+    errs = []
+    for g in elements:
+        gx = enn.GeometricTensor(x, fin).transform(g).tensor
+        gy = enn.GeometricTensor(y, fout).transform(g).tensor
+        errs.append(rel_err(layer(gx), gy))
+    return errs
+
+
+def kernel_space(layer) -> torch.Tensor:
+    """Rows spanning the layer's filter space: the filters of every unit weight vector."""
+    n = layer.weight.numel()
+    rows = []
+    with torch.no_grad():
+        for i in range(n):
+            layer.weight.zero_()
+            layer.weight.view(-1)[i] = 1
+            rows.append(layer.filter_and_bias()[0].flatten().clone())
+    return torch.stack(rows)
+
+
+def rank(m, tol=1e-8):
+    return int(torch.linalg.matrix_rank(m.double(), atol=tol, rtol=0))
+
+
+@pytest.mark.parametrize("spec", ["C4", "D4", "D8", "O2", "SO2", "D1"])
+def test_uniform_likelihood_is_equivariant_on_the_pixel_grid(spec):
+    torch.manual_seed(0)
+    G = get_group(spec)
+    fin, fout = G.field_type(2), G.field_type(3)
+    conv = PEConv2d(fin, fout, 5, padding=2).double().eval()
+    x = torch.randn(2, fin.size, 13, 13, dtype=torch.float64)
+    errs = equivariance_errors(conv, fin, fout, x, pixel_elements(G))
+    assert len(errs) >= 2
+    assert max(errs) <= 1e-5, errs
+
+
+@pytest.mark.parametrize("spec,k", [("C4", 3), ("D4", 3), ("D8", 5), ("D1", 3), ("O2", 3), ("SO2", 5)])
+def test_uniform_kernel_space_equals_escnn_strict_space(spec, k):
+    G = get_group(spec)
+    fin, fout = G.field_type(1), G.field_type(1)
+    ours = kernel_space(PEConv2d(fin, fout, k, bias=False, likelihood=GroupLikelihood(G, learnable=False)).double())
+    r2 = enn.R2Conv(fin, fout, k, bias=False)
+    theirs = []
+    with torch.no_grad():
+        for i in range(r2.weights.numel()):
+            w = torch.zeros_like(r2.weights)
+            w[i] = 1
+            r2.weights.copy_(w)
+            theirs.append(r2.expand_parameters()[0].flatten().double())
+    theirs = torch.stack(theirs)
+    r_ours, r_theirs = rank(ours, 1e-6), rank(theirs, 1e-6)
+    assert r_ours == r_theirs > 0
+    assert rank(torch.cat([ours, theirs]), 1e-6) == r_ours  # each spans the other
+
+
+def test_trivial_input_fields_to_regular_fields():
+    G = get_group("D4")
+    fin, fout = G.trivial_type(3), G.field_type(4)
+    conv = PEConv2d(fin, fout, 7, padding=3).double().eval()
+    x = torch.randn(2, 3, 15, 15, dtype=torch.float64)
+    assert max(equivariance_errors(conv, fin, fout, x, pixel_elements(G))) <= 1e-5
+
+
+def _subgroup_layer(spec, in_subgroup):
+    G = get_group(spec)
+    lam = GroupLikelihood(G, learnable=False)
+    lam.set_density(lambda s, t: np.where(in_subgroup(s, t), 1.0, 1e-9))
+    fin, fout = G.field_type(2), G.field_type(2)
+    torch.manual_seed(1)
+    return G, fin, fout, PEConv2d(fin, fout, 5, padding=2, likelihood=lam).double().eval()
+
+
+def test_likelihood_uniform_on_rotations_gives_rotation_equivariance_only():
+    G, fin, fout, conv = _subgroup_layer("D4", lambda s, t: s == 0)
+    x = torch.randn(2, fin.size, 13, 13, dtype=torch.float64)
+    errs = equivariance_errors(conv, fin, fout, x, [G.element(0, math.pi / 2), G.element(1, 0.0)])
+    rot, flip = errs
+    assert rot <= 1e-6 and flip > 1e-2, errs
+
+
+@pytest.mark.parametrize("axis", [0.0, math.pi / 2, math.pi / 4])
+def test_likelihood_uniform_on_a_reflection_subgroup_pins_the_convention(axis):
+    # {e, (1, θ)} is a subgroup for every θ; a g/g⁻¹ or flip-order mix-up would give the
+    # equivariance of (1, -θ) instead, a different reflection unless θ ∈ {0, π}.
+    on = lambda s, t: (s == 0) & np.isclose(t, 0) | (s == 1) & np.isclose(t, axis)
+    G, fin, fout, conv = _subgroup_layer("D8", on)
+    x = torch.randn(2, fin.size, 13, 13, dtype=torch.float64)
+    if axis == math.pi / 4:  # not on the pixel grid: compare on the kernel itself
+        return _check_kernel_symmetry(conv, G, axis)
+    errs = equivariance_errors(conv, fin, fout, x, [G.element(1, axis), G.element(1, -axis % (2 * math.pi)),
+                                                   G.element(0, math.pi / 2)])
+    own, mirrored, rot = errs
+    assert own <= 1e-6, errs
+    if axis:
+        assert mirrored > 1e-2, errs
+    assert rot > 1e-2, errs
+
+
+def _check_kernel_symmetry(conv, G, axis):
+    """κ(g x) = ρ_out(g) κ(x) ρ_in(g)ᵀ checked on the harmonic coefficients (exact for any θ)."""
+    from eqzoo.kernels import ring_harmonics
+
+    harm = ring_harmonics(conv.kernel_size)
+    filt = conv.filter_and_bias()[0].detach()
+    B = torch.tensor(harm.on_pixels()).reshape(harm.size, -1)
+    coeff = torch.linalg.lstsq(B.T, filt.reshape(-1, B.shape[1]).T).solution.T.reshape(
+        filt.shape[0], filt.shape[1], harm.size)
+    for s, t, expect in [(1, axis, True), (1, -axis % (2 * math.pi), False)]:
+        g = G.element(s, t)
+        ro = torch.tensor(conv.out_type.representation(g))
+        ri = torch.tensor(conv.in_type.representation(g))
+        # κ(M⁻¹x) has coefficients coeff @ T(g) (ψ_h(M⁻¹x) = Σ T[h,k] ψ_k(x)); equivariance ⇔
+        # ρ_out(g) κ(M⁻¹ x) ρ_in(g)ᵀ = κ(x)
+        T = torch.tensor(harm.action(s, t))
+        moved = torch.einsum("ab,bch,dc,hk->adk", ro, coeff, ri, T)
+        err = rel_err(moved, coeff)
+        assert (err <= 1e-6) if expect else (err > 1e-2), (s, t, err)
+
+
+@pytest.mark.parametrize("spec,fields,expected", [("D1", 1, 2 * 2 * 6), ("D4", 1, 8 * 8 * 6), ("C4", 2, 8 * 8 * 6)])
+def test_likelihood_at_identity_frees_the_kernel(spec, fields, expected):
+    # 3x3 band-limited space per channel pair: ring 0 (frequency 0) + ring 1 (frequencies 0, 1, 2
+    # as cos/sin) = 6 functions, so d_out * d_in * 6 dimensions in all.
+    G = get_group(spec)
+    lam = GroupLikelihood(G, learnable=False)
+    lam.set_density(lambda s, t: np.where((s == 0) & np.isclose(t, 0), 1.0, 1e-12))
+    conv = PEConv2d(G.field_type(fields), G.field_type(fields), 3, likelihood=lam).double()
+    assert rank(kernel_space(conv), 1e-9) == expected
+
+
+def test_o2_likelihood_kernel_weights_are_positive_and_normalised():
+    lam = GroupLikelihood("O2", bandlimit=4, out_bandlimit=4)
+    with torch.no_grad():
+        lam.coefficients.normal_(0, 3.0)  # far from uniform: a sharply peaked λ
+    for n in (13, 40, 997):
+        w = lam.kernel_weights(n)
+        assert w.shape == (2 * n,)
+        assert float(w.min()) >= -1e-7 * float(w.max())
+        assert abs(float(w.sum()) - 1) < 1e-5
+    dens = lam.grid_density()
+    assert abs(float(dens.mean()) - 1) < 1e-5 and float(dens.min()) > 0
+
+
+def test_finite_density_and_set_density_round_trip():
+    lam = GroupLikelihood("D4")
+    target = np.array([4.0, 2.0, 1.0, 0.5, 0.25, 0.125, 3.0, 1.5])
+    lam.set_density(target)
+    got = lam.density(lam.group.elements()).double().detach().numpy()
+    np.testing.assert_allclose(got, target / target.mean(), rtol=1e-5)
+    assert lam.summary()["closest_subgroup"] in {"C1", "D1", "C2", "D2", "C4", "D4"}
+
+
+def test_summary_finds_the_subgroup():
+    lam = GroupLikelihood("D8")
+    lam.set_density(lambda s, t: np.where((s == 0) & np.isclose(np.mod(t, np.pi / 2), 0), 1.0, 1e-3))
+    assert lam.summary()["closest_subgroup"] == "C4"
+    lam = GroupLikelihood("O2")
+    assert lam.summary()["closest_subgroup"] == "O2"
+    lam.set_density(lambda s, t: np.where(s == 0, 1.0, 1e-4))
+    assert lam.summary()["closest_subgroup"] == "SO2"
+
+
+def _tiny_model(spec="D4", likelihood=None):
+    G = get_group(spec)
+    a, b = G.field_type(2), G.field_type(3)
+    lam1 = likelihood or GroupLikelihood(G)
+    return torch.nn.Sequential(
+        PEConv2d(G.trivial_type(1), a, 3, padding=1, likelihood=lam1), FieldBatchNorm2d(a), field_relu(a),
+        PEConv2d(a, b, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        PELinear(b, G.trivial_type(4)))
+
+
+def test_regularisers_zero_at_init_and_non_negative():
+    model = _tiny_model()
+    total, parts = eqzoo.regularization(model)
+    assert float(total) == 0 and all(float(v) == 0 for v in parts.values())
+    with torch.no_grad():
+        for lam in eqzoo.likelihoods(model).values():
+            lam.coefficients.normal_(0, 1.0)
+    total, parts = eqzoo.regularization(model)
+    assert float(parts["alignment"]) >= 0 and float(parts["kl_uniform"]) >= -1e-7
+    assert float(parts["kl_chain"]) >= -1e-7 and float(total) > 0
+    total.backward()
+    assert all(lam.coefficients.grad is not None for lam in eqzoo.likelihoods(model).values())
+    with pytest.raises(ValueError, match="alignment"):
+        eqzoo.regularization(model, alignment=-1)
+
+
+def test_task_loss_alone_moves_the_likelihood():
+    torch.manual_seed(0)
+    model = _tiny_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x = torch.randn(8, 1, 9, 9)
+    x[:, :, :, :4] += 2  # an asymmetric input, so the logits are not invariant targets
+    y = torch.randint(0, 4, (8,))
+    before = {k: v.coefficients.detach().clone() for k, v in eqzoo.likelihoods(model).items()}
+    for _ in range(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y) + eqzoo.regularization(model, 0, 0, 0)[0]
+        loss.backward()
+        opt.step()
+    moved = [float((v.coefficients - before[k]).abs().max()) for k, v in eqzoo.likelihoods(model).items()]
+    assert max(moved) > 1e-4
+
+
+def test_learns_rotation_symmetry_but_not_reflections():
+    """Fit a D4 layer to a target made by a C4- but not flip-equivariant kernel.
+
+    λ uniform on the reflections spans the same kernels as λ uniform on the rotations (a coset
+    gives a conjugate space), so the task alone cannot tell them apart: the alignment term, which
+    keeps the identity the mode, is what makes λ readable."""
+    torch.manual_seed(0)
+    G = get_group("D4")
+    fin, fout = G.field_type(1), G.field_type(1)
+    c4 = GroupLikelihood(G, learnable=False)
+    c4.set_density(lambda s, t: np.where(s == 0, 1.0, 1e-9))
+    teacher = PEConv2d(fin, fout, 5, padding=2, likelihood=c4).eval()
+    student = PEConv2d(fin, fout, 5, padding=2)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-2)
+    x = torch.randn(16, fin.size, 12, 12)
+    with torch.no_grad():
+        target = teacher(x)
+    for _ in range(150):
+        opt.zero_grad()
+        reg, _ = eqzoo.regularization(student, alignment=5.0, kl_chain=0.0, kl_uniform=0.0)
+        (torch.nn.functional.mse_loss(student(x), target) + reg).backward()
+        opt.step()
+    lam = student.likelihood.density(G.elements()).detach()
+    rotations, reflections = lam[:4].sum(), lam[4:].sum()
+    assert rotations > 2 * reflections, lam
+
+
+def test_state_dict_cache_and_export():
+    torch.manual_seed(0)
+    G = get_group("D4")
+    fin, fout = G.field_type(2), G.field_type(2)
+    conv = PEConv2d(fin, fout, 3, padding=1)
+    with torch.no_grad():
+        conv.likelihood.coefficients.normal_()
+        conv.bias.normal_()
+    x = torch.randn(2, fin.size, 8, 8)
+    keys_train = set(conv.train().state_dict())
+    conv.eval()
+    with torch.no_grad():
+        y = conv(x)
+    assert set(conv.state_dict()) == keys_train
+    fresh = PEConv2d(fin, fout, 3, padding=1).eval()
+    with torch.no_grad():
+        fresh(x)  # fills its eval cache, which load_state_dict must invalidate
+        fresh.load_state_dict(conv.state_dict())
+        assert torch.allclose(fresh(x), y, atol=1e-6)
+        assert rel_err(conv.export()(x), y) <= 1e-5
+        conv.likelihood.coefficients.add_(0.5)  # changing λ invalidates the cache
+        assert rel_err(conv(x), y) > 1e-4
+
+
+def test_models_share_no_likelihood_unless_told():
+    m1, m2 = _tiny_model(), _tiny_model()
+    ids1 = {id(v) for v in eqzoo.likelihoods(m1).values()}
+    ids2 = {id(v) for v in eqzoo.likelihoods(m2).values()}
+    assert ids1.isdisjoint(ids2) and len(ids1) == 3
+    shared = GroupLikelihood("D4")
+    a, b = _tiny_model(likelihood=shared), _tiny_model(likelihood=shared)
+    assert eqzoo.likelihoods(a)["0.likelihood"] is eqzoo.likelihoods(b)["0.likelihood"]
+
+
+def test_dtype_device_autocast_and_compile():
+    torch.manual_seed(0)
+    model = _tiny_model().eval()
+    x = torch.randn(2, 1, 9, 9)
+    with torch.no_grad():
+        y = model(x)
+        assert model.double()(x.double()).dtype == torch.float64
+        model.float()
+        assert torch.allclose(model(x), y, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rel_err(model(x).float(), y) < 5e-2
+    compiled = torch.compile(model.train(), backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    assert out.shape == (2, 4)
+    assert eqzoo.likelihoods(model)["0.likelihood"].coefficients.grad is not None
+
+
+def test_bad_input_gives_clear_errors():
+    G = get_group("D4")
+    conv = PEConv2d(G.field_type(2), G.field_type(2), 3)
+    with pytest.raises(ValueError, match="C = 16"):
+        conv(torch.randn(1, 15, 8, 8))
+    with pytest.raises(ValueError, match="different gspaces"):
+        PEConv2d(G.field_type(1), get_group("C4").field_type(1), 3)
+    with pytest.raises(ValueError, match="likelihood is over C4"):
+        PEConv2d(G.field_type(1), G.field_type(1), 3, likelihood=GroupLikelihood("C4"))
+    with pytest.raises(ValueError, match="accepted are"):
+        get_group("D0")
+    with pytest.raises(ValueError, match="accepted are"):
+        GroupLikelihood("SO3")
+    with pytest.raises(TypeError, match="FieldType"):
+        PEConv2d(16, 16, 3)
+    with pytest.raises(ValueError, match="positive"):
+        GroupLikelihood("D4").set_density(np.zeros(8))
+    with pytest.raises(ValueError, match="kernel_size"):
+        PEConv2d(G.field_type(1), G.field_type(1), 0)
