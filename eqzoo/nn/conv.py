@@ -110,10 +110,16 @@ class _Twirled(nn.Module):
             coeff = (x @ Tq.reshape(m * H, H)).reshape(F_o, F_i, d_o, d_i, H)
             filt = torch.einsum("oiadk,kxy->oaidxy", coeff, self._basis.to(w.dtype))
             return filt.reshape(self.out_channels, self.in_channels, k, k)
-        a = torch.einsum("ghk,oaibh->goaibk", Tq, w)
-        a = torch.einsum("gca,goaibk->gocibk", self._rho_out.to(w.dtype), a)
-        coeff = torch.einsum("gdb,gocibk->ocidk", self._rho_in.to(w.dtype), a)
-        filt = torch.einsum("ocidk,kxy->ocidxy", coeff, self._basis.to(w.dtype))
+        # Dense ρ (band-limited fields of O(2)/SO(2)). Laid out so that every step is one
+        # (batched) matmul on contiguous memory, with the grid index g outermost:
+        m = Tq.shape[0]
+        wh = w.permute(4, 1, 0, 2, 3).reshape(H, -1)  # [h, (a o i b)]
+        x = (Tq.transpose(1, 2).reshape(m * H, H) @ wh).view(m, -1, d_i)  # [g, (k a o i), b]
+        x = torch.bmm(x, self._rho_in.to(w.dtype).transpose(1, 2))  # b -> c: [g, (k a o i), c]
+        x = x.view(m, H, d_o, -1)  # [g, k, a, (o i c)]
+        coeff = torch.matmul(self._rho_out.to(w.dtype)[:, None], x).sum(0)  # [k, a', (o i c)]
+        coeff = coeff.view(H, d_o, F_o, F_i, d_i)
+        filt = torch.einsum("kaoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
         return filt.reshape(self.out_channels, self.in_channels, k, k)
 
     def _expanded_bias(self):
