@@ -158,20 +158,12 @@ def _parsed(key: str) -> Group:
 
 
 def group_of(field_type) -> Group:
-    """The eqzoo group matching an escnn FieldType's gspace."""
-    G = field_type.gspace.fibergroup
-    name = G.name
-    if name == "O(2)":
-        return get_group("O2")
-    if name == "SO(2)":
-        return get_group("SO2")
-    gs = field_type.gspace
-    flip = gs.flips_order > 0 if hasattr(gs, "flips_order") else False
-    n = gs.rotations_order
-    if flip and n == 1 or (name == "C2" and gs.flips_order == 1 and n == 1):
-        return get_group("D1")
-    if m := re.match(r"^D(\d+)$", name):
-        return get_group(f"D{m.group(1)}")
-    if m := re.match(r"^C(\d+)$", name):
-        return get_group(f"C{m.group(1)}")
-    raise ValueError(f"unsupported gspace {gs.name}: eqzoo supports subgroups of O(2): {ACCEPTED}")
+    """The eqzoo group of an escnn FieldType (or GSpace), read from the gspace's structure."""
+    gs = getattr(field_type, "gspace", field_type)
+    name = gs.fibergroup.name
+    if name in ("O(2)", "SO(2)"):
+        return get_group(name.replace("(", "").replace(")", ""))
+    flips, n = getattr(gs, "flips_order", 0), getattr(gs, "rotations_order", None)
+    if n is None or n < 1:
+        raise ValueError(f"unsupported gspace {gs.name}: eqzoo supports subgroups of O(2): {ACCEPTED}")
+    return get_group(f"{'D' if flips > 0 else 'C'}{n}")

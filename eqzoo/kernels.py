@@ -169,7 +169,10 @@ def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out
     if group.is_finite:
         return group.n_rot
     F = repr_max_frequency(rep_in) + repr_max_frequency(rep_out) + harmonics.max_frequency
-    return F + (out_bandlimit or 0) + 1
+    L = out_bandlimit or 0
+    # also more than 2 L_out, so that λ_out itself is sampled without aliasing (kernel_weights
+    # refuses fewer); this binds for low-frequency layers, e.g. a PELinear to trivial fields
+    return max(F + L, 2 * L) + 1
 
 
 _MEMORY: dict = {}

@@ -101,14 +101,15 @@ class GroupLikelihood(nn.Module):
     def learnable(self) -> bool:
         return self.coefficients.requires_grad
 
-    def logits(self, s, theta) -> torch.Tensor:
-        feats = self._features(s, theta).to(self.coefficients)
-        return feats @ self.coefficients
+    def _coefficients(self) -> torch.Tensor:
+        """The coefficients in float32 or better: the softmax and KLs are not safe in fp16."""
+        c = self.coefficients
+        return c.float() if c.dtype in (torch.float16, torch.bfloat16) else c
 
     def _fine_log_density(self) -> torch.Tensor:
-        """log λ on the fine grid (flip-major), computed in float32 or better even under autocast."""
+        """log λ on the fine grid (flip-major)."""
         with torch.autocast(self.coefficients.device.type, enabled=False):
-            c = self.coefficients.float() if self.coefficients.dtype in (torch.float16, torch.bfloat16) else self.coefficients
+            c = self._coefficients()
             ell = self._fine_features.to(c) @ c
             return ell - torch.logsumexp(ell, 0) + math.log(ell.numel())
 
@@ -122,9 +123,10 @@ class GroupLikelihood(nn.Module):
             return self.grid_density()
         s, theta = zip(*[self.group.coords(g) for g in elements])
         with torch.autocast(self.coefficients.device.type, enabled=False):
-            log_z = torch.logsumexp(self._fine_features.to(self.coefficients) @ self.coefficients, 0)
-            log_z = log_z - math.log(self._fine_features.shape[0])
-            return (self.logits(s, theta) - log_z).exp()
+            c = self._coefficients()
+            # log λ(g) = ℓ(g) - log mean_grid exp ℓ
+            log_z = torch.logsumexp(self._fine_features.to(c) @ c, 0) - math.log(self._fine_features.shape[0])
+            return (self._features(s, theta).to(c) @ c - log_z).exp()
 
     def kernel_weights(self, n_rot: int | None = None) -> torch.Tensor:
         r"""Quadrature weights ``w_g`` (flip-major over :meth:`Group.grid`) with
@@ -191,21 +193,21 @@ class GroupLikelihood(nn.Module):
         G = self.group
         lam = self.grid_density().double().cpu().view(G.n_flip, -1)
         m = lam.shape[1]
-        # "near" = the identity's own cell for finite groups, ±π/8 on O(2)/SO(2)
-        width = 1 if G.is_finite else max(1, round(m / 16))
-        near = torch.cat([lam[0, :width], lam[0, m - width + 1:]]) if width > 1 else lam[0, :1]
-        mass_near = float(near.sum() / lam.numel())
+        # "near" = the identity itself for finite groups, rotations within ±π/8 on O(2)/SO(2)
+        angle = torch.arange(m, dtype=torch.float64) * (2 * math.pi / m)
+        dist = torch.minimum(angle, 2 * math.pi - angle)
+        near = dist < 1e-9 if G.is_finite else dist <= math.pi / 8 + 1e-9
+        mass_near = float(lam[0, near].sum() / lam.numel())
+        lam_e = float(lam[0, 0])
         best, best_size = "C1", 1
         for name, k, flip in G.subgroups():
-            step = m // k if k else 1
-            if k and m % k:
-                continue
-            rows = [0, 1] if flip else [0]
-            vals = lam[rows][:, ::step]
-            if float(vals.min()) >= threshold * float(lam[0, 0]):
-                size = (k or m) * len(rows) * (10**6 if k == 0 else 1)
-                if size > best_size:
-                    best, best_size = name, size
+            if k == 0:  # all rotations: the grid's minimum over the rotation sheets it uses
+                vals, size = lam[[0, 1] if flip else [0]], math.inf
+            else:
+                elements = [G.element(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)]
+                vals, size = self.density(elements), k * (1 + flip)
+            if float(vals.min()) >= threshold * lam_e and size > best_size:
+                best, best_size = name, size
         return {"group": G.spec, "kl_uniform": float(self.kl_uniform()), "mass_near_identity": mass_near,
                 "closest_subgroup": best, "bandlimit": self.bandlimit, "out_bandlimit": self.out_bandlimit}
 

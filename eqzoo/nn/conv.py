@@ -87,7 +87,9 @@ class _Twirled(nn.Module):
         nn.init.normal_(self.weight)
         m = self._harmonic_action.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
-        filt = self._synthesize(uniform)
+        # The twirl maps every (out field, in field) pair's coefficients alike, so a block of at
+        # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
+        filt = self._synthesize(uniform, self.weight[:8, :, :8])
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
@@ -96,12 +98,12 @@ class _Twirled(nn.Module):
             self.bias.zero_()
         self._cache = None
 
-    def _synthesize(self, q: torch.Tensor) -> torch.Tensor:
-        """Filter [C_out, C_in, k, k] for quadrature weights q [m]."""
-        w = self.weight
+    def _synthesize(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Filter [C_out, C_in, k, k] for quadrature weights q [m] (of ``w``, default the weight)."""
+        w = self.weight if w is None else w
         Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
         k = self.kernel_size
-        F_o, d_o, F_i, d_i, H = self._shape
+        F_o, d_o, F_i, d_i, H = w.shape
         if self._pair_index is not None:
             # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)]: one gather, one matmul over (g, h)
             m = Tq.shape[0]
@@ -109,7 +111,7 @@ class _Twirled(nn.Module):
             x = wt[:, self._pair_index.reshape(-1)].reshape(F_o * F_i * d_o * d_i, m * H)
             coeff = (x @ Tq.reshape(m * H, H)).reshape(F_o, F_i, d_o, d_i, H)
             filt = torch.einsum("oiadk,kxy->oaidxy", coeff, self._basis.to(w.dtype))
-            return filt.reshape(self.out_channels, self.in_channels, k, k)
+            return filt.reshape(F_o * d_o, F_i * d_i, k, k)
         # Dense ρ (band-limited fields of O(2)/SO(2)). Laid out so that every step is one
         # (batched) matmul on contiguous memory, with the grid index g outermost:
         m = Tq.shape[0]
@@ -120,7 +122,7 @@ class _Twirled(nn.Module):
         coeff = torch.matmul(self._rho_out.to(w.dtype)[:, None], x).sum(0)  # [k, a', (o i c)]
         coeff = coeff.view(H, d_o, F_o, F_i, d_i)
         filt = torch.einsum("kaoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
-        return filt.reshape(self.out_channels, self.in_channels, k, k)
+        return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
     def _expanded_bias(self):
         if self.bias is None:
