@@ -202,7 +202,7 @@ class GroupLikelihood(nn.Module):
         best, best_size = "C1", 1
         for name, k, flip in G.subgroups():
             if k == 0:  # all rotations: the grid's minimum over the rotation sheets it uses
-                vals, size = lam[[0, 1] if flip else [0]], math.inf
+                vals, size = lam[[0, 1] if flip else [0]], (1 + flip) * 10**9  # larger than any C_k/D_k
             else:
                 elements = [G.element(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)]
                 vals, size = self.density(elements), k * (1 + flip)

@@ -73,7 +73,9 @@ class _Twirled(nn.Module):
         self.register_buffer("_pair_index", _pair_permutations(ops.rho_out, ops.rho_in), persistent=False)
         d_in, d_out = rep_in.size, rep_out.size
         self._shape = (len(out_type), d_out, len(in_type), d_in, harm.size)
-        self.weight = nn.Parameter(torch.empty(self._shape))
+        # Coefficients per (out channel, in channel, ring harmonic). 3-D on purpose: it has no
+        # spatial layout, so channels_last conversions leave it alone.
+        self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, harm.size))
         if bias and ops.invariant_out.shape[1] > 0:
             self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1]))
         else:
@@ -89,7 +91,7 @@ class _Twirled(nn.Module):
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         # The twirl maps every (out field, in field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._synthesize(uniform, self.weight[:8, :, :8])
+        filt = self._synthesize(uniform, self.weight.view(self._shape)[:8, :, :8])
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
@@ -99,8 +101,9 @@ class _Twirled(nn.Module):
         self._cache = None
 
     def _synthesize(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Filter [C_out, C_in, k, k] for quadrature weights q [m] (of ``w``, default the weight)."""
-        w = self.weight if w is None else w
+        """Filter [C_out, C_in, k, k] for quadrature weights q [m] of the coefficients ``w``
+        [F_out, d_out, F_in, d_in, H] (default: the layer's weight)."""
+        w = self.weight.view(self._shape) if w is None else w
         Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
         k = self.kernel_size
         F_o, d_o, F_i, d_i, H = w.shape
