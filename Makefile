@@ -1,4 +1,4 @@
-# `make test` and `make demo` set everything up on a fresh machine: gfortran (escnn's py3nj needs
+# `make demo` and `make test` set everything up on a fresh machine: gfortran (escnn's py3nj needs
 # it), a virtual env in .venv, torch from this machine's disk, then eqzoo itself.
 PYTHON ?= python3
 VENV := .venv
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
 from .groups import Group
 
 CACHE_VERSION = 1
@@ -217,11 +218,12 @@ def _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot) -> 
 
 
 def _write_cache(path: Path, ops: TwirlOperators) -> None:
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+            np.savez(f, n_rot=ops.n_rot, basis=ops.basis, harmonic_action=ops.harmonic_action,
+                     rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out)
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, n_rot=ops.n_rot, basis=ops.basis, harmonic_action=ops.harmonic_action,
-                 rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out)
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError:
         pass  # a read-only home only costs rebuild time

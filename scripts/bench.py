@@ -2,6 +2,7 @@
 repeats, and only ratios measured in the same run are meaningful.
 
     python scripts/bench.py layers     # PEConv2d vs escnn R2Conv vs nn.Conv2d, build times
+    python scripts/bench.py models     # pe_resnet18 / pe_wrn16_8 vs timm / plain, model build times
 """
 from __future__ import annotations
 
@@ -112,15 +113,148 @@ def _build_times(spec, L, channels):
     return cold, disk, warm
 
 
+# -- models ------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (label, how to make it): "pe" = timm.create_model(**kwargs), "export" = eqzoo.export of that,
+# "timm" = timm's own model, "wrn" = eqzoo's plain WideResNet
+MODEL_FAMILIES = {
+    "resnet18": dict(size=64, rows=[
+        ("pe_resnet18 D4", "pe", dict(model="pe_resnet18", group="D4")),
+        ("pe_resnet18 D8", "pe", dict(model="pe_resnet18", group="D8")),
+        ("pe_resnet18 O2", "pe", dict(model="pe_resnet18", group="O2")),
+        ("pe_resnet18 D4 strict", "pe", dict(model="pe_resnet18", group="D4", learn_likelihood=False)),
+        ("pe_resnet18 D4 exported", "export", dict(model="pe_resnet18", group="D4")),
+        ("timm resnet18", "timm", dict(model="resnet18")),
+    ]),
+    "wrn16_8": dict(size=32, rows=[
+        ("pe_wrn16_8 D4", "pe", dict(model="pe_wrn16_8", group="D4")),
+        ("pe_wrn16_8 D4 strict", "pe", dict(model="pe_wrn16_8", group="D4", learn_likelihood=False)),
+        ("pe_wrn16_8 D4 exported", "export", dict(model="pe_wrn16_8", group="D4")),
+        ("plain WRN-16-8", "wrn", dict(depth=16, widen_factor=8)),
+    ]),
+}
+
+
+def _make_model(kind: str, kwargs: dict, num_classes: int = 10):
+    import timm
+
+    import eqzoo
+    from eqzoo.models import WideResNet
+
+    kwargs = dict(kwargs)
+    if kind == "wrn":
+        return WideResNet(num_classes=num_classes, **kwargs)
+    model = timm.create_model(kwargs.pop("model"), num_classes=num_classes, **kwargs)
+    return eqzoo.export(model) if kind == "export" else model
+
+
+_MEMORY = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + '/scripts')
+from bench import _make_model, train_step
+kind, kwargs, batch, size = sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+model = _make_model(kind, kwargs)
+x = torch.randn(batch, 3, size, size)
+def status(key):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key + ':')) / 1024
+import ctypes, gc
+gc.collect(); ctypes.CDLL('libc.so.6').malloc_trim(0)  # hand freed build memory back: RSS = live memory
+base = status('VmRSS')
+open('/proc/self/clear_refs', 'w').write('5')  # reset the peak RSS: builds' peaks are not training's
+step = train_step(model, x)
+for _ in range(2):
+    step()
+print(status('VmHWM') - base, base)
+"""
+
+
+def _training_peak_mib(kind, kwargs, batch, size):
+    """Peak RSS during two training steps minus the RSS before them (model and libraries loaded),
+    in a fresh process each, so that one model's freed memory is not another's."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", _MEMORY, ROOT, kind, json.dumps(kwargs), str(batch), str(size)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    return float(out[0])
+
+
+def bench_models(batch: int = 32, builds: bool = True) -> None:
+    """Throughput and training memory of the pe models next to their plain counterparts."""
+    if ROOT not in sys.path:  # run as a script, the repository root is not importable otherwise
+        sys.path.insert(0, ROOT)
+    print(f"# models: batch {batch}, CPU, {torch.get_num_threads()} threads; images/s from the median of "
+          "interleaved repeats; train peak = peak RSS of 2 training steps minus RSS before them "
+          "(fresh process per model)")
+    for family, spec in MODEL_FAMILIES.items():
+        size = spec["size"]
+        torch.manual_seed(0)
+        models = {label: _make_model(kind, kw) for label, kind, kw in spec["rows"]}
+        x = torch.randn(batch, 3, size, size)
+        repeats = 5 if family == "resnet18" else 3
+        tr = interleaved({k: train_step(m, x) for k, m in models.items()}, repeats=repeats, warmup=1)
+        ev = interleaved({k: eval_step(m, x) for k, m in models.items()}, repeats=repeats * 2, warmup=2)
+        mem = {label: _training_peak_mib(kind, kw, batch, size) for label, kind, kw in spec["rows"]}
+        ref = spec["rows"][-1][0]
+        print(f"\n## {family}, {size}x{size} (ratios vs {ref})")
+        print("| model | params | train img/s | train ratio | eval img/s | eval ratio | train peak MiB | memory ratio |")
+        print("|---|---|---|---|---|---|---|---|")
+        for label, m in models.items():
+            params = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
+            print(f"| {label} | {params:.1f}M | {batch / tr[label]:.0f} | {tr[ref] / tr[label]:.2f}x | "
+                  f"{batch / ev[label]:.0f} | {ev[ref] / ev[label]:.2f}x | {mem[label]:.0f} | "
+                  f"{mem[label] / mem[ref]:.2f}x |")
+        del models
+    if builds:
+        print("\n# timm.create_model build time, D4 (fresh process each; cold = empty basis cache, "
+              "disk = basis cache on disk, warm = second build in the same process)")
+        print("| model | cold | disk | warm |")
+        print("|---|---|---|---|")
+        import timm
+
+        import eqzoo  # noqa: F401  (registers the models)
+        for name in timm.list_models("pe_*"):
+            cold, disk, warm = _model_build_times(name)
+            print(f"| {name} | {cold:.1f} s | {disk:.1f} s | {warm:.1f} s |")
+
+
+_MODEL_BUILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import timm, eqzoo
+t = time.perf_counter(); timm.create_model(sys.argv[2]); first = time.perf_counter() - t
+t = time.perf_counter(); timm.create_model(sys.argv[2]); again = time.perf_counter() - t
+print(first, again)
+"""
+
+
+def _model_build_times(name):
+    cache = tempfile.mkdtemp(prefix="eqzoo-bench-")
+    env = dict(os.environ, EQZOO_CACHE=cache)
+    try:
+        run = lambda: subprocess.run([sys.executable, "-c", _MODEL_BUILD, ROOT, name], env=env, check=True,
+                                     capture_output=True, text=True).stdout.split()
+        cold, warm = map(float, run())
+        disk, _ = map(float, run())
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return cold, disk, warm
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layers"])
+    p.add_argument("what", choices=["layers", "models"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-builds", action="store_true", help="models: skip the build-time table")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "layers":
         bench_layers()
+    elif args.what == "models":
+        bench_models(builds=not args.no_builds)
 
 
 if __name__ == "__main__":

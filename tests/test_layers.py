@@ -339,3 +339,25 @@ def test_bad_input_gives_clear_errors():
         GroupLikelihood("D4").set_density(np.zeros(8))
     with pytest.raises(ValueError, match="kernel_size"):
         PEConv2d(G.field_type(1), G.field_type(1), 0)
+
+
+@pytest.mark.parametrize("spec", ["D4", "C4", "D8", "D1"])
+def test_permutation_fast_path_equals_the_dense_twirl(spec):
+    """Regular fields take a gather-based twirl; it must equal the general dense one, gradients too."""
+    torch.manual_seed(0)
+    G = get_group(spec)
+    conv = PEConv2d(G.field_type(2), G.field_type(3), 3).double()
+    assert conv._pair_index is not None
+    with torch.no_grad():
+        conv.likelihood.coefficients.normal_()
+    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
+    results = []
+    for dense in (False, True):
+        if dense:
+            conv._pair_index = None
+        conv.zero_grad()
+        filt = conv.filter_and_bias()[0]
+        (filt * probe).sum().backward()
+        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
+    for fast, ref in zip(*results):
+        assert torch.allclose(fast, ref, atol=1e-12), float((fast - ref).abs().max())

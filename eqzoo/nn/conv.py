@@ -37,6 +37,40 @@ def _pair_permutations(rho_out, rho_in):
     return torch.from_numpy(idx.reshape(len(idx), -1)).long()
 
 
+class _PermutationTwirl(torch.autograd.Function):
+    r"""``out[n, p] = Σ_g w[n, idx_g(p)] @ T_g`` for permutations ``idx_g`` of the channel pairs p.
+
+    One gather and one small matmul per group element, accumulated in place: no tensor m times
+    the weights is ever held (autograd's gather would keep one and scatter-add into another). The
+    backward gathers with the inverse permutations, ``dw[n, s] = Σ_g dout[n, idx_g^{-1}(s)] @ T_gᵀ``.
+    """
+
+    @staticmethod
+    def forward(ctx, w, T, idx, inv):  # w [N, P, H], T [m, H, H], idx/inv [m, P]
+        N, P, H = w.shape
+        out = w.new_zeros(N * P, H)
+        for g in range(T.shape[0]):
+            out.addmm_(w.index_select(1, idx[g]).reshape(N * P, H), T[g])
+        ctx.save_for_backward(w, T, idx, inv)
+        return out.view(N, P, H)
+
+    @staticmethod
+    def backward(ctx, dout):
+        w, T, idx, inv = ctx.saved_tensors
+        N, P, H = w.shape
+        dout = dout.contiguous()
+        dw = dT = None
+        if ctx.needs_input_grad[0]:
+            dw = w.new_zeros(N * P, H)
+            for g in range(T.shape[0]):
+                dw.addmm_(dout.index_select(1, inv[g]).reshape(N * P, H), T[g].T)
+            dw = dw.view(N, P, H)
+        if ctx.needs_input_grad[1]:
+            flat = dout.reshape(N * P, H)
+            dT = torch.stack([w.index_select(1, idx[g]).reshape(N * P, H).T @ flat for g in range(T.shape[0])])
+        return dw, dT, None, None
+
+
 class _Twirled(nn.Module):
     """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
 
@@ -70,7 +104,9 @@ class _Twirled(nn.Module):
         self.register_buffer("_rho_out", torch.tensor(ops.rho_out, **f64), persistent=False)
         self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
         # Regular fields of finite groups: ρ(g) are permutations and the twirl is a gather.
-        self.register_buffer("_pair_index", _pair_permutations(ops.rho_out, ops.rho_in), persistent=False)
+        pairs = _pair_permutations(ops.rho_out, ops.rho_in)
+        self.register_buffer("_pair_index", pairs, persistent=False)
+        self.register_buffer("_pair_inverse", None if pairs is None else torch.argsort(pairs, dim=1), persistent=False)
         d_in, d_out = rep_in.size, rep_out.size
         self._shape = (len(out_type), d_out, len(in_type), d_in, harm.size)
         # Coefficients per (out channel, in channel, ring harmonic). 3-D on purpose: it has no
@@ -108,11 +144,10 @@ class _Twirled(nn.Module):
         k = self.kernel_size
         F_o, d_o, F_i, d_i, H = w.shape
         if self._pair_index is not None:
-            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)]: one gather, one matmul over (g, h)
-            m = Tq.shape[0]
+            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)]
             wt = w.permute(0, 2, 1, 3, 4).reshape(F_o * F_i, d_o * d_i, H)
-            x = wt[:, self._pair_index.reshape(-1)].reshape(F_o * F_i * d_o * d_i, m * H)
-            coeff = (x @ Tq.reshape(m * H, H)).reshape(F_o, F_i, d_o, d_i, H)
+            coeff = _PermutationTwirl.apply(wt, Tq, self._pair_index, self._pair_inverse)
+            coeff = coeff.view(F_o, F_i, d_o, d_i, H)
             filt = torch.einsum("oiadk,kxy->oaidxy", coeff, self._basis.to(w.dtype))
             return filt.reshape(F_o * d_o, F_i * d_i, k, k)
         # Dense ρ (band-limited fields of O(2)/SO(2)). Laid out so that every step is one

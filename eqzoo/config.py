@@ -1,0 +1,288 @@
+"""Run configurations: a YAML file with known keys and types, checked before anything is built.
+
+A config is a nested dict. ``SCHEMA`` lists every accepted key with its types and default; a
+config file only needs the keys it changes. :func:`load_config` reads a file, applies
+``key=value`` overrides (dotted keys, YAML values: ``optim.lr=1e-3``, ``data.symmetry=[C1,SO2]``)
+and returns the resolved config with every default filled in. Unknown keys, wrong types and
+values outside an accepted set raise :class:`ConfigError` naming the key and what is accepted —
+before any data set or model is built, so a typo never costs a training run.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["ConfigError", "SCHEMA", "default_config", "load_config", "parse_overrides", "validate_config",
+           "dump_config"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or a value outside its accepted set."""
+
+
+_NONE = type(None)
+_NUM = (int, float)
+
+
+class Key:
+    """One config key: accepted Python types (as YAML parses them), default, optional choices."""
+
+    def __init__(self, types, default, choices=None, doc: str = "", min=None):
+        self.types = types if isinstance(types, tuple) else (types,)
+        self.default, self.choices, self.doc, self.min = default, choices, doc, min
+
+
+# The schema. Sections are dicts of Key; ``model_args`` is free-form (it goes to timm.create_model,
+# whose model checks it) and so is nothing else.
+SCHEMA: dict[str, Any] = {
+    "model": Key(str, None, doc="timm model name (`pe_resnet18`, `resnet18`, ...) or for fine-tuning a "
+                                "pretrained source (`hf-hub:org/name`, `local-dir:PATH`, `arch.tag`)"),
+    "model_args": Key(dict, {}, doc="extra timm.create_model kwargs: group, bandlimit, learn_likelihood, "
+                                    "channels, layers, drop_rate, ..."),
+    "pretrained": Key(bool, False, doc="load pretrained weights (fine-tuning)"),
+    "reset_head": Key(bool, True, doc="fine-tuning: always start from a new classifier, even when the "
+                                      "class count is unchanged"),
+    "data": {
+        "name": Key(str, None, doc="data set, see eqzoo.data.DATASETS"),
+        "root": Key(str, "data", doc="folder holding the downloaded data sets"),
+        "image_size": Key((int, _NONE), None, min=4, doc="side of the (square) input images; default per data set"),
+        "symmetry": Key((str, list, _NONE), None,
+                        doc="group whose elements transform each image (digits / MNIST family: C1, C4, D4, "
+                            "SO2, O2, D1, CN, DN); DDMNIST: [left group, right group]"),
+        "classes": Key((list, _NONE), None, doc="digits / MNIST family: keep only these digit classes "
+                                                "(relabelled 0..k-1)"),
+        "train_size": Key((int, _NONE), None, min=1, doc="number of training images (default per data set)"),
+        "val_size": Key((int, _NONE), None, min=0, doc="number of validation images (0: no validation)"),
+        "test_size": Key((int, _NONE), None, min=0, doc="number of test images (null: all)"),
+        "seed": Key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
+                                "apart from the training seed so that runs with different seeds see the same data"),
+        "augment": Key(bool, True, doc="natural images: timm's training augmentation"),
+        "batch_size": Key(int, 64, min=1, doc="global batch size (split over the DDP processes)"),
+        "eval_batch_size": Key((int, _NONE), None, min=1, doc="batch size for evaluation (default: 2x batch_size)"),
+        "workers": Key(int, 0, min=0, doc="DataLoader worker processes"),
+    },
+    "optim": {
+        "name": Key(str, "adamw", choices=("adamw", "adam", "sgd")),
+        "lr": Key(_NUM, 1e-3, min=0),
+        "weight_decay": Key(_NUM, 0.01, min=0, doc="applied to conv/linear weights only: not to biases, "
+                                                   "norms or likelihoods"),
+        "momentum": Key(_NUM, 0.9, min=0, doc="SGD momentum"),
+        "betas": Key(list, [0.9, 0.999], doc="Adam(W) betas"),
+        "grad_clip": Key((_NUM + (_NONE,)), None, min=0, doc="clip the global gradient norm to this"),
+        "label_smoothing": Key(_NUM, 0.0, min=0),
+        "likelihood_lr_scale": Key(_NUM, 1.0, min=0, doc="the likelihoods' learning rate is lr times this: "
+                                                        "λ has few coefficients with small, noisy gradients"),
+    },
+    "schedule": {
+        "epochs": Key(int, 10, min=1),
+        "warmup_epochs": Key(_NUM, 0, min=0, doc="linear warm-up from 0, then cosine decay"),
+        "min_lr": Key(_NUM, 0.0, min=0, doc="learning rate at the end of the cosine"),
+    },
+    "regularizer": {
+        "alignment": Key(_NUM, 5.0, min=0, doc="α: the identity stays the mode of λ"),
+        "kl_chain": Key(_NUM, 3.0, min=0, doc="β: neighbouring layers' λ agree"),
+        "kl_uniform": Key(_NUM, 3.0, min=0, doc="γ: the first λ is pulled towards uniform"),
+    },
+    "freeze_likelihood": Key(bool, False, doc="keep every λ fixed (e.g. when fine-tuning a learnt model)"),
+    "freeze_bn": Key(bool, False, doc="keep batch-norm layers in eval mode (running statistics fixed)"),
+    "seed": Key(int, 0),
+    "output": Key((str, _NONE), None, doc="run directory (default runs/<config name>)"),
+    "device": Key(str, "auto", doc="auto, cpu, cuda, cuda:N"),
+    "threads": Key((int, _NONE), None, min=1, doc="CPU threads of this process (torch.set_num_threads); "
+                                                "null: torch's default. On a busy machine 1 can be much faster"),
+    "amp": Key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
+    "channels_last": Key(bool, True, doc="channels_last memory format (CUDA only)"),
+    "progress": Key(bool, True, doc="tqdm progress bars"),
+    "log_interval": Key(int, 10, min=1, doc="steps between progress-bar updates of λ-KL"),
+    "tensorboard": Key(bool, True, doc="also log to TensorBoard when it is installed"),
+    "save_model": Key(bool, True, doc="write the Hub-format model folder at the end"),
+}
+
+# Keys that may change when a run is resumed (they do not change what is computed).
+RESUME_SAFE = {"device", "threads", "progress", "data.workers", "tensorboard", "log_interval", "output", "save_model"}
+
+
+def _defaults(schema) -> dict:
+    return {k: (_defaults(v) if isinstance(v, dict) else copy.deepcopy(v.default)) for k, v in schema.items()}
+
+
+def default_config() -> dict:
+    """Every key at its default."""
+    return _defaults(SCHEMA)
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {where + key!r}{hint}; accepted keys{' in ' + where.rstrip('.') if where else ''}: "
+                       f"{', '.join(sorted(known))}")
+
+
+def _type_names(types) -> str:
+    names = {bool: "true/false", int: "integer", float: "number", str: "string", list: "list", dict: "mapping",
+             _NONE: "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _check_value(path: str, key: Key, value) -> None:
+    types = key.types
+    ok = isinstance(value, types)
+    # YAML reads `true` as bool, which is also an int in Python: refuse bools for numbers
+    if isinstance(value, bool) and bool not in types:
+        ok = False
+    if not ok:
+        raise ConfigError(f"config key {path!r} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
+    if key.choices is not None and value not in key.choices:
+        raise ConfigError(f"config key {path!r} must be one of {', '.join(map(str, key.choices))}, got {value!r}")
+    if key.min is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value < key.min:
+        raise ConfigError(f"config key {path!r} must be >= {key.min}, got {value!r}")
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
+
+
+def _yaml_number(v):
+    """PyYAML follows YAML 1.1, which reads ``1e-3`` (no dot) as a string: take it as the number
+    everybody means."""
+    if isinstance(v, str) and _FLOAT.match(v.strip()):
+        return float(v)
+    if isinstance(v, dict):
+        return {k: _yaml_number(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_yaml_number(x) for x in v]
+    return v
+
+
+def _merge(base: dict, new: dict, schema, where: str = "") -> None:
+    if not isinstance(new, dict):
+        raise ConfigError(f"config section {where.rstrip('.') or '<top>'!r} must be a mapping, got {new!r}")
+    for k, v in new.items():
+        if not isinstance(k, str) or k not in schema:
+            raise _unknown(str(k), schema.keys(), where)
+        if isinstance(schema[k], dict):
+            _merge(base[k], v if v is not None else {}, schema[k], f"{where}{k}.")
+        else:
+            v = _yaml_number(v) if float in schema[k].types else v
+            _check_value(where + k, schema[k], v)
+            base[k] = copy.deepcopy(v)
+
+
+def validate_config(cfg: dict) -> dict:
+    """Fill in defaults and check every key, type and cross-key rule; returns the resolved config."""
+    out = default_config()
+    _merge(out, cfg or {}, SCHEMA)
+    if not out["model"]:
+        raise ConfigError("config key 'model' is required: a timm model name such as 'pe_resnet18' or 'resnet18'")
+    if not out["data"]["name"]:
+        from .data import DATASETS
+
+        raise ConfigError(f"config key 'data.name' is required; accepted: {', '.join(DATASETS)}")
+    from .data import check_data_config
+
+    check_data_config(out["data"])  # names, symmetries, sizes (not the files: see eqzoo.data.check_files)
+    betas = out["optim"]["betas"]
+    if len(betas) != 2 or not all(isinstance(b, _NUM) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {betas!r}")
+    if out["schedule"]["warmup_epochs"] > out["schedule"]["epochs"]:
+        raise ConfigError(f"config key 'schedule.warmup_epochs' ({out['schedule']['warmup_epochs']}) must not "
+                          f"exceed schedule.epochs ({out['schedule']['epochs']})")
+    dev = out["device"]
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
+    out["model_args"] = _yaml_number(out["model_args"])
+    out["optim"]["betas"] = _yaml_number(out["optim"]["betas"])
+    for k in out["model_args"]:
+        if not isinstance(k, str):
+            raise ConfigError(f"config key 'model_args' must map names to values, got key {k!r}")
+    if "num_classes" in out["model_args"]:
+        raise ConfigError("config key 'model_args.num_classes' is set from the data set: remove it")
+    return out
+
+
+def parse_overrides(items) -> dict:
+    """``["optim.lr=1e-3", "data.symmetry=[C1,SO2]"]`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        key, text = item.split("=", 1)
+        try:
+            value = _yaml_number(yaml.safe_load(text)) if text != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k != "model_args":
+            _deep_update(base[k], v)
+        elif isinstance(v, dict) and k == "model_args" and isinstance(base.get(k), dict):
+            base[k].update(v)  # model_args.x=... adds to the file's model_args
+        else:
+            base[k] = v
+    return base
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(source=None, overrides=None) -> dict:
+    """Resolved config from a YAML path and/or a dict, plus ``key=value`` overrides (list or dict).
+
+    ``output`` defaults to ``runs/<config file stem>``."""
+    if isinstance(source, (str, os.PathLike)):
+        raw = read_yaml(source)
+        if raw.get("output") is None:
+            raw["output"] = str(Path("runs") / Path(source).stem)
+    else:
+        raw = copy.deepcopy(source or {})
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    _deep_update(raw, copy.deepcopy(overrides or {}))
+    cfg = validate_config(raw)
+    if cfg["output"] is None:
+        name = f"{cfg['model'].split(':')[-1].replace('/', '_')}-{cfg['data']['name']}"
+        cfg["output"] = str(Path("runs") / name)
+    return cfg
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict) and k != "model_args":
+            out += config_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(prefix + k)
+    return out

@@ -1,0 +1,103 @@
+"""Data sets for training and fine-tuning (the ``data`` section of a run config).
+
+=============  ===============================================================  =====  ========
+name           what                                                             size   classes
+=============  ===============================================================  =====  ========
+digits         scikit-learn's 8x8 digits (no download), ``symmetry`` (C4)       16     10
+mnist          MNIST, ``symmetry`` (default C1 = none)                          28     10
+rotmnist       MNIST, each digit rotated by a random angle (SO2)                28     10
+c4mnist        MNIST, random multiples of 90 degrees (C4)                       28     10
+d4mnist        MNIST, random rotations by 90 degrees and flips (D4)             28     10
+ddmnist        double-digit MNIST, ``symmetry: [left, right]`` ([C1, SO2])      56     100
+cifar10/100    torchvision CIFAR (timm transforms)                              32     10/100
+stl10          torchvision STL-10 (timm transforms)                             96     10
+imagefolder    ``root/train/<class>/*``, optional ``root/val``, ``root/test``   model  #folders
+=============  ===============================================================  =====  ========
+
+:func:`data_info` checks the data files without loading them (so a missing data set is reported
+before any model is built) and :func:`build_datasets` builds the splits.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .mnist import (MNIST_FILES, DataNotFoundError, ImageTensorDataset, Splits, build_ddmnist, build_digits,
+                    build_mnist, make_ddmnist, make_transformed, mnist_missing_message)
+from .natural import build_natural, check_natural, natural_num_classes
+from .symmetry import GROUP_HELP, parse_group, sample_elements, transform_images
+
+__all__ = ["DATASETS", "DataNotFoundError", "ImageTensorDataset", "Splits", "build_datasets", "check_data_config",
+           "data_info", "make_ddmnist", "make_transformed", "parse_group", "sample_elements", "transform_images"]
+
+# name -> (kind, default symmetry)
+DATASETS = {
+    "digits": ("digits", "C4"), "mnist": ("mnist", "C1"), "rotmnist": ("mnist", "SO2"),
+    "c4mnist": ("mnist", "C4"), "d4mnist": ("mnist", "D4"), "ddmnist": ("ddmnist", ("C1", "SO2")),
+    "cifar10": ("natural", None), "cifar100": ("natural", None), "stl10": ("natural", None),
+    "imagefolder": ("natural", None),
+}
+
+
+def check_data_config(d: dict) -> None:
+    """Static checks of a resolved ``data`` section (raises eqzoo.config.ConfigError)."""
+    from ..config import ConfigError
+
+    name = d["name"]
+    if name not in DATASETS:
+        raise ConfigError(f"config key 'data.name' must be one of {', '.join(DATASETS)}, got {name!r}")
+    kind = DATASETS[name][0]
+    sym = d["symmetry"]
+    if sym is not None:
+        if kind == "natural":
+            raise ConfigError(f"config key 'data.symmetry' applies to the digit data sets, not to {name}")
+        groups = sym if kind == "ddmnist" else [sym]
+        if kind == "ddmnist" and (not isinstance(sym, list) or len(sym) != 2):
+            raise ConfigError(f"config key 'data.symmetry' for ddmnist must be [left group, right group] "
+                              f"(e.g. [C1, SO2]), got {sym!r}; groups: {GROUP_HELP}")
+        if kind != "ddmnist" and not isinstance(sym, str):
+            raise ConfigError(f"config key 'data.symmetry' for {name} must be one group, got {sym!r}; groups: {GROUP_HELP}")
+        for g in groups:
+            try:
+                parse_group(g)
+            except ValueError:
+                raise ConfigError(f"config key 'data.symmetry': unknown group {g!r}; accepted: {GROUP_HELP}") from None
+    if d["classes"] is not None:
+        if kind not in ("digits", "mnist"):
+            raise ConfigError(f"config key 'data.classes' applies to digits and the single-digit MNIST sets, not {name}")
+        c = d["classes"]
+        if not c or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9 for v in c) \
+                or len(set(c)) != len(c):
+            raise ConfigError(f"config key 'data.classes' must be distinct digits 0..9, got {c!r}")
+    if kind == "ddmnist":
+        for key in ("train_size", "val_size", "test_size"):
+            if d[key] is not None and d[key] % 100:
+                raise ConfigError(f"config key 'data.{key}' for ddmnist must be a multiple of 100 (balanced over "
+                                  f"the 100 classes), got {d[key]}")
+
+
+def data_info(d: dict) -> dict:
+    """``{"num_classes", "in_chans"}`` of a data section; checks that its files exist (raises
+    :class:`DataNotFoundError` with the command that gets them) without loading them."""
+    kind = DATASETS[d["name"]][0]
+    if kind == "digits":
+        return {"num_classes": len(d["classes"] or range(10)), "in_chans": 1}
+    if kind in ("mnist", "ddmnist"):
+        raw = Path(d["root"]) / "MNIST" / "raw"
+        if not all((raw / f).is_file() for f in MNIST_FILES):
+            raise DataNotFoundError(mnist_missing_message(d["root"]))
+        return {"num_classes": 100 if kind == "ddmnist" else len(d["classes"] or range(10)), "in_chans": 1}
+    check_natural(d["name"], d["root"])
+    return {"num_classes": natural_num_classes(d["name"], d["root"]), "in_chans": 3}
+
+
+def build_datasets(d: dict, model=None) -> Splits:
+    """Train / val / test splits of a resolved ``data`` section (``model`` gives timm's transforms
+    for natural images)."""
+    kind, default_sym = DATASETS[d["name"]]
+    if kind == "digits":
+        return build_digits(d)
+    if kind == "mnist":
+        return build_mnist(d, default_sym)
+    if kind == "ddmnist":
+        return build_ddmnist(d)
+    return build_natural(d, model)

@@ -1,0 +1,196 @@
+"""Layer factories shared by the model families.
+
+A model is written once against a small factory interface (``fields``, ``conv``, ``norm``,
+``act``, ``max_pool``, ``classifier``). :class:`FieldLayers` builds the partially equivariant
+version: widths become escnn field types and every convolution gets the likelihood its sharing
+mode asks for. :class:`PlainLayers` builds the same module tree from ``torch.nn`` layers; it is the
+plain counterpart an exported model loads into when timm has none (the CIFAR WideResNets).
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..groups import get_group
+from ..likelihood import GroupLikelihood
+from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
+
+SHARE_MODES = ("layer", "stage", "model")
+
+# Global pools of timm's SelectAdaptivePool2d that act channel by channel (so they commute with
+# permutations of the channels inside regular fields) and how many copies of the fields they emit.
+_FINITE_POOLS = {"avg": 1, "max": 1, "avgmax": 1, "catavgmax": 2, "": 1}
+# Fields of O(2)/SO(2) are Fourier coefficients: only averaging is linear, hence equivariant.
+_CONTINUOUS_POOLS = {"avg": 1, "": 1}
+
+
+class PlainLayers:
+    """``torch.nn`` layers; a "type" is just a channel count."""
+
+    def fields(self, channels: int) -> int:
+        return int(channels)
+
+    def input_type(self, in_chans: int) -> int:
+        return int(in_chans)
+
+    @staticmethod
+    def channels(type_) -> int:
+        return int(type_)
+
+    def begin_stage(self) -> None:
+        pass
+
+    def conv(self, in_type, out_type, kernel_size, stride=1, padding=0) -> nn.Module:
+        return nn.Conv2d(in_type, out_type, kernel_size, stride, padding, bias=False)
+
+    def norm(self, type_) -> nn.Module:
+        return nn.BatchNorm2d(type_)
+
+    def act(self, type_, inplace: bool = True) -> nn.Module:
+        return nn.ReLU(inplace=inplace)
+
+    def max_pool(self, type_, kernel_size, stride, padding) -> nn.Module:
+        return nn.MaxPool2d(kernel_size, stride, padding)
+
+    def pooled_type(self, type_, pool_type: str):
+        from timm.layers import SelectAdaptivePool2d
+        return type_ * SelectAdaptivePool2d(pool_type=pool_type).feat_mult()
+
+    def classifier(self, in_type, num_classes: int, likelihood=None) -> nn.Module:
+        return nn.Linear(in_type, num_classes) if num_classes > 0 else nn.Identity()
+
+
+class FieldLayers:
+    """Partially equivariant layers over one group.
+
+    Args:
+        group: group spec (``"D4"``, ``"C8"``, ``"O2"``, ...).
+        field_bandlimit: band-limit of the regular-like fields of O(2)/SO(2) (ignored for finite groups).
+        bandlimit, out_bandlimit: band-limits of every likelihood (see :class:`~eqzoo.GroupLikelihood`).
+        learn_likelihood: ``False`` freezes every likelihood at uniform: the strict steerable model.
+        share_likelihood: ``"layer"`` (one likelihood per convolution), ``"stage"`` (one per stage,
+            shared by its layers) or ``"model"`` (one for the whole model).
+    """
+
+    def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
+                 learn_likelihood: bool = True, share_likelihood: str = "layer"):
+        if share_likelihood not in SHARE_MODES:
+            raise ValueError(f"share_likelihood must be one of {SHARE_MODES}, got {share_likelihood!r}")
+        self.group = get_group(group)
+        self.field_bandlimit = field_bandlimit
+        self.bandlimit, self.out_bandlimit = bandlimit, out_bandlimit
+        self.learn_likelihood = bool(learn_likelihood)
+        self.share_likelihood = share_likelihood
+        self.new_likelihood()  # validates the band-limits now, with GroupLikelihood's message
+        self._model_likelihood = self.new_likelihood() if share_likelihood == "model" else None
+        self._stage_likelihood = None
+        self.last_likelihood = None  # the likelihood of the most recent convolution
+
+    # -- widths -> field types ---------------------------------------------------------------------
+    @property
+    def field_size(self) -> int:
+        return self.group.field_size(self.field_bandlimit)
+
+    def check_widths(self, widths) -> None:
+        """Finite groups: every width must be a whole number of regular fields (|G| channels), so
+        that the model has exactly the widths (and the compute) of its plain counterpart."""
+        if not self.group.is_finite:
+            return
+        bad = [w for w in widths if w % self.field_size]
+        if bad:
+            g = math.gcd(*[int(w) for w in widths])
+            fits = [f"{kind}{n}" for kind, per_n in (("D", 2), ("C", 1)) for n in range(1, 17)
+                    if g % (per_n * n) == 0 and per_n * n <= 16]
+            raise ValueError(
+                f"group {self.group.spec} has regular fields of {self.field_size} channels, which do not "
+                f"divide the model's widths {sorted(set(bad))}; groups whose order divides {g} fit: "
+                f"{', '.join(fits)} (or the continuous 'O2', 'SO2', which round widths to whole fields)")
+
+    def fields(self, channels: int):
+        """The field type closest to ``channels`` channels: exactly ``channels / |G|`` regular fields
+        for finite groups, the nearest whole number of band-limited fields for O(2)/SO(2)."""
+        size = self.field_size
+        if self.group.is_finite:
+            if channels % size:
+                self.check_widths([channels])
+            n = channels // size
+        else:
+            n = max(1, round(channels / size))
+        return self.group.field_type(n, self.field_bandlimit)
+
+    def input_type(self, in_chans: int):
+        return self.group.trivial_type(in_chans)
+
+    @staticmethod
+    def channels(type_) -> int:
+        return type_.size
+
+    # -- likelihood sharing --------------------------------------------------------------------------
+    def new_likelihood(self) -> GroupLikelihood:
+        return GroupLikelihood(self.group, bandlimit=self.bandlimit, out_bandlimit=self.out_bandlimit,
+                               learnable=self.learn_likelihood)
+
+    def begin_stage(self) -> None:
+        """Start a new stage: with ``share_likelihood="stage"`` its layers share a fresh likelihood."""
+        if self.share_likelihood == "stage":
+            self._stage_likelihood = self.new_likelihood()
+
+    def likelihood(self) -> GroupLikelihood:
+        if self.share_likelihood == "model":
+            lam = self._model_likelihood
+        elif self.share_likelihood == "stage":
+            if self._stage_likelihood is None:
+                self.begin_stage()
+            lam = self._stage_likelihood
+        else:
+            lam = self.new_likelihood()
+        self.last_likelihood = lam
+        return lam
+
+    # -- layers ----------------------------------------------------------------------------------------
+    def conv(self, in_type, out_type, kernel_size, stride=1, padding=0) -> PEConv2d:
+        return PEConv2d(in_type, out_type, kernel_size, stride, padding, bias=False, likelihood=self.likelihood())
+
+    def norm(self, type_) -> nn.Module:
+        return FieldBatchNorm2d(type_)
+
+    def act(self, type_, inplace: bool = True) -> nn.Module:
+        return field_relu(type_, inplace=inplace)
+
+    def max_pool(self, type_, kernel_size, stride, padding) -> nn.Module:
+        return field_max_pool(type_, kernel_size, stride, padding)
+
+    def check_pool(self, pool_type: str) -> int:
+        """How many copies of the fields timm's global pool ``pool_type`` emits (``catavgmax``: 2);
+        ValueError for pools that are not equivariant for these fields."""
+        pools = _FINITE_POOLS if self.group.is_finite else _CONTINUOUS_POOLS
+        if pool_type not in pools:
+            raise ValueError(f"global_pool {pool_type!r} is not equivariant for {self.group.spec} fields; "
+                             f"accepted: {sorted(pools)}")
+        return pools[pool_type]
+
+    def pooled_type(self, type_, pool_type: str):
+        """The field type after timm's global pool ``pool_type``."""
+        return self.group.field_type(len(type_) * self.check_pool(pool_type), self.field_bandlimit)
+
+    def classifier(self, in_type, num_classes: int, likelihood: GroupLikelihood | None = None) -> nn.Module:
+        """A PELinear from the pooled fields to ``num_classes`` trivial fields (class logits): at
+        uniform λ the logits are invariant. ``likelihood`` None follows the sharing mode."""
+        if num_classes <= 0:
+            return nn.Identity()
+        if likelihood is None:
+            likelihood = self.likelihood()
+        return PELinear(in_type, self.group.trivial_type(num_classes), likelihood=likelihood)
+
+
+def head_likelihood(model: nn.Module, share_likelihood: str, new_likelihood) -> GroupLikelihood:
+    """The likelihood a new classifier of ``model`` should use: a fresh one per layer, else the one
+    of the model's last convolution (the last stage's, or the model's single one)."""
+    if share_likelihood == "layer":
+        return new_likelihood()
+    last = None
+    for m in model.modules():
+        if isinstance(m, PEConv2d):
+            last = m.likelihood
+    return last if last is not None else new_likelihood()

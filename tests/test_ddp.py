@@ -1,0 +1,71 @@
+"""DDP: ``torchrun --nproc_per_node=2 -m eqzoo.train`` with gloo on CPU trains a learnt-λ model and
+ends where one process with the same global batch ends.
+
+What matches, and why: both runs see the same images per global step (DistributedSampler with the
+same seed; ``data.batch_size`` is the global batch), DDP averages the per-process gradients of the
+mean loss (= the gradient of the global mean), and the regularisers are added identically on every
+process. Batch norm is the exception: in training mode each process normalises with the statistics
+of its own half-batch. The test therefore uses ``freeze_bn: true`` (norm layers in eval mode) and
+SGD (linear in the gradient, so float reduction-order noise stays at that level; Adam divides by
+sqrt(v) and can magnify noise in near-zero gradients). With batch statistics, DDP runs train fine
+but are not bit-comparable to one process — that is BN, not the engine.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from eqzoo.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(out):
+    cfg = yaml.safe_load((ROOT / "configs" / "digits_c4.yaml").read_text())
+    cfg.update(output=str(out), tensorboard=False, progress=False, freeze_bn=True, save_model=False)
+    cfg["data"].update(train_size=128, val_size=30, test_size=33, batch_size=32)
+    cfg["optim"] = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+    cfg["schedule"] = {"epochs": 2, "warmup_epochs": 0.5}
+    return cfg
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    cfg_file = tmp_path / "ddp.yaml"
+    cfg_file.write_text(yaml.safe_dump(_cfg(tmp_path / "ddp")))
+    # PYTHONPATH: the processes import this checkout, whatever the installed copy is
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "eqzoo.train", "--config", str(cfg_file)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(_cfg(tmp_path / "single"))
+    finally:
+        torch.set_num_threads(n)
+
+    ddp_hist = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert len(ddp_hist) == 2 and single["status"] == "finished"
+    for a, b in zip(ddp_hist, single["history"]):
+        assert a["step"] == b["step"] == 4 * a["epoch"]  # 128 images / global batch 32
+        for k in ("train_loss", "train_ce", "train_acc", "val_loss", "val_acc", "lambda_kl", "reg_kl_chain"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
+    # metrics are summed over processes: every validation image counted once (30 over 2 processes)
+    res = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    assert res["test_n"] == 33
+    wa = load_file(str(tmp_path / "ddp" / "checkpoints" / "epoch-0002" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "single" / "checkpoints" / "epoch-0002" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k].double(), wb[k].double(), rtol=1e-3, atol=1e-5), k
+    # the checkpoint holds both processes' RNG states (for an exact DDP resume), written once by rank 0
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "epoch-0002" / "state.json").read_text())
+    assert len(state["rng"]) == 2

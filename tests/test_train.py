@@ -1,0 +1,188 @@
+"""The training engine on the shipped digits set: a run, its files, exact resume, fine-tuning with
+a new head, evaluation, the schedule, and config errors raised before anything is trained."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from eqzoo.config import ConfigError, load_config, parse_overrides
+from eqzoo.train import TrainingError, cmd_eval, cmd_train, evaluate, finetune, lr_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "digits_c4.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: one thread is faster, and far faster on a busy machine (no spinning thread pools)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(out, **over):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg.update(output=str(out), tensorboard=False, progress=False)
+    cfg["data"].update(train_size=128, val_size=32, test_size=64)
+    for k, v in over.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return train(tiny(out)), out
+
+
+def test_run_writes_everything_and_learns(full_run):
+    res, out = full_run
+    assert res["status"] == "finished" and res["epochs_done"] == 3
+    h = res["history"]
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    for key in ("train_acc", "val_acc", "lambda_kl", "reg_kl_uniform", "lr"):
+        assert key in h[0]
+    for f in ("config.yaml", "metrics.csv", "metrics.json", "results.json", "best.safetensors",
+              "checkpoints/latest.json", "hub/config.json", "hub/model.safetensors", "hub/likelihoods.json"):
+        assert (out / f).is_file(), f
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 4
+    assert json.loads((out / "metrics.json").read_text()) == h
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["regularizer"] == {"alignment": 5.0, "kl_chain": 3.0, "kl_uniform": 3.0}
+    hub_cfg = json.loads((out / "hub" / "config.json").read_text())
+    assert hub_cfg["architecture"] == "pe_resnet18" and hub_cfg["num_classes"] == 10
+    assert hub_cfg["pretrained_cfg"]["input_size"] == [1, 16, 16]
+    # the saved model is the best-on-validation one and evaluates to the recorded test accuracy
+    results = json.loads((out / "results.json").read_text())
+    assert results["best_epoch"] == res["best_epoch"]
+    ev = evaluate(load_config(str(out / "config.yaml")), str(out))
+    assert ev["acc"] == pytest.approx(results["test_acc"]) and ev["n"] == 64
+
+
+def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
+    res, full = full_run
+    out = tmp_path / "interrupted"
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny(out)))
+    assert cmd_train(["--config", str(cfg_file), "--stop-after-epoch", "1"]) == 0
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+    assert not (out / "hub").exists()
+    with pytest.raises(TrainingError, match="--resume"):
+        train(str(cfg_file))  # a fresh start into a run directory is refused
+    assert cmd_train(["--resume", str(out)]) == 0
+    a = load_file(str(full / "checkpoints" / "epoch-0003" / "model.safetensors"))
+    b = load_file(str(out / "checkpoints" / "epoch-0003" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa = load_file(str(full / "checkpoints" / "epoch-0003" / "optimizer.safetensors"))
+    ob = load_file(str(out / "checkpoints" / "epoch-0003" / "optimizer.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    ha, hb = (json.loads((p / "metrics.json").read_text()) for p in (full, out))
+    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]
+    assert strip(ha) == strip(hb)
+    ma = load_file(str(full / "hub" / "model.safetensors"))
+    mb = load_file(str(out / "hub" / "model.safetensors"))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_refuses_a_changed_config(full_run, tmp_path):
+    _, full = full_run
+    with pytest.raises(TrainingError, match="optim.lr"):
+        train(str(full / "config.yaml"), resume=True, overrides=["optim.lr=0.1"])
+    with pytest.raises(TrainingError, match="nothing to resume"):
+        train(tiny(tmp_path / "empty"), resume=True)
+
+
+def test_finetune_swaps_the_head_and_keeps_the_backbone(full_run, tmp_path):
+    _, full = full_run
+    cfg = tiny(tmp_path / "ft", model="unused", schedule={"epochs": 1, "warmup_epochs": 0},
+               data={"classes": [0, 1, 2], "train_size": 64, "val_size": 16, "test_size": 16},
+               freeze_likelihood=True)
+    cfg.pop("model_args")
+    src = load_file(str(full / "hub" / "model.safetensors"))
+    from eqzoo.data import data_info
+    from eqzoo.train import build_model
+    rcfg = load_config(dict(cfg, model=f"local-dir:{full / 'hub'}", pretrained=True))
+    model = build_model(rcfg, data_info(rcfg["data"]))
+    assert model.num_classes == 3 and model.get_classifier().weight.shape[0] == 3
+    sd = model.state_dict()
+    backbone = [k for k in src if not k.startswith("fc.")]
+    assert all(torch.equal(sd[k], src[k]) for k in backbone)
+    lams = [p for n, p in model.named_parameters() if n.endswith("coefficients")]
+    assert lams and not any(p.requires_grad for p in lams)  # freeze_likelihood
+    res = finetune(cfg, source=str(full))  # a run directory: its hub/ folder
+    assert res["status"] == "finished"
+    saved = json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())
+    assert saved["num_classes"] == 3 and saved["architecture"] == "pe_resnet18"
+    new = load_file(str(tmp_path / "ft" / "hub" / "model.safetensors"))
+    lam_keys = [k for k in src if k.endswith("coefficients") and not k.startswith("fc.")]
+    assert lam_keys and all(torch.equal(new[k], src[k]) for k in lam_keys)  # λ stayed frozen
+
+
+def test_plain_cnn_baseline_and_eval_cli(tmp_path):
+    cfg = tiny(tmp_path / "cnn", model="resnet18", schedule={"epochs": 1, "warmup_epochs": 0},
+               optim={"name": "sgd", "lr": 0.05})
+    del cfg["model_args"]["group"]  # same widths as the pe model, no group
+    res = train(cfg)
+    assert res["status"] == "finished"
+    import timm
+    m = timm.create_model(f"local-dir:{tmp_path / 'cnn' / 'hub'}", pretrained=True)
+    assert m.num_classes == 10 and m.conv1.in_channels == 1
+    out = tmp_path / "eval.json"
+    assert cmd_eval([str(tmp_path / "cnn"), "--split", "val", "--output", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["split"] == "val" and ev["n"] == 32
+    assert ev["acc"] == pytest.approx(res["history"][-1]["val_acc"])
+
+
+def test_lr_schedule():
+    assert lr_at(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
+    assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+
+
+def test_overrides():
+    assert parse_overrides(["optim.lr=1e-3", "data.symmetry=[C1,SO2]", "model_args.group=O2"]) == {
+        "optim": {"lr": 1e-3}, "data": {"symmetry": ["C1", "SO2"]}, "model_args": {"group": "O2"}}
+    cfg = load_config(TINY, ["model_args.group=C4", "schedule.epochs=7"])
+    assert cfg["model_args"]["group"] == "C4" and cfg["model_args"]["layers"] == [1, 1, 1, 1]
+    assert cfg["schedule"]["epochs"] == 7 and cfg["output"].endswith("digits_c4")
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"optimizer": {"lr": 1}}, r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"),
+    ({"optim": {"learning_rate": 1}}, r"unknown config key 'optim.learning_rate'.*accepted keys in optim: .*lr"),
+    ({"optim": {"lr": "fast"}}, r"'optim.lr' must be integer or number, got 'fast'"),
+    ({"optim": {"name": "lamb"}}, r"'optim.name' must be one of adamw, adam, sgd"),
+    ({"schedule": {"epochs": True}}, r"'schedule.epochs' must be integer"),
+    ({"schedule": {"epochs": 0}}, r"'schedule.epochs' must be >= 1"),
+    ({"data": {"name": "imagenet"}}, r"'data.name' must be one of digits, mnist"),
+    ({"data": {"symmetry": "SO3"}}, r"unknown group 'SO3'"),
+    ({"device": "tpu"}, r"'device' must be auto, cpu, cuda or cuda:N"),
+    ({"model_args": {"num_classes": 5}}, r"model_args.num_classes' is set from the data set"),
+])
+def test_bad_configs_fail_before_training(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        train(tiny(tmp_path / "bad", **over))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bad_runtime_configs_fail_before_training(tmp_path):
+    from eqzoo.data import DataNotFoundError
+
+    with pytest.raises(DataNotFoundError, match="download=True"):
+        train(tiny(tmp_path / "bad", data={"name": "ddmnist", "root": str(tmp_path / "nowhere"),
+                                                         "symmetry": ["C1", "SO2"], "train_size": 100,
+                                                         "val_size": 100, "test_size": 100}))
+    with pytest.raises(ConfigError, match="unknown model 'pe_resnet999'"):
+        train(tiny(tmp_path / "bad", model="pe_resnet999"))
+    assert not (tmp_path / "bad").exists()
+    assert cmd_train(["--config", str(tmp_path / "missing.yaml")]) == 2

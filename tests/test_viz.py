@@ -1,0 +1,98 @@
+"""Interpretability: plots of the learnt λ, the degree-of-equivariance table and the measured
+equivariance error next to λ."""
+
+import pytest
+import timm
+import torch
+from matplotlib.figure import Figure
+
+import eqzoo
+import eqzoo.hub as hub
+from eqzoo.analysis import degree_of_equivariance, equivariance_error, format_table, pixel_elements
+from eqzoo.likelihood import GroupLikelihood
+from eqzoo.viz import plot_likelihoods
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return timm.create_model("pe_resnet18", group="D4", num_classes=4).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(0))  # 33 = 2^5 + 1: centred maps
+
+
+def _panels(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_plot_model_small_multiples(model, tmp_path):
+    fig = plot_likelihoods(model, tmp_path / "p.png")
+    assert isinstance(fig, Figure)
+    n = len(eqzoo.likelihoods(model))
+    panels = _panels(fig)
+    assert len(panels) == n
+    # D4: a rotation and a reflection curve (closed: 4 + 1 points) and the uniform line in every panel
+    lines = panels[0].get_lines()
+    assert len(lines) == 3 and len(lines[0].get_xdata()) == 5
+    assert {t.get_text() for t in panels[0].get_legend().get_texts()} >= {"rotations", "reflections"}
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_continuous_and_loaded_likelihoods(tmp_path):
+    lam = GroupLikelihood("O2")
+    lam.set_density(lambda s, t: 1.0 + 0.8 * (1 - s) * __import__("numpy").cos(t))
+    fig = plot_likelihoods({"a": lam, "b": GroupLikelihood("SO2")})
+    a, b = _panels(fig)
+    assert len(a.get_lines()) == 3 and len(b.get_lines()) == 2  # SO2 has no reflections
+    assert max(a.get_lines()[0].get_ydata()) > 1.5  # peaked at the identity
+    record = hub.likelihood_record({"a": lam})
+    assert len(_panels(plot_likelihoods(record))) == 1
+
+
+def test_degree_of_equivariance_table(model):
+    rows = degree_of_equivariance(model)
+    assert len(rows) == len(eqzoo.likelihoods(model))
+    assert rows[0]["layer"] == "conv1" and rows[0]["group"] == "D4"
+    assert all(r["kl_uniform"] == pytest.approx(0, abs=1e-6) and r["closest_subgroup"] == "D4" for r in rows)
+    table = format_table(rows)
+    lines = table.splitlines()
+    assert lines[0] == "| layer | group | kl_uniform | mass_near_identity | closest_subgroup |"
+    assert len(lines) == len(rows) + 2 and lines[2].startswith("| conv1 | D4 | 0.000 |")
+    shared = {"l": eqzoo.likelihoods(model)["conv1.likelihood"]}
+    shared["l"].layers = ["a", "b", "c"]
+    assert degree_of_equivariance(shared)[0]["layer"] == "a … c (3 layers)"
+    del shared["l"].layers
+
+
+def test_pixel_elements():
+    assert [e[0] for e in pixel_elements("D4")] == ["rot90", "rot180", "rot270", "flip", "flip∘rot90",
+                                                     "flip∘rot180", "flip∘rot270"]
+    assert [e[0] for e in pixel_elements("C2")] == ["rot180"]
+    assert [e[0] for e in pixel_elements("D1")] == ["flip"]
+    assert [e[0] for e in pixel_elements("O2")][:3] == ["rot90", "rot180", "rot270"]
+    assert pixel_elements("C3") == []
+
+
+def test_equivariance_error_follows_lambda(model, x):
+    rows = equivariance_error(model, x)
+    out = [r for r in rows if r["layer"] == "output"]
+    assert len(out) == 7 and all(r["error"] < 1e-4 for r in rows)  # uniform λ: exactly equivariant
+    conv1 = [r for r in rows if r["layer"] == "conv1"]
+    assert len(conv1) == 7 and all(r["likelihood"] == pytest.approx(1.0) for r in conv1)
+    lam = eqzoo.likelihoods(model)["conv1.likelihood"]
+    try:
+        lam.set_density(lambda s, t: 1e-3 + 20.0 * ((s == 0) & (t == 0)))  # conv1: (almost) no symmetry
+        broken = equivariance_error(model, x, elements=["rot90"])
+    finally:
+        with torch.no_grad():
+            lam.coefficients.zero_()
+    err = {r["layer"]: r for r in broken}
+    assert err["conv1"]["likelihood"] < 0.01 and err["conv1"]["error"] > 0.1
+    assert err["output"]["error"] > 1e-3
+    assert err["layer1.0.conv1"]["likelihood"] == pytest.approx(1.0)  # its own λ is uniform...
+    assert model.training is False
+    with pytest.raises(ValueError, match="do not act exactly"):
+        equivariance_error(model, x, elements=["rot45"])
