@@ -20,3 +20,12 @@ def test_layer_example_runs():
 def test_readme_starts_with_the_two_commands():
     head = README.read_text().split("```")[1]
     assert "make demo" in head and "make test" in head
+
+
+def test_model_example_runs():
+    text = README.read_text()
+    block = re.search(r"## The models.*?```python\n(.*?)```", text, re.S)
+    assert block, "README lost its model example"
+    scope = {}
+    exec(compile(block.group(1), "README.md", "exec"), scope)
+    assert type(scope["plain"]).__name__ == "ResNet" and scope["model"].num_classes == 10
