@@ -1,6 +1,7 @@
 """Data sets: group transforms, the shipped digits set, the DDMNIST generator (on synthetic digits
 everywhere, on real MNIST where the workplace's offline-mnist tool exists), missing-data errors."""
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,8 @@ def mnist_root(tmp_path_factory):
     """Real MNIST as torchvision IDX files, written by the workplace's offline tool. Where the tool
     is absent (a CI checkout without ../shared) the real-MNIST tests skip; the generator itself is
     covered above on synthetic digits."""
+    if os.environ.get("EQZOO_MNIST_ROOT"):  # provided by .ci/run (or a user's own MNIST copy)
+        return os.environ["EQZOO_MNIST_ROOT"]
     if not OFFLINE_MNIST.is_file():
         pytest.skip(f"{OFFLINE_MNIST} not present: real-MNIST checks skipped (generator tested on synthetic digits)")
     root = tmp_path_factory.mktemp("mnist")

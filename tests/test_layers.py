@@ -313,6 +313,9 @@ def test_dtype_device_autocast_and_compile():
         assert torch.allclose(model(x), y, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert rel_err(model(x).float(), y) < 5e-2
+        half = _tiny_model().eval()
+        half.load_state_dict(model.state_dict())
+        assert rel_err(half.half()(x.half()).float(), y) < 1e-2
     compiled = torch.compile(model.train(), backend="aot_eager")
     out = compiled(x)
     out.sum().backward()

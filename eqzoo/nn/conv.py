@@ -38,36 +38,43 @@ def _pair_permutations(rho_out, rho_in):
 
 
 class _PermutationTwirl(torch.autograd.Function):
-    r"""``out[n, p] = Σ_g w[n, idx_g(p)] @ T_g`` for permutations ``idx_g`` of the channel pairs p.
+    r"""``out[:, p] = Σ_g T_gᵀ w[:, idx_g(p)]`` for permutations ``idx_g`` of the channel pairs p.
 
-    One gather and one small matmul per group element, accumulated in place: no tensor m times
-    the weights is ever held (autograd's gather would keep one and scatter-add into another). The
-    backward gathers with the inverse permutations, ``dw[n, s] = Σ_g dout[n, idx_g^{-1}(s)] @ T_gᵀ``.
+    ``w`` is laid out ``[H, P, N]`` (harmonic, pair of field components, pair of fields): each
+    gather moves contiguous rows of N, and each ``T_g`` is one plain ``[H, H] @ [H, P*N]`` matmul.
+    One gather and one matmul per group element, accumulated in place: no tensor m times the
+    weights is ever held (autograd's gather would keep one and scatter-add into another). The
+    backward gathers with the inverse permutations, ``dw[:, s] = Σ_g T_g dout[:, idx_g^{-1}(s)]``.
     """
 
     @staticmethod
-    def forward(ctx, w, T, idx, inv):  # w [N, P, H], T [m, H, H], idx/inv [m, P]
-        N, P, H = w.shape
-        out = w.new_zeros(N * P, H)
+    def forward(ctx, w, T, idx, inv):  # w [H, P, N], T [m, H, H], idx/inv [m, P]
+        w = w.contiguous()
+        H, P, N = w.shape
+        # row indices of the [H*P, N] view: a gather of whole contiguous rows is the fast one
+        offsets = torch.arange(H, device=idx.device)[:, None] * P
+        rows, inv_rows = (offsets + idx[:, None, :]).flatten(1), (offsets + inv[:, None, :]).flatten(1)
+        rows_of = w.view(H * P, N)
+        out = torch.zeros_like(w)
         for g in range(T.shape[0]):
-            out.addmm_(w.index_select(1, idx[g]).reshape(N * P, H), T[g])
-        ctx.save_for_backward(w, T, idx, inv)
-        return out.view(N, P, H)
+            out.view(H, -1).addmm_(T[g].T, rows_of.index_select(0, rows[g]).view(H, -1))
+        ctx.save_for_backward(w, T, rows, inv_rows)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        w, T, idx, inv = ctx.saved_tensors
-        N, P, H = w.shape
+        w, T, rows, inv_rows = ctx.saved_tensors
+        H, P, N = w.shape
         dout = dout.contiguous()
         dw = dT = None
         if ctx.needs_input_grad[0]:
-            dw = w.new_zeros(N * P, H)
+            dw = torch.zeros_like(w)
+            d_rows = dout.view(H * P, N)
             for g in range(T.shape[0]):
-                dw.addmm_(dout.index_select(1, inv[g]).reshape(N * P, H), T[g].T)
-            dw = dw.view(N, P, H)
+                dw.view(H, -1).addmm_(T[g], d_rows.index_select(0, inv_rows[g]).view(H, -1))
         if ctx.needs_input_grad[1]:
-            flat = dout.reshape(N * P, H)
-            dT = torch.stack([w.index_select(1, idx[g]).reshape(N * P, H).T @ flat for g in range(T.shape[0])])
+            flat, w_rows = dout.view(H, -1), w.view(H * P, N)
+            dT = torch.stack([w_rows.index_select(0, rows[g]).view(H, -1) @ flat.T for g in range(T.shape[0])])
         return dw, dT, None, None
 
 
@@ -144,11 +151,11 @@ class _Twirled(nn.Module):
         k = self.kernel_size
         F_o, d_o, F_i, d_i, H = w.shape
         if self._pair_index is not None:
-            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)]
-            wt = w.permute(0, 2, 1, 3, 4).reshape(F_o * F_i, d_o * d_i, H)
+            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)], on w laid out [h, (a b), (o i)]
+            wt = w.permute(4, 1, 3, 0, 2).reshape(H, d_o * d_i, F_o * F_i)
             coeff = _PermutationTwirl.apply(wt, Tq, self._pair_index, self._pair_inverse)
-            coeff = coeff.view(F_o, F_i, d_o, d_i, H)
-            filt = torch.einsum("oiadk,kxy->oaidxy", coeff, self._basis.to(w.dtype))
+            filt = self._basis.to(w.dtype).reshape(H, k * k).T @ coeff.view(H, -1)  # [xy, (a b o i)]
+            filt = filt.view(k, k, d_o, d_i, F_o, F_i).permute(4, 2, 5, 3, 0, 1)
             return filt.reshape(F_o * d_o, F_i * d_i, k, k)
         # Dense ρ (band-limited fields of O(2)/SO(2)). Laid out so that every step is one
         # (batched) matmul on contiguous memory, with the grid index g outermost:
