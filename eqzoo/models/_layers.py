@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from ..groups import get_group
@@ -194,3 +195,17 @@ def head_likelihood(model: nn.Module, share_likelihood: str, new_likelihood) -> 
         if isinstance(m, PEConv2d):
             last = m.likelihood
     return last if last is not None else new_likelihood()
+
+
+def install_head(model: nn.Module, fc: nn.Module, num_classes: int, global_pool: str, hidden_size: int) -> None:
+    """Put a new pooling + classifier on ``model`` (timm's attribute names), on the model's device
+    and dtype and in its train/eval mode."""
+    ref = next(model.parameters(), None)
+    if ref is not None:
+        fc = fc.to(device=ref.device, dtype=ref.dtype)
+    model.num_classes = num_classes
+    model.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+    model.fc = fc
+    model.head_hidden_size = hidden_size
+    model.global_pool.train(model.training)
+    model.fc.train(model.training)

@@ -28,7 +28,7 @@ from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..hub import build_pe_model
-from ._layers import FieldLayers, head_likelihood
+from ._layers import FieldLayers, head_likelihood, install_head
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
 
@@ -233,15 +233,7 @@ class PEResNet(ResNet):
         if num_classes > 0:
             likelihood = head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
         fc = factory.classifier(pooled_type, num_classes, likelihood)
-        ref = next(self.parameters(), None)
-        if ref is not None:
-            fc = fc.to(device=ref.device, dtype=ref.dtype)
-        self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.fc = fc
-        self.head_hidden_size = pooled_type.size
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        install_head(self, fc, num_classes, global_pool, pooled_type.size)
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         _, max_index = feature_take_indices(5, indices)

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..hub import build_pe_model
-from ._layers import FieldLayers, PlainLayers, head_likelihood
+from ._layers import FieldLayers, PlainLayers, head_likelihood, install_head
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
 
@@ -146,15 +146,7 @@ class WideResNet(nn.Module):
             raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier acts on pooled features")
         pooled_type = layers.pooled_type(self._out_type, global_pool)
         fc = layers.classifier(pooled_type, num_classes, likelihood)
-        ref = next(self.parameters(), None)
-        if ref is not None:
-            fc = fc.to(device=ref.device, dtype=ref.dtype)
-        self.num_classes = num_classes
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
-        self.fc = fc
-        self.head_hidden_size = layers.channels(pooled_type)
-        self.global_pool.train(self.training)
-        self.fc.train(self.training)
+        install_head(self, fc, num_classes, global_pool, layers.channels(pooled_type))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
