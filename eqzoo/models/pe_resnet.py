@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, SelectAdaptivePool2d
+from timm.layers import DropPath
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
