@@ -332,3 +332,16 @@ def test_cli_inspect_and_publish(saved, local_hub, model, tmp_path, capsys):
     assert files["README.md"] == (saved / "README.md").read_bytes()
     with pytest.raises(SystemExit, match="no config.json"):
         main(["publish", str(tmp_path / "nowhere"), "eqzoo-test/published"])
+
+
+def test_cli_push_of_a_saved_folder(saved, local_hub, model, capsys):
+    from eqzoo.cli import main
+
+    assert main(["push", str(saved), "eqzoo-test/cli-pushed"]) == 0
+    assert "eqzoo-test/cli-pushed" in capsys.readouterr().out
+    files = local_hub.files("eqzoo-test/cli-pushed")
+    assert {"config.json", "model.safetensors", "likelihoods.json", "likelihoods.png", "README.md"} <= set(files)
+    pulled = _load("hf-hub:eqzoo-test/cli-pushed")
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        assert torch.equal(pulled(x), model.eval()(x))
