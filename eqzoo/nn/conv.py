@@ -44,7 +44,7 @@ class _PermutationTwirl(torch.autograd.Function):
     gather moves contiguous rows of N, and each ``T_g`` is one plain ``[H, H] @ [H, P*N]`` matmul.
     One gather and one matmul per group element, accumulated in place: no tensor m times the
     weights is ever held (autograd's gather would keep one and scatter-add into another). The
-    backward gathers with the inverse permutations, ``dw[:, s] = Σ_g T_g dout[:, idx_g^{-1}(s)]``.
+    backward gathers with the inverse permutations.
     """
 
     @staticmethod
@@ -58,23 +58,26 @@ class _PermutationTwirl(torch.autograd.Function):
         out = torch.zeros_like(w)
         for g in range(T.shape[0]):
             out.view(H, -1).addmm_(T[g].T, rows_of.index_select(0, rows[g]).view(H, -1))
-        ctx.save_for_backward(w, T, rows, inv_rows)
+        ctx.save_for_backward(w, T, inv_rows)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        w, T, rows, inv_rows = ctx.saved_tensors
+        # one gather of dout per g serves both gradients:
+        #   dw[:, s] = Σ_g T_g dout[:, inv_g(s)]   and   dT_g = Σ_s w[:, s] dout[:, inv_g(s)]ᵀ
+        w, T, inv_rows = ctx.saved_tensors
         H, P, N = w.shape
-        dout = dout.contiguous()
-        dw = dT = None
-        if ctx.needs_input_grad[0]:
-            dw = torch.zeros_like(w)
-            d_rows = dout.view(H * P, N)
-            for g in range(T.shape[0]):
-                dw.view(H, -1).addmm_(T[g], d_rows.index_select(0, inv_rows[g]).view(H, -1))
-        if ctx.needs_input_grad[1]:
-            flat, w_rows = dout.view(H, -1), w.view(H * P, N)
-            dT = torch.stack([w_rows.index_select(0, rows[g]).view(H, -1) @ flat.T for g in range(T.shape[0])])
+        d_rows = dout.contiguous().view(H * P, N)
+        need_w, need_T = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dw = torch.zeros_like(w) if need_w else None
+        dT = torch.empty_like(T) if need_T else None
+        w_flat = w.view(H, -1)
+        for g in range(T.shape[0]):
+            y = d_rows.index_select(0, inv_rows[g]).view(H, -1)
+            if need_w:
+                dw.view(H, -1).addmm_(T[g], y)
+            if need_T:
+                torch.mm(w_flat, y.T, out=dT[g])
         return dw, dT, None, None
 
 
