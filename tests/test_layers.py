@@ -364,3 +364,26 @@ def test_permutation_fast_path_equals_the_dense_twirl(spec):
         results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
     for fast, ref in zip(*results):
         assert torch.allclose(fast, ref, atol=1e-12), float((fast - ref).abs().max())
+
+
+@pytest.mark.parametrize("spec", ["O2", "D1"])
+def test_flip_factored_twirl_equals_the_plain_sum(spec):
+    """With reflections the dense twirl runs over the rotations only (K_(1,θ) = K_(0,θ) K_(1,0));
+    it must equal the plain sum over the whole grid, gradients too."""
+    torch.manual_seed(0)
+    G = get_group(spec)
+    fin = G.field_type(2, 2) if not G.is_finite else G.field_type(2)
+    conv = PEConv2d(fin, fin, 3).double()
+    conv._pair_index = None  # D1 would take the permutation path: force the dense one
+    with torch.no_grad():
+        conv.likelihood.coefficients.normal_()
+    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
+    results = []
+    for factor in (True, False):
+        conv.factor_flips = factor
+        conv.zero_grad()
+        filt = conv.filter_and_bias()[0]
+        (filt * probe).sum().backward()
+        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
+    for fast, ref in zip(*results):
+        assert torch.allclose(fast, ref, atol=1e-12), float((fast - ref).abs().max())

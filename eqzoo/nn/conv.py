@@ -127,6 +127,9 @@ class _Twirled(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._cache = None
+        # for groups with reflections, the dense twirl factors the flip out (see _synthesize);
+        # False computes the plain sum over the whole grid (kept for tests)
+        self.factor_flips = True
         self.reset_parameters()
 
     @torch.no_grad()
@@ -150,27 +153,43 @@ class _Twirled(nn.Module):
         """Filter [C_out, C_in, k, k] for quadrature weights q [m] of the coefficients ``w``
         [F_out, d_out, F_in, d_in, H] (default: the layer's weight)."""
         w = self.weight.view(self._shape) if w is None else w
-        Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
         k = self.kernel_size
         F_o, d_o, F_i, d_i, H = w.shape
         if self._pair_index is not None:
             # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)], on w laid out [h, (a b), (o i)]
             wt = w.permute(4, 1, 3, 0, 2).reshape(H, d_o * d_i, F_o * F_i)
+            Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
             coeff = _PermutationTwirl.apply(wt, Tq, self._pair_index, self._pair_inverse)
             filt = self._basis.to(w.dtype).reshape(H, k * k).T @ coeff.view(H, -1)  # [xy, (a b o i)]
             filt = filt.view(k, k, d_o, d_i, F_o, F_i).permute(4, 2, 5, 3, 0, 1)
             return filt.reshape(F_o * d_o, F_i * d_i, k, k)
-        # Dense ρ (band-limited fields of O(2)/SO(2)). Laid out so that every step is one
-        # (batched) matmul on contiguous memory, with the grid index g outermost:
-        m = Tq.shape[0]
-        wh = w.permute(4, 1, 0, 2, 3).reshape(H, -1)  # [h, (a o i b)]
-        x = (Tq.transpose(1, 2).reshape(m * H, H) @ wh).view(m, -1, d_i)  # [g, (k a o i), b]
-        x = torch.bmm(x, self._rho_in.to(w.dtype).transpose(1, 2))  # b -> c: [g, (k a o i), c]
-        x = x.view(m, H, d_o, -1)  # [g, k, a, (o i c)]
-        coeff = torch.matmul(self._rho_out.to(w.dtype)[:, None], x).sum(0)  # [k, a', (o i c)]
+        # Dense ρ (band-limited fields of O(2)/SO(2)), coefficients laid out [h, (a o i b)].
+        T, r_in, r_out = (t.to(w.dtype) for t in (self._harmonic_action, self._rho_in, self._rho_out))
+        wh = w.permute(4, 1, 0, 2, 3).reshape(H, -1)
+        q = q.to(w.dtype)
+        if self.factor_flips and self.group.has_flip:
+            # K_(1,θ) = K_(0,θ) K_(1,0) (g -> K_g is a representation), so with the grid flip-major
+            # Σ_{s,θ} q(s,θ) K_(s,θ) W = Σ_θ K_(0,θ) [q(0,θ) W + q(1,θ) K_(1,0) W]:
+            # the dense ρ products run over the rotations only, half of the grid.
+            n = T.shape[0] // 2
+            flipped = self._dense_sum(wh[None], T[n:n + 1], r_in[n:n + 1], r_out[n:n + 1])
+            x = q[:n, None, None] * wh + q[n:, None, None] * flipped.reshape(1, H, -1)
+            coeff = self._dense_sum(x, T[:n], r_in[:n], r_out[:n])
+        else:
+            coeff = self._dense_sum(wh[None] * q[:, None, None], T, r_in, r_out)
         coeff = coeff.view(H, d_o, F_o, F_i, d_i)
         filt = torch.einsum("kaoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
+
+    def _dense_sum(self, x, T, r_in, r_out):
+        """Σ_g ρ_out(g) (X_g T_g) ρ_in(g)ᵀ for coefficients X_g laid out [g, h, (a o i b)]
+        (g outermost, so every step is one batched matmul on contiguous memory). Returns
+        [h, (a o i b)]."""
+        m, H, d_o, d_i = T.shape[0], T.shape[1], r_out.shape[1], r_in.shape[1]
+        x = torch.bmm(T.transpose(1, 2), x.expand(m, -1, -1))  # h -> k: [g, k, (a o i b)]
+        x = torch.bmm(x.reshape(m, -1, d_i), r_in.transpose(1, 2))  # b -> c: [g, (k a o i), c]
+        x = x.view(m, H, d_o, -1)  # [g, k, a, (o i c)]
+        return torch.matmul(r_out[:, None], x).sum(0).view(H, -1)  # [k, (a' o i c)]
 
     def _expanded_bias(self):
         if self.bias is None:
