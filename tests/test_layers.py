@@ -344,26 +344,36 @@ def test_bad_input_gives_clear_errors():
         PEConv2d(G.field_type(1), G.field_type(1), 0)
 
 
+def _assert_paths_agree(conv, use_path):
+    """Filter, weight gradient and λ gradient agree between two ways of computing the twirl;
+    ``use_path(conv, first)`` switches the layer to the first or the second way."""
+    with torch.no_grad():
+        conv.likelihood.coefficients.normal_()
+    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
+    results = []
+    for first in (True, False):
+        use_path(conv, first)
+        conv.zero_grad()
+        filt = conv.filter_and_bias()[0]
+        (filt * probe).sum().backward()
+        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12), float((a - b).abs().max())
+
+
 @pytest.mark.parametrize("spec", ["D4", "C4", "D8", "D1"])
 def test_permutation_fast_path_equals_the_dense_twirl(spec):
     """Regular fields take a gather-based twirl; it must equal the general dense one, gradients too."""
     torch.manual_seed(0)
     G = get_group(spec)
     conv = PEConv2d(G.field_type(2), G.field_type(3), 3).double()
-    assert conv._pair_index is not None
-    with torch.no_grad():
-        conv.likelihood.coefficients.normal_()
-    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
-    results = []
-    for dense in (False, True):
-        if dense:
-            conv._pair_index = None
-        conv.zero_grad()
-        filt = conv.filter_and_bias()[0]
-        (filt * probe).sum().backward()
-        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
-    for fast, ref in zip(*results):
-        assert torch.allclose(fast, ref, atol=1e-12), float((fast - ref).abs().max())
+    pairs = conv._pair_index
+    assert pairs is not None
+
+    def use_path(layer, fast):
+        layer._pair_index = pairs if fast else None
+
+    _assert_paths_agree(conv, use_path)
 
 
 @pytest.mark.parametrize("spec", ["O2", "D1"])
@@ -375,15 +385,8 @@ def test_flip_factored_twirl_equals_the_plain_sum(spec):
     fin = G.field_type(2, 2) if not G.is_finite else G.field_type(2)
     conv = PEConv2d(fin, fin, 3).double()
     conv._pair_index = None  # D1 would take the permutation path: force the dense one
-    with torch.no_grad():
-        conv.likelihood.coefficients.normal_()
-    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
-    results = []
-    for factor in (True, False):
-        conv.factor_flips = factor
-        conv.zero_grad()
-        filt = conv.filter_and_bias()[0]
-        (filt * probe).sum().backward()
-        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
-    for fast, ref in zip(*results):
-        assert torch.allclose(fast, ref, atol=1e-12), float((fast - ref).abs().max())
+
+    def use_path(layer, factored):
+        layer.factor_flips = factored
+
+    _assert_paths_agree(conv, use_path)
