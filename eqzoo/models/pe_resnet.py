@@ -264,7 +264,7 @@ def _cfg(**kwargs):
         "crop_pct": 0.875, "interpolation": "bilinear",
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2406.03946", "origin_url": "https://github.com/eqzoo/eqzoo",
+        "paper_ids": "arXiv:2406.03946", "origin_url": "https://arxiv.org/abs/2406.03946",
         **kwargs,
     }
 

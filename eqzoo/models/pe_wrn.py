@@ -264,7 +264,7 @@ def _cfg(**kwargs):
         "url": "", "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (8, 8),
         "crop_pct": 1.0, "interpolation": "bilinear", "mean": CIFAR_MEAN, "std": CIFAR_STD,
         "first_conv": "conv1", "classifier": "fc", "license": "apache-2.0",
-        "paper_ids": "arXiv:2406.03946", "origin_url": "https://github.com/eqzoo/eqzoo",
+        "paper_ids": "arXiv:2406.03946", "origin_url": "https://arxiv.org/abs/2406.03946",
         **kwargs,
     }
 
