@@ -163,33 +163,33 @@ class _Twirled(nn.Module):
             filt = self._basis.to(w.dtype).reshape(H, k * k).T @ coeff.view(H, -1)  # [xy, (a b o i)]
             filt = filt.view(k, k, d_o, d_i, F_o, F_i).permute(4, 2, 5, 3, 0, 1)
             return filt.reshape(F_o * d_o, F_i * d_i, k, k)
-        # Dense ρ (band-limited fields of O(2)/SO(2)), coefficients laid out [h, (a o i b)].
+        # Dense ρ (band-limited fields of O(2)/SO(2)), coefficients laid out [a, h, (o i b)].
         T, r_in, r_out = (t.to(w.dtype) for t in (self._harmonic_action, self._rho_in, self._rho_out))
-        wh = w.permute(4, 1, 0, 2, 3).reshape(H, -1)
+        wa = w.permute(1, 4, 0, 2, 3).reshape(d_o, H, -1)
         q = q.to(w.dtype)
         if self.factor_flips and self.group.has_flip:
             # K_(1,θ) = K_(0,θ) K_(1,0) (g -> K_g is a representation), so with the grid flip-major
             # Σ_{s,θ} q(s,θ) K_(s,θ) W = Σ_θ K_(0,θ) [q(0,θ) W + q(1,θ) K_(1,0) W]:
             # the dense ρ products run over the rotations only, half of the grid.
             n = T.shape[0] // 2
-            flipped = self._dense_sum(wh[None], T[n:n + 1], r_in[n:n + 1], r_out[n:n + 1])
-            x = q[:n, None, None] * wh + q[n:, None, None] * flipped.reshape(1, H, -1)
+            flipped = self._dense_sum(wa[None], T[n:n + 1], r_in[n:n + 1], r_out[n:n + 1]).view_as(wa)
+            x = q[:n, None, None, None] * wa + q[n:, None, None, None] * flipped
             coeff = self._dense_sum(x, T[:n], r_in[:n], r_out[:n])
         else:
-            coeff = self._dense_sum(wh[None] * q[:, None, None], T, r_in, r_out)
-        coeff = coeff.view(H, d_o, F_o, F_i, d_i)
-        filt = torch.einsum("kaoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
+            coeff = self._dense_sum(wa[None] * q[:, None, None, None], T, r_in, r_out)
+        coeff = coeff.view(d_o, H, F_o, F_i, d_i)
+        filt = torch.einsum("akoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
-    def _dense_sum(self, x, T, r_in, r_out):
-        """Σ_g ρ_out(g) (X_g T_g) ρ_in(g)ᵀ for coefficients X_g laid out [g, h, (a o i b)]
-        (g outermost, so every step is one batched matmul on contiguous memory). Returns
-        [h, (a o i b)]."""
-        m, H, d_o, d_i = T.shape[0], T.shape[1], r_out.shape[1], r_in.shape[1]
-        x = torch.bmm(T.transpose(1, 2), x.expand(m, -1, -1))  # h -> k: [g, k, (a o i b)]
-        x = torch.bmm(x.reshape(m, -1, d_i), r_in.transpose(1, 2))  # b -> c: [g, (k a o i), c]
-        x = x.view(m, H, d_o, -1)  # [g, k, a, (o i c)]
-        return torch.matmul(r_out[:, None], x).sum(0).view(H, -1)  # [k, (a' o i c)]
+    @staticmethod
+    def _dense_sum(x, T, r_in, r_out):
+        """Σ_g ρ_out(g) (X_g T_g) ρ_in(g)ᵀ for coefficients X_g laid out [g, a, h, (o i b)]. With g
+        and a leading, the last product and the sum over g are one matmul over (g, a).
+        Returns [a', (k o i c)]."""
+        m, d_o, d_i = T.shape[0], r_out.shape[1], r_in.shape[1]
+        x = torch.matmul(T.transpose(1, 2)[:, None], x)  # h -> k: [g, a, k, (o i b)]
+        x = torch.bmm(x.reshape(m, -1, d_i), r_in.transpose(1, 2))  # b -> c: [g, (a k o i), c]
+        return r_out.permute(1, 0, 2).reshape(d_o, m * d_o) @ x.view(m * d_o, -1)  # Σ_g, a -> a'
 
     def _expanded_bias(self):
         if self.bias is None:
