@@ -34,7 +34,7 @@ import numpy as np
 from ._io import atomic_write
 from .groups import Group
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -138,12 +138,26 @@ def ring_harmonics(kernel_size: int, dilation: int = 1) -> RingHarmonics:
 
 def repr_max_frequency(rep) -> int:
     """Highest rotation frequency among the irreps of an escnn representation of a subgroup of O(2)."""
-    G = rep.group
-    best = 0
+    return max(int(rep.group.irrep(*i).attributes.get("frequency", 0)) for i in rep.irreps)
+
+
+def invariant_basis(rep) -> np.ndarray:
+    """[d, t]: an orthonormal basis of the vectors ρ(g) leaves fixed (ρ's trivial irreps)."""
+    Q = rep.change_of_basis
+    cols, pos = [], 0
     for irr_id in rep.irreps:
-        irr = G.irrep(*irr_id)
-        best = max(best, int(irr.attributes.get("frequency", 0)))
-    return best
+        irr = rep.group.irrep(*irr_id)
+        if irr.is_trivial():
+            cols.append(Q[:, pos])
+        pos += irr.size
+    return np.stack(cols, 1) if cols else np.zeros((rep.size, 0))
+
+
+def permutation_indices(mats: np.ndarray) -> np.ndarray | None:
+    """For matrices [m, d, d] that are all permutations, σ [m, d] with ``mats[g, a, σ[g, a]] = 1``;
+    else None."""
+    ok = np.allclose(np.abs(mats).sum(-1), 1) and np.allclose(np.abs(mats).max(-1), 1) and (mats > -1e-9).all()
+    return np.argmax(mats, axis=-1) if ok else None
 
 
 @dataclass
@@ -160,7 +174,7 @@ class TwirlOperators:
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        for a in (self.basis, self.harmonic_action, self.rho_in, self.rho_out):
+        for a in (self.basis, self.harmonic_action, self.rho_in, self.rho_out, self.invariant_out):
             h.update(np.ascontiguousarray(np.round(a, 6) + 0.0).tobytes())
         return h.hexdigest()[:16]
 
@@ -209,12 +223,7 @@ def _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot) -> 
     T = np.stack([harm.action(si, ti) for si, ti in zip(s, theta)])
     r_in = np.stack([rep_in(g) for g in elements])
     r_out = np.stack([rep_out(g) for g in elements])
-    # invariant vectors of ρ_out: eigenvectors of the (exact) group average with eigenvalue 1
-    avg = r_out.mean(0)
-    avg = (avg + avg.T) / 2
-    vals, vecs = np.linalg.eigh(avg)
-    inv = vecs[:, vals > 0.5]
-    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, inv)
+    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, invariant_basis(rep_out))
 
 
 def _write_cache(path: Path, ops: TwirlOperators) -> None:

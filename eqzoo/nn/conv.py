@@ -12,29 +12,28 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..groups import group_of
-from ..kernels import quadrature_size, ring_harmonics, twirl_operators
+from ..kernels import permutation_indices, quadrature_size, ring_harmonics, twirl_operators
 from ..likelihood import GroupLikelihood
 from .fields import single_repr
 
 
-def _pair_permutations(rho_out, rho_in):
-    """Index [m, d_out*d_in] of (σ_g(a), τ_g(b)) when every ρ(g) is a permutation matrix
-    (ρ(g)[a, σ_g(a)] = 1), else None."""
-    def perm(r):
-        ok = np.allclose(np.abs(r).sum(-1), 1) and np.allclose(np.abs(r).max(-1), 1) and (r > -1e-9).all()
-        return np.argmax(r, axis=-1) if ok else None
-    po, pi = perm(rho_out), perm(rho_in)
+def _pair_rows(rho_out, rho_in, H: int):
+    """Row indices [m, H*d_out*d_in] into coefficients viewed ``[(h, a, b), (o, i)]`` that apply
+    ρ_out(g) ⊗ ρ_in(g) to the pair (a, b) as the gather (σ_g(a), τ_g(b)), and those of the
+    inverse permutations; ``(None, None)`` unless every ρ(g) is a permutation matrix."""
+    po, pi = permutation_indices(rho_out), permutation_indices(rho_in)
     if po is None or pi is None:
-        return None
-    idx = po[:, :, None] * rho_in.shape[1] + pi[:, None, :]
-    return torch.from_numpy(idx.reshape(len(idx), -1)).long()
+        return None, None
+    pairs = torch.from_numpy(po[:, :, None] * rho_in.shape[1] + pi[:, None, :]).flatten(1).long()
+    offsets = torch.arange(H)[:, None] * pairs.shape[1]
+    rows = (offsets + pairs[:, None, :]).flatten(1)
+    inverse = (offsets + torch.argsort(pairs, dim=1)[:, None, :]).flatten(1)
+    return rows, inverse
 
 
 class _PermutationTwirl(torch.autograd.Function):
@@ -48,12 +47,10 @@ class _PermutationTwirl(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w, T, idx, inv):  # w [H, P, N], T [m, H, H], idx/inv [m, P]
+    def forward(ctx, w, T, rows, inv_rows):  # w [H, P, N], T [m, H, H], rows/inv_rows [m, H*P]
+        # rows index the [H*P, N] view: a gather of whole contiguous rows is the fast one
         w = w.contiguous()
         H, P, N = w.shape
-        # row indices of the [H*P, N] view: a gather of whole contiguous rows is the fast one
-        offsets = torch.arange(H, device=idx.device)[:, None] * P
-        rows, inv_rows = (offsets + idx[:, None, :]).flatten(1), (offsets + inv[:, None, :]).flatten(1)
         rows_of = w.view(H * P, N)
         out = torch.zeros_like(w)
         for g in range(T.shape[0]):
@@ -114,9 +111,9 @@ class _Twirled(nn.Module):
         self.register_buffer("_rho_out", torch.tensor(ops.rho_out, **f64), persistent=False)
         self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
         # Regular fields of finite groups: ρ(g) are permutations and the twirl is a gather.
-        pairs = _pair_permutations(ops.rho_out, ops.rho_in)
-        self.register_buffer("_pair_index", pairs, persistent=False)
-        self.register_buffer("_pair_inverse", None if pairs is None else torch.argsort(pairs, dim=1), persistent=False)
+        rows, inverse = _pair_rows(ops.rho_out, ops.rho_in, harm.size)
+        self.register_buffer("_pair_index", rows, persistent=False)
+        self.register_buffer("_pair_inverse", inverse, persistent=False)
         d_in, d_out = rep_in.size, rep_out.size
         self._shape = (len(out_type), d_out, len(in_type), d_in, harm.size)
         # Coefficients per (out channel, in channel, ring harmonic). 3-D on purpose: it has no

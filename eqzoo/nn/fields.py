@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import permutation_indices
+
 
 def single_repr(field_type, what: str = "field type"):
     """The one representation a field type is made of (eqzoo layers need homogeneous types)."""
@@ -23,21 +25,4 @@ def is_permutation(rep) -> bool:
     fields): then channel-wise ReLU, max-pooling and per-field statistics are equivariant."""
     if rep.group.order() <= 0:
         return False
-    mats = np.stack([rep(g) for g in rep.group.elements])
-    return bool(np.allclose(np.abs(mats).sum(-1), 1) and (mats > -1e-9).all())
-
-
-def invariant_basis(rep) -> np.ndarray:
-    """[d, t]: an orthonormal basis of the vectors ρ(g) leaves fixed (the trivial irreps)."""
-    Q = rep.change_of_basis
-    cols, pos = [], 0
-    for irr_id in rep.irreps:
-        irr = rep.group.irrep(*irr_id)
-        if irr.is_trivial():
-            cols.append(Q[:, pos])
-        pos += irr.size
-    return np.stack(cols, 1) if cols else np.zeros((rep.size, 0))
-
-
-def max_frequency(rep) -> int:
-    return max(int(rep.group.irrep(*i).attributes.get("frequency", 0)) for i in rep.irreps)
+    return permutation_indices(np.stack([rep(g) for g in rep.group.elements])) is not None

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fields import invariant_basis, is_permutation, single_repr
+from ..kernels import invariant_basis
+from .fields import is_permutation, single_repr
 
 
 class FieldBatchNorm2d(nn.Module):
