@@ -168,16 +168,21 @@ def test_pruned_intermediates():
     assert isinstance(eqzoo.export(model), PEResNet)  # no timm counterpart for a pruned tree
 
 
-def test_wrn_pruning_and_checkpointing():
-    torch.manual_seed(0)
-    model = timm.create_model("pe_wrn16_8", num_classes=NUM_CLASSES)
-    x = torch.randn(2, 3, 16, 16)
+def _check_grad_checkpointing(model, x):
+    """Checkpointed training forward equals the plain one, and gradients flow to the stem."""
     model.train()
     ref = model(x)
     model.set_grad_checkpointing(True)
     out = model(x)
     out.sum().backward()
     assert torch.allclose(out, ref, atol=1e-5) and model.conv1.weight.grad is not None
+
+
+def test_wrn_pruning_and_checkpointing():
+    torch.manual_seed(0)
+    model = timm.create_model("pe_wrn16_8", num_classes=NUM_CLASSES)
+    x = torch.randn(2, 3, 16, 16)
+    _check_grad_checkpointing(model, x)
     model.eval()
     kept = model.prune_intermediate_layers(indices=[1, 2])
     with torch.no_grad():
@@ -261,12 +266,7 @@ def test_grad_checkpointing_channels_last_amp_compile():
     torch.manual_seed(0)
     model = timm.create_model("pe_resnet18", num_classes=4)
     x = torch.randn(2, 3, 32, 32)
-    model.train()
-    ref = model(x)
-    model.set_grad_checkpointing(True)
-    out = model(x)
-    out.sum().backward()
-    assert torch.allclose(out, ref, atol=1e-5) and model.conv1.weight.grad is not None
+    _check_grad_checkpointing(model, x)
     model.set_grad_checkpointing(False)
     model.eval()
     with torch.no_grad():

@@ -1,16 +1,21 @@
-"""The README's layer example runs as written and says what is true."""
+"""The README's code examples run as written and say what is true."""
 import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_layer_example_runs():
-    text = README.read_text()
-    block = re.search(r"## The layers.*?```python\n(.*?)```", text, re.S)
-    assert block, "README lost its layer example"
+def run_example(section: str) -> dict:
+    """Execute the first python block under the README heading ``section``; its variables."""
+    block = re.search(rf"## {section}.*?```python\n(.*?)```", README.read_text(), re.S)
+    assert block, f"README lost its example under '## {section}'"
     scope = {}
     exec(compile(block.group(1), "README.md", "exec"), scope)
+    return scope
+
+
+def test_layer_example_runs():
+    scope = run_example("The layers")
     assert tuple(scope["y"].shape) == (2, 64, 32, 32)
     assert scope["lam"].summary()["closest_subgroup"] == "D4"
     assert scope["a"].likelihood is scope["b"].likelihood
@@ -23,9 +28,5 @@ def test_readme_starts_with_the_two_commands():
 
 
 def test_model_example_runs():
-    text = README.read_text()
-    block = re.search(r"## The models.*?```python\n(.*?)```", text, re.S)
-    assert block, "README lost its model example"
-    scope = {}
-    exec(compile(block.group(1), "README.md", "exec"), scope)
+    scope = run_example("The models")
     assert type(scope["plain"]).__name__ == "ResNet" and scope["model"].num_classes == 10
