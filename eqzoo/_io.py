@@ -23,3 +23,12 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, obj, indent: int = 2) -> None:
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=indent) + "\n", encoding="utf-8"))
+
+
+def save_tensors(tensors: dict, path: Path) -> None:
+    """A safetensors file of ``tensors`` (e.g. a state_dict), written atomically."""
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors sharing storage (tied weights); contiguous: channels_last
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))

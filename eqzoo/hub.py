@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_write, write_json
+from ._io import atomic_write, save_tensors, write_json
 from .regularizers import likelihoods as _likelihoods
 
 _logger = logging.getLogger(__name__)
@@ -504,14 +504,6 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
 
 
 # -- saving -----------------------------------------------------------------------------------------
-def _save_safetensors(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors refuses shared storage: clone (contiguous) every tensor of the state_dict
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-
-
 def model_args_of(model: nn.Module, model_args: dict | None = None) -> dict:
     """The constructor arguments that rebuild ``model`` from its architecture: ``model.model_args``
     (set by the entry function) or timm's record of the create_model kwargs, updated with the
@@ -612,7 +604,7 @@ def _export(model: nn.Module, directory: Path) -> str | None:
     if plain is model or not arch or not is_model(arch) or is_pe_architecture(arch):
         return None
     folder = directory / EXPORT_DIR
-    _save_safetensors(plain, folder / WEIGHTS_NAME)
+    save_tensors(plain.state_dict(), folder / WEIGHTS_NAME)
     def write_config(p):
         save_config_for_hf(plain, p)
         cfg = json.loads(p.read_text())
@@ -643,7 +635,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: 
     try:
         cfg = hub_config(model, model_args)  # validates before any file is touched
         record = likelihood_record(model)
-        _save_safetensors(model, directory / WEIGHTS_NAME)
+        save_tensors(model.state_dict(), directory / WEIGHTS_NAME)
         write_json(directory / LIKELIHOODS_NAME, record)
         if plot and record["likelihoods"]:
             from .viz import plot_likelihoods

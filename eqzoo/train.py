@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from ._io import atomic_write, write_json
+from ._io import atomic_write, save_tensors, write_json
 from .config import RESUME_SAFE, ConfigError, config_diff, dump_config, load_config, read_yaml, validate_config
 
 __all__ = ["train", "finetune", "evaluate", "cmd_train", "cmd_finetune", "cmd_eval", "main", "build_model",
@@ -289,14 +289,6 @@ def _evaluate_loader(model, loader, device, autocast, d: Dist, channels_last: bo
 
 
 # -- checkpoints ------------------------------------------------------------------------------------------
-def _save_tensors(tensors: dict, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    # clone: safetensors refuses tensors sharing storage (tied weights); contiguous: channels_last
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
-
-
 def _load_tensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -375,9 +367,9 @@ class RunDir:
         folder = self.ckpts / f"epoch-{epoch:04d}"
         if folder.exists():
             shutil.rmtree(folder)
-        _save_tensors(model.state_dict(), folder / "model.safetensors")
+        save_tensors(model.state_dict(), folder / "model.safetensors")
         opt_t, opt_meta = _optimizer_to_files(opt)
-        _save_tensors(opt_t, folder / "optimizer.safetensors")
+        save_tensors(opt_t, folder / "optimizer.safetensors")
         write_json(folder / "state.json", dict(state, optimizer=opt_meta, rng=rng,
                                                 scaler=scaler.state_dict() if scaler is not None else None))
         write_json(self.ckpts / "latest.json", {"dir": folder.name, "epoch": epoch})
@@ -425,7 +417,7 @@ def save_model_dir(model: nn.Module, directory, cfg: dict | None = None, results
     from timm.models._hub import save_config_for_hf
 
     directory.mkdir(parents=True, exist_ok=True)
-    _save_tensors(model.state_dict(), directory / "model.safetensors")
+    save_tensors(model.state_dict(), directory / "model.safetensors")
     atomic_write(directory / "config.json", lambda p: save_config_for_hf(model, p, model_args=model_args))
     return directory
 
@@ -604,7 +596,7 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
                 if state["best_val_acc"] is None or v["acc"] > state["best_val_acc"]:
                     state["best_val_acc"], state["best_epoch"] = v["acc"], epoch + 1
                     if d.main:
-                        _save_tensors(model.state_dict(), run.path / "best.safetensors")
+                        save_tensors(model.state_dict(), run.path / "best.safetensors")
             row["time"] = time.time() - t0
             state["history"].append(row)
             state["epoch"] = epoch + 1
