@@ -11,7 +11,16 @@ functions into their own span: ``ψ_h(M(g)^{-1} x) = Σ_k T(g)_{hk} ψ_k(x)``. S
 .. math:: κ_λ(x) = \int_G λ(g)\, ρ_{out}(g)\, κ_0(g^{-1}x)\, ρ_{in}(g)^{-1}\, dg
 
 acts on the coefficients only: ``W'_k = Σ_g w_g Σ_h T(g)_{hk} ρ_out(g) W_h ρ_in(g)^T`` with the
-quadrature weights ``w_g`` of :meth:`GroupLikelihood.kernel_weights`. The integrand is a
+quadrature weights ``w_g`` of :meth:`GroupLikelihood.kernel_weights`. Written as one matrix on the
+coefficients of a field pair, indexed (out component, in component, harmonic),
+
+.. math:: W' = A(w)\,W, \qquad A(w) = \sum_g w_g\; ρ_{out}(g) ⊗ ρ_{in}(g) ⊗ T(g)^{T},
+
+and A(w) is sparse with a pattern that does not depend on w: T(g) only mixes a harmonic with its
+partner of the same frequency, regular fields of finite groups have permutation matrices ρ(g), and
+escnn's band-limited regular fields of O(2)/SO(2) are sums of irreps with 2 x 2 blocks. So a layer
+keeps A's pattern and its per-element values (:class:`SparseTwirl`), and a step computes A(w)'s few
+values per row with one small matmul, however many elements the grid has. The integrand is a
 trigonometric polynomial of degree ≤ F = (max frequency of ρ_in, ρ_out, ψ), so a grid of more than
 F + L_out rotations integrates it exactly; finite groups sum over all their elements.
 Uniform λ gives the projection onto the G-equivariant kernels of this band-limited space (escnn's
@@ -34,7 +43,7 @@ import numpy as np
 from ._io import atomic_write
 from .groups import Group
 
-CACHE_VERSION = 2
+CACHE_VERSION = 5
 
 
 def cache_dir() -> Path:
@@ -161,6 +170,60 @@ def permutation_indices(mats: np.ndarray) -> np.ndarray | None:
 
 
 @dataclass
+class SparseTwirl:
+    r"""The pattern and per-element values of :math:`A(w) = Σ_g w_g A_g` (see the module docstring).
+
+    Rows and columns are (out component, in component, harmonic). Row r of A(w) has its non-zeros
+    in columns ``cols[r]`` with values ``Σ_g w_g values[g, r]``; rows with fewer than K non-zeros
+    are padded with column 0 and value 0. ``rows_t`` / ``slots_t`` describe Aᵀ the same way, as
+    row indices into A and flat positions into its [R, K] values (``R * K``: padding, value 0).
+    """
+
+    cols: np.ndarray  # [R, K]
+    values: np.ndarray  # [m, R, K]
+    rows_t: np.ndarray  # [R, K_t]
+    slots_t: np.ndarray  # [R, K_t]
+
+
+def sparse_twirl(harmonic_action: np.ndarray, rho_in: np.ndarray, rho_out: np.ndarray) -> SparseTwirl:
+    """The sparse form of ``Σ_g w_g ρ_out(g) ⊗ ρ_in(g) ⊗ T(g)ᵀ`` for the operators of a grid."""
+    import scipy.sparse as sps
+
+    m = harmonic_action.shape[0]
+    R = harmonic_action.shape[1] * rho_out.shape[1] * rho_in.shape[1]
+    parts = []
+    for g in range(m):
+        A = sps.kron(sps.csr_matrix(rho_out[g]), sps.kron(sps.csr_matrix(rho_in[g]),
+                                                           sps.csr_matrix(harmonic_action[g].T)), format="coo")
+        keep = np.abs(A.data) > 1e-12  # cos(π/2) and friends are zeros, not pattern
+        parts.append((np.full(keep.sum(), g), A.row[keep], A.col[keep], A.data[keep]))
+    g, row, col, val = (np.concatenate(p) for p in zip(*parts))
+    # the union of the elements' patterns, sorted by row then column
+    entries, which = np.unique(row.astype(np.int64) * R + col, return_inverse=True)
+    e_row, e_col = np.divmod(entries, R)
+    slot = _slots(e_row, R)
+    cols = np.zeros((R, max(1, slot.max(initial=-1) + 1)), dtype=np.int64)
+    cols[e_row, slot] = e_col
+    values = np.zeros((m,) + cols.shape)
+    np.add.at(values, (g, e_row[which], slot[which]), val)
+    # Aᵀ: the same entries grouped by column
+    order = np.argsort(e_col, kind="stable")
+    slot_t = _slots(e_col[order], R)
+    rows_t = np.zeros((R, max(1, slot_t.max(initial=-1) + 1)), dtype=np.int64)
+    slots_t = np.full(rows_t.shape, cols.size, dtype=np.int64)
+    rows_t[e_col[order], slot_t] = e_row[order]
+    slots_t[e_col[order], slot_t] = e_row[order] * cols.shape[1] + slot[order]
+    return SparseTwirl(cols, values, rows_t, slots_t)
+
+
+def _slots(sorted_rows: np.ndarray, n: int) -> np.ndarray:
+    """Position of each entry within its row, for entries sorted by row."""
+    counts = np.bincount(sorted_rows, minlength=n)
+    start = np.cumsum(counts) - counts
+    return np.arange(len(sorted_rows)) - start[sorted_rows]
+
+
+@dataclass
 class TwirlOperators:
     """Precomputed per-grid-element operators of one (ρ_in, ρ_out, kernel size) layer."""
 
@@ -170,6 +233,7 @@ class TwirlOperators:
     rho_in: np.ndarray  # [m, d_in, d_in]
     rho_out: np.ndarray  # [m, d_out, d_out]
     invariant_out: np.ndarray  # [d_out, t] orthonormal basis of ρ_out's invariant vectors (bias)
+    sparse: SparseTwirl
 
     @property
     def fingerprint(self) -> str:
@@ -191,6 +255,7 @@ def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out
 
 
 _MEMORY: dict = {}
+SPARSE_FIELDS = ("cols", "values", "rows_t", "slots_t")
 
 
 def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: int,
@@ -205,8 +270,9 @@ def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: i
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
+                sparse = SparseTwirl(*(z[f"sparse_{f}"] for f in SPARSE_FIELDS))
                 ops = TwirlOperators(int(z["n_rot"]), z["basis"], z["harmonic_action"], z["rho_in"],
-                                     z["rho_out"], z["invariant_out"])
+                                     z["rho_out"], z["invariant_out"], sparse)
         except Exception:  # a corrupt cache entry is rebuilt, never trusted
             ops = None
     if ops is None:
@@ -223,14 +289,16 @@ def _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot) -> 
     T = np.stack([harm.action(si, ti) for si, ti in zip(s, theta)])
     r_in = np.stack([rep_in(g) for g in elements])
     r_out = np.stack([rep_out(g) for g in elements])
-    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, invariant_basis(rep_out))
+    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, invariant_basis(rep_out),
+                          sparse_twirl(T, r_in, r_out))
 
 
 def _write_cache(path: Path, ops: TwirlOperators) -> None:
     def write(tmp: Path):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
             np.savez(f, n_rot=ops.n_rot, basis=ops.basis, harmonic_action=ops.harmonic_action,
-                     rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out)
+                     rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out,
+                     **{f"sparse_{f}": getattr(ops.sparse, f) for f in SPARSE_FIELDS})
 
     try:
         atomic_write(path, write)

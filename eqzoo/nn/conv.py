@@ -4,8 +4,8 @@ The filter is the λ-twirl of an unconstrained band-limited kernel (see :mod:`eq
 
 .. math:: κ_λ = \sum_g w_g(λ)\; ρ_{out}(g)\, κ_0(g^{-1}\,\cdot)\, ρ_{in}(g)^{T},
 
-computed on the coefficients with one batched contraction per step; everything else is
-precomputed when the layer is built. In eval mode the filter is cached until the weights, λ, the
+computed on the coefficients as one sparse matrix (see :mod:`eqzoo.kernels`) per step; everything
+else is precomputed when the layer is built. In eval mode the filter is cached until the weights, λ, the
 device or the dtype change.
 """
 from __future__ import annotations
@@ -17,65 +17,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import group_of
-from ..kernels import permutation_indices, quadrature_size, ring_harmonics, twirl_operators
+from ..kernels import quadrature_size, ring_harmonics, twirl_operators
 from ..likelihood import GroupLikelihood
 from .fields import single_repr
 
 
-def _pair_rows(rho_out, rho_in, H: int):
-    """Row indices [m, H*d_out*d_in] into coefficients viewed ``[(h, a, b), (o, i)]`` that apply
-    ρ_out(g) ⊗ ρ_in(g) to the pair (a, b) as the gather (σ_g(a), τ_g(b)), and those of the
-    inverse permutations; ``(None, None)`` unless every ρ(g) is a permutation matrix."""
-    po, pi = permutation_indices(rho_out), permutation_indices(rho_in)
-    if po is None or pi is None:
-        return None, None
-    pairs = torch.from_numpy(po[:, :, None] * rho_in.shape[1] + pi[:, None, :]).flatten(1).long()
-    offsets = torch.arange(H)[:, None] * pairs.shape[1]
-    rows = (offsets + pairs[:, None, :]).flatten(1)
-    inverse = (offsets + torch.argsort(pairs, dim=1)[:, None, :]).flatten(1)
-    return rows, inverse
+class _SparseTwirl(torch.autograd.Function):
+    r"""``out = A(w) W`` for the sparse twirl matrix of :class:`eqzoo.kernels.SparseTwirl`.
 
-
-class _PermutationTwirl(torch.autograd.Function):
-    r"""``out[:, p] = Σ_g T_gᵀ w[:, idx_g(p)]`` for permutations ``idx_g`` of the channel pairs p.
-
-    ``w`` is laid out ``[H, P, N]`` (harmonic, pair of field components, pair of fields): each
-    gather moves contiguous rows of N, and each ``T_g`` is one plain ``[H, H] @ [H, P*N]`` matmul.
-    One gather and one matmul per group element, accumulated in place: no tensor m times the
-    weights is ever held (autograd's gather would keep one and scatter-add into another). The
-    backward gathers with the inverse permutations.
+    ``W`` is ``[R, N]``: the R coefficients of a field pair (rows) for the N field pairs (columns),
+    so every product moves whole contiguous rows. Row r of the result is
+    ``Σ_k vals[r, k] W[cols[r, k]]``, which is exactly an ``embedding_bag`` sum with per-sample
+    weights. Autograd's backward of that would scatter-add into W's gradient; Aᵀ is as sparse as
+    A, so the backward gathers instead (``rows_t``, ``slots_t``), and the gradient of the values
+    is the row-wise dot products ``⟨dout[r], W[cols[r, k]]⟩``.
     """
 
     @staticmethod
-    def forward(ctx, w, T, rows, inv_rows):  # w [H, P, N], T [m, H, H], rows/inv_rows [m, H*P]
-        # rows index the [H*P, N] view: a gather of whole contiguous rows is the fast one
-        w = w.contiguous()
-        H, P, N = w.shape
-        rows_of = w.view(H * P, N)
-        out = torch.zeros_like(w)
-        for g in range(T.shape[0]):
-            out.view(H, -1).addmm_(T[g].T, rows_of.index_select(0, rows[g]).view(H, -1))
-        ctx.save_for_backward(w, T, inv_rows)
-        return out
+    def forward(ctx, W, vals, cols, rows_t, slots_t):
+        ctx.save_for_backward(W, vals, cols, rows_t, slots_t)
+        return F.embedding_bag(cols, W, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, dout):
-        # one gather of dout per g serves both gradients:
-        #   dw[:, s] = Σ_g T_g dout[:, inv_g(s)]   and   dT_g = Σ_s w[:, s] dout[:, inv_g(s)]ᵀ
-        w, T, inv_rows = ctx.saved_tensors
-        H, P, N = w.shape
-        d_rows = dout.contiguous().view(H * P, N)
-        need_w, need_T = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dw = torch.zeros_like(w) if need_w else None
-        dT = torch.empty_like(T) if need_T else None
-        w_flat = w.view(H, -1)
-        for g in range(T.shape[0]):
-            y = d_rows.index_select(0, inv_rows[g]).view(H, -1)
-            if need_w:
-                dw.view(H, -1).addmm_(T[g], y)
-            if need_T:
-                torch.mm(w_flat, y.T, out=dT[g])
-        return dw, dT, None, None
+        W, vals, cols, rows_t, slots_t = ctx.saved_tensors
+        dout = dout.contiguous()
+        dW = dvals = None
+        if ctx.needs_input_grad[0]:
+            vals_t = torch.cat([vals.reshape(-1), vals.new_zeros(1)])[slots_t]
+            dW = F.embedding_bag(rows_t, dout, per_sample_weights=vals_t, mode="sum")
+        if ctx.needs_input_grad[1]:
+            R, K = cols.shape
+            bags = torch.arange(R, device=cols.device)
+            dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                dout, W, cols.reshape(-1), bags * K, bags.repeat_interleave(K), 0).view(R, K)
+        return dW, dvals, None, None, None
 
 
 class _Twirled(nn.Module):
@@ -106,38 +82,35 @@ class _Twirled(nn.Module):
         # float64 so that .double() layers are exact; cast to the weights' dtype when used
         f64 = dict(dtype=torch.float64)
         self.register_buffer("_basis", torch.tensor(ops.basis, **f64), persistent=False)
-        self.register_buffer("_harmonic_action", torch.tensor(ops.harmonic_action, **f64), persistent=False)
-        self.register_buffer("_rho_in", torch.tensor(ops.rho_in, **f64), persistent=False)
-        self.register_buffer("_rho_out", torch.tensor(ops.rho_out, **f64), persistent=False)
         self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
-        # Regular fields of finite groups: ρ(g) are permutations and the twirl is a gather.
-        rows, inverse = _pair_rows(ops.rho_out, ops.rho_in, harm.size)
-        self.register_buffer("_pair_index", rows, persistent=False)
-        self.register_buffer("_pair_inverse", inverse, persistent=False)
+        sparse = ops.sparse
+        self.register_buffer("_twirl_values", torch.tensor(sparse.values, **f64), persistent=False)
+        self.register_buffer("_twirl_cols", torch.from_numpy(sparse.cols), persistent=False)
+        self.register_buffer("_twirl_rows_t", torch.from_numpy(sparse.rows_t), persistent=False)
+        self.register_buffer("_twirl_slots_t", torch.from_numpy(sparse.slots_t), persistent=False)
         d_in, d_out = rep_in.size, rep_out.size
-        self._shape = (len(out_type), d_out, len(in_type), d_in, harm.size)
-        # Coefficients per (out channel, in channel, ring harmonic). 3-D on purpose: it has no
-        # spatial layout, so channels_last conversions leave it alone.
-        self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, harm.size))
+        self._dims = (d_out, d_in, harm.size, len(out_type), len(in_type))
+        # Coefficients: rows (out component, in component, ring harmonic), then (out field, in
+        # field): the layout in which the twirl moves whole contiguous rows, and from which the
+        # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
+        # has no spatial layout, so channels_last conversions leave it alone.
+        self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type)))
         if bias and ops.invariant_out.shape[1] > 0:
             self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1]))
         else:
             self.register_parameter("bias", None)
         self._cache = None
-        # for groups with reflections, the dense twirl factors the flip out (see _synthesize);
-        # False computes the plain sum over the whole grid (kept for tests)
-        self.factor_flips = True
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy)."""
         nn.init.normal_(self.weight)
-        m = self._harmonic_action.shape[0]
+        m = self._twirl_values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
-        # The twirl maps every (out field, in field) pair's coefficients alike, so a block of at
+        # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._synthesize(uniform, self.weight.view(self._shape)[:8, :, :8])
+        filt = self._filter(self._twirled(uniform, self.weight[:, :8, :8]))
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
@@ -146,47 +119,28 @@ class _Twirled(nn.Module):
             self.bias.zero_()
         self._cache = None
 
-    def _synthesize(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Filter [C_out, C_in, k, k] for quadrature weights q [m] of the coefficients ``w``
-        [F_out, d_out, F_in, d_in, H] (default: the layer's weight)."""
-        w = self.weight.view(self._shape) if w is None else w
+    def _twirled(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Twirled coefficients [d_out, d_in, H, F_out, F_in] for quadrature weights q [m] of the
+        coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)."""
+        w = self.weight if w is None else w
+        R, F_o, F_i = w.shape
+        m, _, K = self._twirl_values.shape
+        vals = (q.to(w.dtype) @ self._twirl_values.to(w.dtype).view(m, -1)).view(R, K)
+        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals, self._twirl_cols,
+                                 self._twirl_rows_t, self._twirl_slots_t)
+        return out.view(*self._dims[:3], F_o, F_i)
+
+    def _filter(self, coeff: torch.Tensor) -> torch.Tensor:
+        """The filter [C_out, C_in, k, k] of coefficients [d_out, d_in, H, F_out, F_in]: κ = Σ_h W_h ψ_h
+        on the pixels, with channels grouped per field as escnn's (field, component)."""
+        d_o, d_i, H, F_o, F_i = coeff.shape
         k = self.kernel_size
-        F_o, d_o, F_i, d_i, H = w.shape
-        if self._pair_index is not None:
-            # W'[a, b] = Σ_g q_g (W T_g)[σ_g(a), τ_g(b)], on w laid out [h, (a b), (o i)]
-            wt = w.permute(4, 1, 3, 0, 2).reshape(H, d_o * d_i, F_o * F_i)
-            Tq = self._harmonic_action.to(w.dtype) * q.to(w.dtype)[:, None, None]
-            coeff = _PermutationTwirl.apply(wt, Tq, self._pair_index, self._pair_inverse)
-            filt = self._basis.to(w.dtype).reshape(H, k * k).T @ coeff.view(H, -1)  # [xy, (a b o i)]
-            filt = filt.view(k, k, d_o, d_i, F_o, F_i).permute(4, 2, 5, 3, 0, 1)
-            return filt.reshape(F_o * d_o, F_i * d_i, k, k)
-        # Dense ρ (band-limited fields of O(2)/SO(2)), coefficients laid out [a, h, (o i b)].
-        T, r_in, r_out = (t.to(w.dtype) for t in (self._harmonic_action, self._rho_in, self._rho_out))
-        wa = w.permute(1, 4, 0, 2, 3).reshape(d_o, H, -1)
-        q = q.to(w.dtype)
-        if self.factor_flips and self.group.has_flip:
-            # K_(1,θ) = K_(0,θ) K_(1,0) (g -> K_g is a representation), so with the grid flip-major
-            # Σ_{s,θ} q(s,θ) K_(s,θ) W = Σ_θ K_(0,θ) [q(0,θ) W + q(1,θ) K_(1,0) W]:
-            # the dense ρ products run over the rotations only, half of the grid.
-            n = T.shape[0] // 2
-            flipped = self._dense_sum(wa[None], T[n:n + 1], r_in[n:n + 1], r_out[n:n + 1]).view_as(wa)
-            x = q[:n, None, None, None] * wa + q[n:, None, None, None] * flipped
-            coeff = self._dense_sum(x, T[:n], r_in[:n], r_out[:n])
-        else:
-            coeff = self._dense_sum(wa[None] * q[:, None, None, None], T, r_in, r_out)
-        coeff = coeff.view(d_o, H, F_o, F_i, d_i)
-        filt = torch.einsum("akoic,kxy->oaicxy", coeff, self._basis.to(w.dtype))
+        filt = self._basis.to(coeff.dtype).view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
+        filt = filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3)
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
-    @staticmethod
-    def _dense_sum(x, T, r_in, r_out):
-        """Σ_g ρ_out(g) (X_g T_g) ρ_in(g)ᵀ for coefficients X_g laid out [g, a, h, (o i b)]. With g
-        and a leading, the last product and the sum over g are one matmul over (g, a).
-        Returns [a', (k o i c)]."""
-        m, d_o, d_i = T.shape[0], r_out.shape[1], r_in.shape[1]
-        x = torch.matmul(T.transpose(1, 2)[:, None], x)  # h -> k: [g, a, k, (o i b)]
-        x = torch.bmm(x.reshape(m, -1, d_i), r_in.transpose(1, 2))  # b -> c: [g, (a k o i), c]
-        return r_out.permute(1, 0, 2).reshape(d_o, m * d_o) @ x.view(m * d_o, -1)  # Σ_g, a -> a'
+    def _synthesize(self, q: torch.Tensor) -> torch.Tensor:
+        return self._filter(self._twirled(q))
 
     def _expanded_bias(self):
         if self.bias is None:
@@ -203,10 +157,14 @@ class _Twirled(nn.Module):
         ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
 
-    def _current(self):
+    def _recomputes(self) -> bool:
+        """Whether this step synthesises the filter afresh (training, gradients, compiling)."""
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in (self.weight, self.bias, self.likelihood.coefficients) if p is not None)
-        if self.training or needs_grad or torch.compiler.is_compiling():
+        return self.training or needs_grad or torch.compiler.is_compiling()
+
+    def _current(self):
+        if self._recomputes():
             self._cache = None
             return self.filter_and_bias()
         key = self._cache_key()
@@ -220,7 +178,7 @@ class _Twirled(nn.Module):
         if x.dim() != want or x.shape[1] != self.in_channels:
             shape = "[B, C, H, W]" if spatial else "[B, C]"
             raise ValueError(f"{type(self).__name__} expects {shape} with C = {self.in_channels} "
-                             f"({len(self.in_type)} fields of size {self._shape[3]}), got shape {tuple(x.shape)}")
+                             f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
@@ -248,10 +206,52 @@ class PEConv2d(_Twirled):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, spatial=True)
+        if self._recomputes() and self._positions(x) < self.out_channels:
+            return self._conv_in_harmonics(x)
         filt, bias = self._current()
         filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
         bias = bias.to(filt.dtype) if bias is not None else None
         return F.conv2d(x, filt, bias, self.stride, self.padding, self.dilation)
+
+    def _output_size(self, x: torch.Tensor) -> tuple[int, int]:
+        reach = self.dilation * (self.kernel_size - 1)
+        h, w = ((n + 2 * self.padding - reach - 1) // self.stride + 1 for n in x.shape[2:])
+        return h, w
+
+    def _positions(self, x: torch.Tensor) -> int:
+        """Output pixels of the batch, B * H_out * W_out."""
+        h, w = self._output_size(x)
+        return x.shape[0] * h * w
+
+    def _conv_in_harmonics(self, x: torch.Tensor) -> torch.Tensor:
+        r"""The convolution computed against the ring harmonics instead of the pixels:
+
+        .. math:: y_{o a}(p) = \sum_{b, h, i} W'_{a b h}[o, i]\, \langle ψ_h, x_{i b}|_{p} \rangle,
+
+        one matmul of the harmonic responses of the input patches with the twirled coefficients
+        as they come from the twirl. Taken in training where the batch has fewer output pixels than
+        the layer has output channels (deep stages, small images): there, building the pixel filter
+        and its gradient costs more memory traffic than the convolution itself.
+        """
+        with torch.autocast(x.device.type, enabled=False):
+            coeff = self._twirled(self.likelihood.kernel_weights(self.n_rot))
+            bias = self._expanded_bias()
+        if not torch.is_autocast_enabled(x.device.type):
+            coeff = coeff.to(x.dtype)
+        d_o, d_i, H, F_o, F_i = coeff.shape
+        k = self.kernel_size
+        B = x.shape[0]
+        patches = F.unfold(x, k, self.dilation, self.padding, self.stride)  # [B, (i b xy), L]
+        L = patches.shape[-1]
+        basis = self._basis.to(patches.dtype).view(H, k * k)
+        # ⟨ψ_h, patch⟩ ordered (b, h, i) like the coefficients (b, h) rows and in-field columns
+        resp = torch.einsum("hx,nibxl->nlbhi", basis, patches.view(B, F_i, d_i, k * k, L))
+        coeff = coeff.transpose(-1, -2).reshape(d_o, d_i * H * F_i, F_o)  # [a, (b h i), o]
+        y = torch.matmul(resp.reshape(B * L, d_i * H * F_i), coeff)
+        y = y.view(d_o, B, L, F_o).permute(1, 3, 0, 2).reshape(B, F_o * d_o, L)  # channels (o, a)
+        if bias is not None:
+            y = y + bias.to(y.dtype)[:, None]
+        return y.view(B, F_o * d_o, *self._output_size(x))
 
     @torch.no_grad()
     def export(self) -> nn.Conv2d:
