@@ -206,7 +206,7 @@ class PEConv2d(_Twirled):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, spatial=True)
-        if self._recomputes() and self._positions(x) < self.out_channels:
+        if self.training and self._positions(x) < self.out_channels:
             return self._conv_in_harmonics(x)
         filt, bias = self._current()
         filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
@@ -246,9 +246,9 @@ class PEConv2d(_Twirled):
         basis = self._basis.to(patches.dtype).view(H, k * k)
         # ⟨ψ_h, patch⟩ ordered (b, h, i) like the coefficients (b, h) rows and in-field columns
         resp = torch.einsum("hx,nibxl->nlbhi", basis, patches.view(B, F_i, d_i, k * k, L))
-        coeff = coeff.transpose(-1, -2).reshape(d_o, d_i * H * F_i, F_o)  # [a, (b h i), o]
-        y = torch.matmul(resp.reshape(B * L, d_i * H * F_i), coeff)
-        y = y.view(d_o, B, L, F_o).permute(1, 3, 0, 2).reshape(B, F_o * d_o, L)  # channels (o, a)
+        coeff = coeff.permute(1, 2, 4, 0, 3).reshape(d_i * H * F_i, d_o * F_o)  # [(b h i), (a o)]
+        y = resp.reshape(B * L, d_i * H * F_i) @ coeff
+        y = y.view(B, L, d_o, F_o).permute(0, 3, 2, 1).reshape(B, F_o * d_o, L)  # channels (o, a)
         if bias is not None:
             y = y + bias.to(y.dtype)[:, None]
         return y.view(B, F_o * d_o, *self._output_size(x))
