@@ -406,3 +406,20 @@ def test_harmonic_domain_conv_equals_the_pixel_filter_conv(spec, stride, padding
         results.append([y.detach()] + grads)
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-10), float((a - b).abs().max())
+
+
+def test_field_batch_norm_output_takes_an_inplace_relu():
+    """The norm's output is a fresh tensor, not a view (an in-place ReLU on a view would make
+    autograd copy the activation twice); gradients through an in-place ReLU stay exact."""
+    torch.manual_seed(0)
+    bn = FieldBatchNorm2d(get_group("D4").field_type(3))
+    x = torch.randn(4, 24, 5, 5, requires_grad=True)
+    probe = torch.randn(4, 24, 5, 5)
+    grads = []
+    for inplace in (False, True):
+        x.grad = None
+        y = bn(x)
+        assert y._base is None
+        (torch.relu_(y) if inplace else torch.relu(y)).mul(probe).sum().backward()
+        grads.append(x.grad.clone())
+    assert torch.allclose(*grads, atol=1e-6)

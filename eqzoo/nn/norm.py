@@ -57,7 +57,9 @@ class FieldBatchNorm2d(nn.Module):
             y = F.batch_norm(x.reshape(B, self.num_fields, -1), self.running_mean.view(-1),
                              self.running_var, self.weight, None if self.bias is None else self.bias.view(-1),
                              self.training, self.momentum, self.eps)
-            return y.reshape(B, C, H, W)
+            # not a view of y: an in-place activation on a view would make autograd copy the
+            # whole activation twice in backward (CopySlices); y is a temporary, so this is safe
+            return torch.ops.aten._unsafe_view(y, (B, C, H, W))
         return self._general(x)
 
     def _general(self, x):
