@@ -429,8 +429,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=N
 def _adapt_stem(state_dict: dict, model: nn.Module) -> None:
     """timm adapts 4-D stem weights to another ``in_chans``; eqzoo's stems hold steerable weights
     (coefficients ``[d_out * d_in * H, F_out, F_in]``, with F_in = C_in on trivial input fields):
-    adapt them the same way along the one input-channel axis that differs (sum for one channel, else repeat and rescale by
-    ``C_pretrained / C_in``). The filter is linear in the coefficients, so it is adapted alike."""
+    adapt them the same way along the one input-channel axis that differs (sum for one channel,
+    else repeat and rescale by ``C_pretrained / C_in``). The filter is linear in the coefficients, so it is adapted alike."""
     first = model.pretrained_cfg.get("first_conv")
     for name in (first,) if isinstance(first, str) else (first or ()):
         key = f"{name}.weight"

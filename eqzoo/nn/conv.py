@@ -5,8 +5,8 @@ The filter is the λ-twirl of an unconstrained band-limited kernel (see :mod:`eq
 .. math:: κ_λ = \sum_g w_g(λ)\; ρ_{out}(g)\, κ_0(g^{-1}\,\cdot)\, ρ_{in}(g)^{T},
 
 computed on the coefficients as one sparse matrix (see :mod:`eqzoo.kernels`) per step; everything
-else is precomputed when the layer is built. In eval mode the filter is cached until the weights, λ, the
-device or the dtype change.
+else is precomputed when the layer is built. In eval mode the filter is cached until the weights,
+λ, the device or the dtype change.
 """
 from __future__ import annotations
 
@@ -139,32 +139,30 @@ class _Twirled(nn.Module):
         filt = filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3)
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
-    def _synthesize(self, q: torch.Tensor) -> torch.Tensor:
-        return self._filter(self._twirled(q))
-
     def _expanded_bias(self):
         if self.bias is None:
             return None
         return (self.bias @ self._bias_basis.to(self.bias.dtype).T).reshape(-1)
 
+    def _coefficients_and_bias(self):
+        """The twirled coefficients (see :meth:`_twirled`) and the bias, in full precision."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return self._twirled(self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
+
     def filter_and_bias(self):
         """The current filter and bias as plain tensors (recomputed, with gradients)."""
+        coeff, bias = self._coefficients_and_bias()
         with torch.autocast(self.weight.device.type, enabled=False):
-            q = self.likelihood.kernel_weights(self.n_rot)
-            return self._synthesize(q), self._expanded_bias()
+            return self._filter(coeff), bias
 
     def _cache_key(self):
         ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
 
-    def _recomputes(self) -> bool:
-        """Whether this step synthesises the filter afresh (training, gradients, compiling)."""
+    def _current(self):
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in (self.weight, self.bias, self.likelihood.coefficients) if p is not None)
-        return self.training or needs_grad or torch.compiler.is_compiling()
-
-    def _current(self):
-        if self._recomputes():
+        if self.training or needs_grad or torch.compiler.is_compiling():
             self._cache = None
             return self.filter_and_bias()
         key = self._cache_key()
@@ -233,9 +231,7 @@ class PEConv2d(_Twirled):
         the layer has output channels (deep stages, small images): there, building the pixel filter
         and its gradient costs more memory traffic than the convolution itself.
         """
-        with torch.autocast(x.device.type, enabled=False):
-            coeff = self._twirled(self.likelihood.kernel_weights(self.n_rot))
-            bias = self._expanded_bias()
+        coeff, bias = self._coefficients_and_bias()
         if not torch.is_autocast_enabled(x.device.type):
             coeff = coeff.to(x.dtype)
         d_o, d_i, H, F_o, F_i = coeff.shape
