@@ -180,6 +180,8 @@ class _Twirled(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
+        if hasattr(self, "_patch_projections"):
+            self._patch_projections.clear()
         return super()._apply(fn, recurse)
 
 
@@ -201,10 +203,11 @@ class PEConv2d(_Twirled):
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood)
         self.stride, self.padding = stride, padding
+        self._patch_projections = {}  # input size, dtype, device -> see _patch_projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, spatial=True)
-        if self.training and self._positions(x) < self.out_channels:
+        if self.training and self._harmonic_domain_pays(x):
             return self._conv_in_harmonics(x)
         filt, bias = self._current()
         filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
@@ -216,36 +219,54 @@ class PEConv2d(_Twirled):
         h, w = ((n + 2 * self.padding - reach - 1) // self.stride + 1 for n in x.shape[2:])
         return h, w
 
-    def _positions(self, x: torch.Tensor) -> int:
-        """Output pixels of the batch, B * H_out * W_out."""
+    def _harmonic_domain_pays(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`_conv_in_harmonics` is the cheaper way to train on this input: the batch
+        has fewer output pixels than the layer has output channels (so building the pixel filter
+        and its gradient would cost more than the convolution), and the input map is small enough
+        for its patch projection (P input pixels per channel) to stay cheap next to the matmul."""
         h, w = self._output_size(x)
-        return x.shape[0] * h * w
+        return x.shape[0] * h * w < self.out_channels and 4 * x.shape[2] * x.shape[3] <= self.out_channels
+
+    def _patch_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """The matrix [P, H * L] taking one channel's P input pixels to ⟨ψ_h, patch_l⟩ for the L
+        output positions: unfolding and projecting on the ring harmonics in one small operator
+        (built by unfolding the P one-hot images), so both directions are a single matmul."""
+        key = (x.shape[2], x.shape[3], x.dtype, x.device)
+        if self._patch_projections.get(key) is None:
+            P = x.shape[2] * x.shape[3]
+            one_hot = torch.eye(P, dtype=torch.float64, device=x.device).view(P, 1, *x.shape[2:])
+            patches = F.unfold(one_hot, self.kernel_size, self.dilation, self.padding, self.stride)
+            H = self._basis.shape[0]
+            proj = torch.einsum("hx,pxl->phl", self._basis.view(H, -1), patches).reshape(P, -1).to(x.dtype)
+            if torch.compiler.is_compiling():
+                return proj
+            self._patch_projections[key] = proj
+        return self._patch_projections[key]
 
     def _conv_in_harmonics(self, x: torch.Tensor) -> torch.Tensor:
         r"""The convolution computed against the ring harmonics instead of the pixels:
 
         .. math:: y_{o a}(p) = \sum_{b, h, i} W'_{a b h}[o, i]\, \langle ψ_h, x_{i b}|_{p} \rangle,
 
-        one matmul of the harmonic responses of the input patches with the twirled coefficients
-        as they come from the twirl. Taken in training where the batch has fewer output pixels than
-        the layer has output channels (deep stages, small images): there, building the pixel filter
-        and its gradient costs more memory traffic than the convolution itself.
+        one matmul of the harmonic responses of the input patches with the twirled coefficients.
+        Taken in training where it pays (see :meth:`_harmonic_domain_pays`: deep stages, small
+        images), where building the pixel filter and its gradient costs more memory traffic than
+        the convolution itself.
         """
         coeff, bias = self._coefficients_and_bias()
         if not torch.is_autocast_enabled(x.device.type):
             coeff = coeff.to(x.dtype)
         d_o, d_i, H, F_o, F_i = coeff.shape
-        k = self.kernel_size
         B = x.shape[0]
-        patches = F.unfold(x, k, self.dilation, self.padding, self.stride)  # [B, (i b xy), L]
-        L = patches.shape[-1]
-        basis = self._basis.to(patches.dtype).view(H, k * k)
-        # ⟨ψ_h, patch⟩ ordered (b, h, i) like the coefficients (b, h) rows and in-field columns
-        resp = torch.einsum("hx,nibxl->nlbhi", basis, patches.view(B, F_i, d_i, k * k, L))
+        proj = self._patch_projection(x)
+        L = proj.shape[1] // H
+        resp = x.reshape(B * self.in_channels, -1) @ proj  # [(n i b), (h l)]
+        # ordered (b, h, i) like the coefficients' (b, h) rows and in-field columns
+        resp = resp.view(B, F_i, d_i, H, L).permute(0, 4, 2, 3, 1).reshape(B * L, d_i * H * F_i)
         # [(a o), (b h i)], used transposed: the in-field index stays innermost, so this copy moves
         # runs of F_i numbers (the order [(b h i), (a o)] copied with a stride-F_i inner loop, 8x slower)
         coeff = coeff.permute(0, 3, 1, 2, 4).reshape(d_o * F_o, d_i * H * F_i)
-        y = resp.reshape(B * L, d_i * H * F_i) @ coeff.T
+        y = resp @ coeff.T
         y = y.view(B, L, d_o, F_o).permute(0, 3, 2, 1).reshape(B, F_o * d_o, L)  # channels (o, a)
         if bias is not None:
             y = y + bias.to(y.dtype)[:, None]
