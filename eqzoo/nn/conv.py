@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,29 +30,27 @@ class _SparseTwirl(torch.autograd.Function):
     so every product moves whole contiguous rows. Row r of the result is
     ``Σ_k vals[r, k] W[cols[r, k]]``, which is exactly an ``embedding_bag`` sum with per-sample
     weights. Autograd's backward of that would scatter-add into W's gradient; Aᵀ is as sparse as
-    A, so the backward gathers instead (``rows_t``, ``slots_t``), and the gradient of the values
-    is the row-wise dot products ``⟨dout[r], W[cols[r, k]]⟩``.
+    A, so the backward gathers instead (``rows_t`` with values ``vals_t``), and the gradient of the
+    values is the row-wise dot products ``⟨dout[r], W[cols[r, k]]⟩``. ``offsets`` and
+    ``offset2bag`` (the bag of each of the R * K entries) describe the bags of ``cols`` for that.
     """
 
     @staticmethod
-    def forward(ctx, W, vals, cols, rows_t, slots_t):
-        ctx.save_for_backward(W, vals, cols, rows_t, slots_t)
+    def forward(ctx, W, vals, vals_t, cols, rows_t, offsets, offset2bag):
+        ctx.save_for_backward(W, vals_t, cols, rows_t, offsets, offset2bag)
         return F.embedding_bag(cols, W, per_sample_weights=vals, mode="sum")
 
     @staticmethod
     def backward(ctx, dout):
-        W, vals, cols, rows_t, slots_t = ctx.saved_tensors
+        W, vals_t, cols, rows_t, offsets, offset2bag = ctx.saved_tensors
         dout = dout.contiguous()
         dW = dvals = None
         if ctx.needs_input_grad[0]:
-            vals_t = torch.cat([vals.reshape(-1), vals.new_zeros(1)])[slots_t]
             dW = F.embedding_bag(rows_t, dout, per_sample_weights=vals_t, mode="sum")
         if ctx.needs_input_grad[1]:
-            R, K = cols.shape
-            bags = torch.arange(R, device=cols.device)
             dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                dout, W, cols.reshape(-1), bags * K, bags.repeat_interleave(K), 0).view(R, K)
-        return dW, dvals, None, None, None
+                dout, W, cols.view(-1), offsets, offset2bag, 0).view(cols.shape)
+        return dW, dvals, None, None, None, None, None
 
 
 class _Twirled(nn.Module):
@@ -83,11 +82,19 @@ class _Twirled(nn.Module):
         f64 = dict(dtype=torch.float64)
         self.register_buffer("_basis", torch.tensor(ops.basis, **f64), persistent=False)
         self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
+        # The twirl's pattern, and its values per quadrature point: A's [R, K] then Aᵀ's [R, K_t]
+        # (gathered through slots_t, zero in padded slots), so that one matmul gives both
         sparse = ops.sparse
-        self.register_buffer("_twirl_values", torch.tensor(sparse.values, **f64), persistent=False)
+        m, R, K = sparse.values.shape
+        flat = np.concatenate([sparse.values.reshape(m, -1), np.zeros((m, 1))], axis=1)
+        values = np.concatenate([sparse.values.reshape(m, -1), flat[:, sparse.slots_t.reshape(-1)]], axis=1)
+        self.register_buffer("_twirl_values", torch.tensor(values, **f64), persistent=False)
         self.register_buffer("_twirl_cols", torch.from_numpy(sparse.cols), persistent=False)
         self.register_buffer("_twirl_rows_t", torch.from_numpy(sparse.rows_t), persistent=False)
-        self.register_buffer("_twirl_slots_t", torch.from_numpy(sparse.slots_t), persistent=False)
+        bags = torch.arange(R)
+        self.register_buffer("_twirl_offsets", bags * K, persistent=False)
+        self.register_buffer("_twirl_offset2bag", bags.repeat_interleave(K), persistent=False)
+        self._in_dtype = {}  # dtype -> the float64 buffers above, converted (see _buffers_in)
         d_in, d_out = rep_in.size, rep_out.size
         self._dims = (d_out, d_in, harm.size, len(out_type), len(in_type))
         # Coefficients: rows (out component, in component, ring harmonic), then (out field, in
@@ -119,15 +126,27 @@ class _Twirled(nn.Module):
             self.bias.zero_()
         self._cache = None
 
+    def _buffers_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The harmonic basis, the invariant bias basis and the twirl values in ``dtype``. They are
+        kept in float64 so that ``.double()`` layers are exact, and converted once per dtype
+        rather than on every step (``.to()`` and ``.cuda()`` drop the conversions)."""
+        converted = self._in_dtype.get(dtype)
+        if converted is None:
+            converted = tuple(b.to(dtype) for b in (self._basis, self._bias_basis, self._twirl_values))
+            if not torch.compiler.is_compiling():
+                self._in_dtype[dtype] = converted
+        return converted
+
     def _twirled(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Twirled coefficients [d_out, d_in, H, F_out, F_in] for quadrature weights q [m] of the
         coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)."""
         w = self.weight if w is None else w
         R, F_o, F_i = w.shape
-        m, _, K = self._twirl_values.shape
-        vals = (q.to(w.dtype) @ self._twirl_values.to(w.dtype).view(m, -1)).view(R, K)
-        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals, self._twirl_cols,
-                                 self._twirl_rows_t, self._twirl_slots_t)
+        cols, rows_t = self._twirl_cols, self._twirl_rows_t
+        vals = q.to(w.dtype) @ self._buffers_in(w.dtype)[2]
+        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals[:cols.numel()].view(cols.shape),
+                                 vals[cols.numel():].view(rows_t.shape), cols, rows_t,
+                                 self._twirl_offsets, self._twirl_offset2bag)
         return out.view(*self._dims[:3], F_o, F_i)
 
     def _filter(self, coeff: torch.Tensor) -> torch.Tensor:
@@ -135,14 +154,14 @@ class _Twirled(nn.Module):
         on the pixels, with channels grouped per field as escnn's (field, component)."""
         d_o, d_i, H, F_o, F_i = coeff.shape
         k = self.kernel_size
-        filt = self._basis.to(coeff.dtype).view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
+        filt = self._buffers_in(coeff.dtype)[0].view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
         filt = filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3)
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
     def _expanded_bias(self):
         if self.bias is None:
             return None
-        return (self.bias @ self._bias_basis.to(self.bias.dtype).T).reshape(-1)
+        return (self.bias @ self._buffers_in(self.bias.dtype)[1].T).reshape(-1)
 
     def _coefficients_and_bias(self):
         """The twirled coefficients (see :meth:`_twirled`) and the bias, in full precision."""
@@ -179,7 +198,8 @@ class _Twirled(nn.Module):
                              f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # moved / cast: rebuild the cached filter
+        self._cache = None  # moved / cast: rebuild the cached filter and the converted buffers
+        self._in_dtype.clear()
         if hasattr(self, "_patch_projections"):
             self._patch_projections.clear()
         return super()._apply(fn, recurse)
