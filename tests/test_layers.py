@@ -408,6 +408,23 @@ def test_harmonic_domain_conv_equals_the_pixel_filter_conv(spec, stride, padding
         assert torch.allclose(a, b, atol=1e-10), float((a - b).abs().max())
 
 
+def test_harmonic_domain_conv_trains_under_autocast():
+    """A bf16 autocast training step through the harmonic path: bf16 output close to the float32
+    one, and float32 gradients for the weight and λ."""
+    torch.manual_seed(0)
+    G = get_group("D4")
+    conv = PEConv2d(G.field_type(4), G.field_type(8), 3, padding=1)
+    x = torch.randn(2, conv.in_channels, 3, 3)
+    assert conv._harmonic_domain_pays(x)
+    ref = conv(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y.float(), ref) < 5e-2
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.abs().sum() > 0
+    assert conv.likelihood.coefficients.grad is not None
+
+
 def test_field_batch_norm_output_takes_an_inplace_relu():
     """The norm's output is a fresh tensor, not a view (an in-place ReLU on a view would make
     autograd copy the activation twice); gradients through an in-place ReLU stay exact."""
