@@ -43,7 +43,7 @@ import numpy as np
 from ._io import atomic_write
 from .groups import Group
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 def cache_dir() -> Path:
@@ -175,14 +175,13 @@ class SparseTwirl:
 
     Rows and columns are (out component, in component, harmonic). Row r of A(w) has its non-zeros
     in columns ``cols[r]`` with values ``Σ_g w_g values[g, r]``; rows with fewer than K non-zeros
-    are padded with column 0 and value 0. ``rows_t`` / ``slots_t`` describe Aᵀ the same way, as
-    row indices into A and flat positions into its [R, K] values (``R * K``: padding, value 0).
+    are padded with column 0 and value 0. ``rows_t`` / ``values_t`` describe Aᵀ the same way.
     """
 
     cols: np.ndarray  # [R, K]
     values: np.ndarray  # [m, R, K]
     rows_t: np.ndarray  # [R, K_t]
-    slots_t: np.ndarray  # [R, K_t]
+    values_t: np.ndarray  # [m, R, K_t]
 
 
 def sparse_twirl(harmonic_action: np.ndarray, rho_in: np.ndarray, rho_out: np.ndarray) -> SparseTwirl:
@@ -210,10 +209,10 @@ def sparse_twirl(harmonic_action: np.ndarray, rho_in: np.ndarray, rho_out: np.nd
     order = np.argsort(e_col, kind="stable")
     slot_t = _slots(e_col[order], R)
     rows_t = np.zeros((R, max(1, slot_t.max(initial=-1) + 1)), dtype=np.int64)
-    slots_t = np.full(rows_t.shape, cols.size, dtype=np.int64)
     rows_t[e_col[order], slot_t] = e_row[order]
-    slots_t[e_col[order], slot_t] = e_row[order] * cols.shape[1] + slot[order]
-    return SparseTwirl(cols, values, rows_t, slots_t)
+    values_t = np.zeros((m,) + rows_t.shape)
+    values_t[:, e_col[order], slot_t] = values[:, e_row[order], slot[order]]
+    return SparseTwirl(cols, values, rows_t, values_t)
 
 
 def _slots(sorted_rows: np.ndarray, n: int) -> np.ndarray:
@@ -235,6 +234,9 @@ class TwirlOperators:
     invariant_out: np.ndarray  # [d_out, t] orthonormal basis of ρ_out's invariant vectors (bias)
     sparse: SparseTwirl
 
+    def __deepcopy__(self, memo):
+        return self  # never modified, and shared through twirl_operators' cache (copies would not be)
+
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -255,7 +257,7 @@ def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out
 
 
 _MEMORY: dict = {}
-SPARSE_FIELDS = ("cols", "values", "rows_t", "slots_t")
+SPARSE_FIELDS = ("cols", "values", "rows_t", "values_t")
 
 
 def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: int,

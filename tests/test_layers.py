@@ -408,6 +408,18 @@ def test_harmonic_domain_conv_equals_the_pixel_filter_conv(spec, stride, padding
         assert torch.allclose(a, b, atol=1e-10), float((a - b).abs().max())
 
 
+def test_layers_share_their_operator_tensors():
+    """Layers with the same operators share one copy of their tensors per dtype (the D8 twirl
+    values are ~10 MB per 3x3 layer), cast from float64, so ``.double()`` layers get float64."""
+    G = get_group("D8")
+    a, b = (PEConv2d(G.field_type(2), G.field_type(3), 3) for _ in range(2))
+    c = PEConv2d(G.field_type(2), G.field_type(3), 5)
+    assert a._constants() is b._constants() and a._constants() is not c._constants()
+    assert a._constants().values.dtype == torch.float32
+    assert a.double()._constants().values.dtype == torch.float64
+    assert b._constants().values.dtype == torch.float32
+
+
 def test_harmonic_domain_conv_trains_under_autocast():
     """A bf16 autocast training step through the harmonic path: bf16 output close to the float32
     one, and float32 gradients for the weight and λ."""

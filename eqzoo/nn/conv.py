@@ -11,6 +11,7 @@ else is precomputed when the layer is built. In eval mode the filter is cached u
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..groups import group_of
-from ..kernels import quadrature_size, ring_harmonics, twirl_operators
+from ..kernels import TwirlOperators, quadrature_size, ring_harmonics, twirl_operators
 from ..likelihood import GroupLikelihood
 from .fields import single_repr
 
@@ -53,6 +54,45 @@ class _SparseTwirl(torch.autograd.Function):
         return dW, dvals, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class _Constants:
+    """A layer's operators as tensors: the harmonic basis [H, k, k], the invariant bias basis
+    [d_out, t], the twirl values per quadrature point (A's [R, K] then Aᵀ's [R, K_t], flattened,
+    so that one matmul gives both), A's pattern ``cols`` [R, K], Aᵀ's ``rows_t`` [R, K_t], and the
+    bags of ``cols`` (``offsets`` [R], ``offset2bag`` [R * K]) for the λ gradient."""
+
+    basis: torch.Tensor
+    bias_basis: torch.Tensor
+    values: torch.Tensor
+    cols: torch.Tensor
+    rows_t: torch.Tensor
+    offsets: torch.Tensor
+    offset2bag: torch.Tensor
+
+
+_CONSTANTS: dict = {}
+
+
+def _constants_of(ops: TwirlOperators, dtype: torch.dtype, device: torch.device) -> _Constants:
+    """``ops`` as tensors in ``dtype`` on ``device``, made once and shared by every layer with the
+    same operators (most layers of a network: the D8 twirl values alone are ~10 MB per 3x3 layer).
+    Cast from the float64 operators, so ``.double()`` layers are exact; kept for the process."""
+    key = (id(ops), dtype, device)
+    entry = _CONSTANTS.get(key)
+    if entry is None:
+        sp = ops.sparse
+        m, R, K = sp.values.shape
+        values = np.concatenate([sp.values.reshape(m, -1), sp.values_t.reshape(m, -1)], axis=1)
+        floats, ints = dict(dtype=dtype, device=device), dict(dtype=torch.int64, device=device)
+        bags = torch.arange(R, **ints)
+        entry = (ops, _Constants(torch.tensor(ops.basis, **floats), torch.tensor(ops.invariant_out, **floats),
+                                 torch.tensor(values, **floats), torch.tensor(sp.cols, **ints),
+                                 torch.tensor(sp.rows_t, **ints), bags * K, bags.repeat_interleave(K)))
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = entry  # holding ops keeps id(ops) from being reused
+    return entry[1]
+
+
 class _Twirled(nn.Module):
     """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
 
@@ -78,23 +118,7 @@ class _Twirled(nn.Module):
         self.n_rot = quadrature_size(self.group, rep_in, rep_out, harm, likelihood.out_bandlimit)
         ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot)
         self.basis_fingerprint = ops.fingerprint
-        # float64 so that .double() layers are exact; cast to the weights' dtype when used
-        f64 = dict(dtype=torch.float64)
-        self.register_buffer("_basis", torch.tensor(ops.basis, **f64), persistent=False)
-        self.register_buffer("_bias_basis", torch.tensor(ops.invariant_out, **f64), persistent=False)
-        # The twirl's pattern, and its values per quadrature point: A's [R, K] then Aᵀ's [R, K_t]
-        # (gathered through slots_t, zero in padded slots), so that one matmul gives both
-        sparse = ops.sparse
-        m, R, K = sparse.values.shape
-        flat = np.concatenate([sparse.values.reshape(m, -1), np.zeros((m, 1))], axis=1)
-        values = np.concatenate([sparse.values.reshape(m, -1), flat[:, sparse.slots_t.reshape(-1)]], axis=1)
-        self.register_buffer("_twirl_values", torch.tensor(values, **f64), persistent=False)
-        self.register_buffer("_twirl_cols", torch.from_numpy(sparse.cols), persistent=False)
-        self.register_buffer("_twirl_rows_t", torch.from_numpy(sparse.rows_t), persistent=False)
-        bags = torch.arange(R)
-        self.register_buffer("_twirl_offsets", bags * K, persistent=False)
-        self.register_buffer("_twirl_offset2bag", bags.repeat_interleave(K), persistent=False)
-        self._in_dtype = {}  # dtype -> the float64 buffers above, converted (see _buffers_in)
+        self._ops = ops  # its tensors: see _constants
         d_in, d_out = rep_in.size, rep_out.size
         self._dims = (d_out, d_in, harm.size, len(out_type), len(in_type))
         # Coefficients: rows (out component, in component, ring harmonic), then (out field, in
@@ -113,7 +137,7 @@ class _Twirled(nn.Module):
     def reset_parameters(self) -> None:
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy)."""
         nn.init.normal_(self.weight)
-        m = self._twirl_values.shape[0]
+        m = self._ops.sparse.values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
@@ -126,27 +150,20 @@ class _Twirled(nn.Module):
             self.bias.zero_()
         self._cache = None
 
-    def _buffers_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The harmonic basis, the invariant bias basis and the twirl values in ``dtype``. They are
-        kept in float64 so that ``.double()`` layers are exact, and converted once per dtype
-        rather than on every step (``.to()`` and ``.cuda()`` drop the conversions)."""
-        converted = self._in_dtype.get(dtype)
-        if converted is None:
-            converted = tuple(b.to(dtype) for b in (self._basis, self._bias_basis, self._twirl_values))
-            if not torch.compiler.is_compiling():
-                self._in_dtype[dtype] = converted
-        return converted
+    def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "_Constants":
+        """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
+        return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
     def _twirled(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """Twirled coefficients [d_out, d_in, H, F_out, F_in] for quadrature weights q [m] of the
         coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)."""
         w = self.weight if w is None else w
         R, F_o, F_i = w.shape
-        cols, rows_t = self._twirl_cols, self._twirl_rows_t
-        vals = q.to(w.dtype) @ self._buffers_in(w.dtype)[2]
-        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals[:cols.numel()].view(cols.shape),
-                                 vals[cols.numel():].view(rows_t.shape), cols, rows_t,
-                                 self._twirl_offsets, self._twirl_offset2bag)
+        c = self._constants(w.dtype)
+        vals = q.to(w.dtype) @ c.values
+        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals[:c.cols.numel()].view(c.cols.shape),
+                                 vals[c.cols.numel():].view(c.rows_t.shape), c.cols, c.rows_t,
+                                 c.offsets, c.offset2bag)
         return out.view(*self._dims[:3], F_o, F_i)
 
     def _filter(self, coeff: torch.Tensor) -> torch.Tensor:
@@ -154,14 +171,14 @@ class _Twirled(nn.Module):
         on the pixels, with channels grouped per field as escnn's (field, component)."""
         d_o, d_i, H, F_o, F_i = coeff.shape
         k = self.kernel_size
-        filt = self._buffers_in(coeff.dtype)[0].view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
+        filt = self._constants(coeff.dtype).basis.view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
         filt = filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3)
         return filt.reshape(F_o * d_o, F_i * d_i, k, k)
 
     def _expanded_bias(self):
         if self.bias is None:
             return None
-        return (self.bias @ self._buffers_in(self.bias.dtype)[1].T).reshape(-1)
+        return (self.bias @ self._constants(self.bias.dtype).bias_basis.T).reshape(-1)
 
     def _coefficients_and_bias(self):
         """The twirled coefficients (see :meth:`_twirled`) and the bias, in full precision."""
@@ -198,8 +215,7 @@ class _Twirled(nn.Module):
                              f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
 
     def _apply(self, fn, recurse=True):
-        self._cache = None  # moved / cast: rebuild the cached filter and the converted buffers
-        self._in_dtype.clear()
+        self._cache = None  # moved / cast: rebuild the cached filter
         if hasattr(self, "_patch_projections"):
             self._patch_projections.clear()
         return super()._apply(fn, recurse)
@@ -256,8 +272,8 @@ class PEConv2d(_Twirled):
             P = x.shape[2] * x.shape[3]
             one_hot = torch.eye(P, dtype=torch.float64, device=x.device).view(P, 1, *x.shape[2:])
             patches = F.unfold(one_hot, self.kernel_size, self.dilation, self.padding, self.stride)
-            H = self._basis.shape[0]
-            proj = torch.einsum("hx,pxl->phl", self._basis.view(H, -1), patches).reshape(P, -1).to(x.dtype)
+            basis = self._constants(torch.float64, x.device).basis
+            proj = torch.einsum("hx,pxl->phl", basis.view(basis.shape[0], -1), patches).reshape(P, -1).to(x.dtype)
             if torch.compiler.is_compiling():
                 return proj
             self._patch_projections[key] = proj
