@@ -3,6 +3,7 @@ repeats, and only ratios measured in the same run are meaningful.
 
     python scripts/bench.py layers     # PEConv2d vs escnn R2Conv vs nn.Conv2d, build times
     python scripts/bench.py models     # pe_resnet18 / pe_wrn16_8 vs timm / plain, model build times
+    python scripts/bench.py device     # pe_resnet18 vs timm on a GPU: bf16, batch 128 at 224x224
 """
 from __future__ import annotations
 
@@ -243,11 +244,71 @@ def _model_build_times(name):
     return cold, disk, warm
 
 
+def bench_device(device: str = "cuda", batch: int = 128, size: int = 224, repeats: int = 10) -> None:
+    """The resnet18 rows of ``models`` on an accelerator: bf16 autocast, channels_last, images/s of
+    a training step (forward, backward, SGD step) and of eval, and the peak memory of training."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py device: no CUDA device here (use --device cpu for a smoke run)")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    print(f"# models on {name}: batch {batch}, {size}x{size}, bf16 autocast, channels_last; images/s "
+          "from the median of interleaved repeats (synchronised); peak = max memory allocated in "
+          "2 training steps")
+    print("| model | train img/s | train ratio | eval img/s | eval ratio | train peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    rows = MODEL_FAMILIES["resnet18"]["rows"]
+    models, steps, evals, peak = {}, {}, {}, {}
+    for label, kind, kw in rows:
+        torch.manual_seed(0)
+        model = _make_model(kind, kw, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(model=model, opt=opt):
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16):
+                loss = model(x).float().logsumexp(1).mean()
+            loss.backward()
+            opt.step()
+            sync()
+
+        def evaluate(model=model):
+            model.eval()
+            with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+                model(x)
+            sync()
+
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        for _ in range(2):
+            step()
+        if dev.type == "cuda":
+            peak[label] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+        models[label], steps[label], evals[label] = model, step, evaluate
+    tr = interleaved(steps, repeats=repeats, warmup=2)
+    ev = interleaved(evals, repeats=repeats, warmup=2)
+    ref = rows[-1][0]
+    for label, _, _ in rows:
+        memory = f"{peak[label]:.0f} | {peak[label] / peak[ref]:.2f}x" if dev.type == "cuda" else "n/a | n/a"
+        print(f"| {label} | {batch / tr[label]:.0f} | {tr[ref] / tr[label]:.2f}x | {batch / ev[label]:.0f} | "
+              f"{ev[ref] / ev[label]:.2f}x | {memory} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layers", "models"])
+    p.add_argument("what", choices=["layers", "models", "device"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-builds", action="store_true", help="models: skip the build-time table")
+    p.add_argument("--device", default="cuda", help="device: where to run (default cuda)")
+    p.add_argument("--batch", type=int, default=128, help="device: batch size (default 128)")
+    p.add_argument("--size", type=int, default=224, help="device: image size (default 224)")
+    p.add_argument("--repeats", type=int, default=10, help="device: timed repeats (default 10)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,6 +316,8 @@ def main(argv=None):
         bench_layers()
     elif args.what == "models":
         bench_models(builds=not args.no_builds)
+    else:
+        bench_device(args.device, args.batch, args.size, args.repeats)
 
 
 if __name__ == "__main__":

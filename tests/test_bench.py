@@ -1,0 +1,28 @@
+"""The benchmark script's accelerator run, smoke-tested on the CPU so that it works when a GPU is lent."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_device_bench_runs_on_cpu():
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "device", "--device", "cpu",
+                          "--batch", "2", "--size", "32", "--repeats", "1"],
+                         check=True, capture_output=True, text=True, timeout=300).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| pe_") or line.startswith("| timm")]
+    assert len(rows) == 6, out
+    assert rows[-1].startswith("| timm resnet18 |") and "| 1.00x |" in rows[-1]
+    for row in rows:
+        train_ips = float(row.split("|")[2])
+        assert train_ips > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
+def test_device_bench_without_cuda_says_so():
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "device"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "no CUDA device" in res.stderr
