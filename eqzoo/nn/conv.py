@@ -150,7 +150,7 @@ class _Twirled(nn.Module):
             self.bias.zero_()
         self._cache = None
 
-    def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> "_Constants":
+    def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
         return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
