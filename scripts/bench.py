@@ -261,7 +261,7 @@ def bench_device(device: str = "cuda", batch: int = 128, size: int = 224, repeat
     print("|---|---|---|---|---|---|---|")
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     rows = MODEL_FAMILIES["resnet18"]["rows"]
-    models, steps, evals, peak = {}, {}, {}, {}
+    steps, evals, peak = {}, {}, {}
     for label, kind, kw in rows:
         torch.manual_seed(0)
         model = _make_model(kind, kw, num_classes=1000).to(dev).to(memory_format=torch.channels_last)
@@ -290,7 +290,7 @@ def bench_device(device: str = "cuda", batch: int = 128, size: int = 224, repeat
             step()
         if dev.type == "cuda":
             peak[label] = (torch.cuda.max_memory_allocated(dev) - base) / 2**20
-        models[label], steps[label], evals[label] = model, step, evaluate
+        steps[label], evals[label] = step, evaluate
     tr = interleaved(steps, repeats=repeats, warmup=2)
     ev = interleaved(evals, repeats=repeats, warmup=2)
     ref = rows[-1][0]

@@ -216,8 +216,6 @@ class _Twirled(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
-        if hasattr(self, "_patch_projections"):
-            self._patch_projections.clear()
         return super()._apply(fn, recurse)
 
 
@@ -270,10 +268,10 @@ class PEConv2d(_Twirled):
         key = (x.shape[2], x.shape[3], x.dtype, x.device)
         if self._patch_projections.get(key) is None:
             P = x.shape[2] * x.shape[3]
-            one_hot = torch.eye(P, dtype=torch.float64, device=x.device).view(P, 1, *x.shape[2:])
+            one_hot = torch.eye(P, dtype=torch.float64).view(P, 1, *x.shape[2:])
             patches = F.unfold(one_hot, self.kernel_size, self.dilation, self.padding, self.stride)
-            basis = self._constants(torch.float64, x.device).basis
-            proj = torch.einsum("hx,pxl->phl", basis.view(basis.shape[0], -1), patches).reshape(P, -1).to(x.dtype)
+            basis = torch.from_numpy(self._ops.basis).reshape(self._ops.basis.shape[0], -1)
+            proj = torch.einsum("hx,pxl->phl", basis, patches).reshape(P, -1).to(x.device, x.dtype)
             if torch.compiler.is_compiling():
                 return proj
             self._patch_projections[key] = proj
