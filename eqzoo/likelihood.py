@@ -133,9 +133,11 @@ class GroupLikelihood(nn.Module):
         :math:`\sum_g w_g f(g) = \int_G λ_{out}(g) f(g)\,dg` for f of angular frequency < n_rot - L_out.
         They are non-negative and sum to 1; uniform λ gives ``1 / |grid|``."""
         G = self.group
+        if self.out_bandlimit is None:  # λ itself on all of G: w_g = λ(g) / |G| = softmax of the logits
+            with torch.autocast(self.coefficients.device.type, enabled=False):
+                c = self._coefficients()
+                return torch.softmax(self._fine_features.to(c) @ c, 0)
         lam = self.grid_density().view(G.n_flip, -1)  # [flip, rotations of the fine grid]
-        if self.out_bandlimit is None:
-            return (lam / lam.numel()).flatten()
         m = lam.shape[1]
         n = G.n_rot if G.is_finite else int(n_rot)
         L = self.out_bandlimit

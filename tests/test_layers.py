@@ -172,7 +172,7 @@ def test_o2_likelihood_kernel_weights_are_positive_and_normalised():
     with torch.no_grad():
         lam.coefficients.normal_(0, 3.0)  # far from uniform: a sharply peaked λ
     for n in (13, 40, 997):
-        w = lam.kernel_weights(n)
+        w = lam.kernel_weights(n).detach()
         assert w.shape == (2 * n,)
         assert float(w.min()) >= -1e-7 * float(w.max())
         assert abs(float(w.sum()) - 1) < 1e-5

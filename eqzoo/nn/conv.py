@@ -24,34 +24,61 @@ from ..likelihood import GroupLikelihood
 from .fields import single_repr
 
 
-class _SparseTwirl(torch.autograd.Function):
-    r"""``out = A(w) W`` for the sparse twirl matrix of :class:`eqzoo.kernels.SparseTwirl`.
+class _TwirledCoefficients(torch.autograd.Function):
+    r"""The twirled coefficients ``A(q) W``, handed over in the layout the convolution consumes.
 
-    ``W`` is ``[R, N]``: the R coefficients of a field pair (rows) for the N field pairs (columns),
-    so every product moves whole contiguous rows. Row r of the result is
-    ``Σ_k vals[r, k] W[cols[r, k]]``, which is exactly an ``embedding_bag`` sum with per-sample
-    weights. Autograd's backward of that would scatter-add into W's gradient; Aᵀ is as sparse as
-    A, so the backward gathers instead (``rows_t`` with values ``vals_t``), and the gradient of the
-    values is the row-wise dot products ``⟨dout[r], W[cols[r, k]]⟩``. ``offsets`` and
-    ``offset2bag`` (the bag of each of the R * K entries) describe the bags of ``cols`` for that.
+    ``W`` is ``[R, F_o, F_i]``: the R coefficients (a, b, h) of a field pair (rows) for the
+    N = F_o * F_i field pairs (o, i) (columns), so every product moves whole contiguous rows. The twirl's values are
+    ``vals = q @ values`` (A's then Aᵀ's), and row r of ``A W`` is ``Σ_k vals[r, k] W[cols[r, k]]``:
+    an ``embedding_bag`` sum with per-sample weights. The result leaves as
+
+    - ``"pixels"``: the filter ``[(o a), (i b), x, y] = Σ_h (A W)[a b h, o i] ψ_h(x, y)``;
+    - ``"harmonics"``: ``A W`` reordered to ``[(a o), (b h i)]`` for :meth:`PEConv2d._conv_in_harmonics`.
+
+    One autograd node per layer instead of some thirty views, slices and products: per step their
+    bookkeeping cost more than the gathers. Backward reverses the layout, gathers ``dW = Aᵀ dout``
+    (Aᵀ is as sparse as A; autograd's own backward would scatter-add), and takes the λ gradient
+    from the row-wise dot products ``dvals[r, k] = ⟨dout[r], W[cols[r, k]]⟩`` (``offsets`` and
+    ``offset2bag``, the bag of each of the R * K entries, describe the bags of ``cols`` for that).
     """
 
     @staticmethod
-    def forward(ctx, W, vals, vals_t, cols, rows_t, offsets, offset2bag):
-        ctx.save_for_backward(W, vals_t, cols, rows_t, offsets, offset2bag)
-        return F.embedding_bag(cols, W, per_sample_weights=vals, mode="sum")
+    def forward(ctx, W, q, values, cols, rows_t, offsets, offset2bag, basis, layout, dims):
+        d_o, d_i, H, F_o, F_i = dims
+        W = W.reshape(W.shape[0], F_o * F_i)
+        vals = q @ values
+        n = cols.numel()
+        vals_t = vals[n:].view(rows_t.shape)
+        ctx.save_for_backward(W, values, vals_t, cols, rows_t, offsets, offset2bag, basis)
+        ctx.layout, ctx.dims = layout, dims
+        out = F.embedding_bag(cols, W, per_sample_weights=vals[:n].view(cols.shape), mode="sum")
+        if layout == "harmonics":
+            return out.view(d_o, d_i, H, F_o, F_i).permute(0, 3, 1, 2, 4).reshape(d_o * F_o, d_i * H * F_i)
+        k = basis.shape[-1]
+        filt = basis.view(H, k * k).T @ out.view(d_o * d_i, H, F_o * F_i)  # [(a b), xy, (o i)]
+        return filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3).reshape(F_o * d_o, F_i * d_i, k, k)
 
     @staticmethod
-    def backward(ctx, dout):
-        W, vals_t, cols, rows_t, offsets, offset2bag = ctx.saved_tensors
-        dout = dout.contiguous()
-        dW = dvals = None
+    def backward(ctx, grad):
+        W, values, vals_t, cols, rows_t, offsets, offset2bag, basis = ctx.saved_tensors
+        d_o, d_i, H, F_o, F_i = ctx.dims
+        R, N = W.shape
+        if ctx.layout == "harmonics":
+            dout = grad.view(d_o, F_o, d_i, H, F_i).permute(0, 2, 3, 1, 4).reshape(R, N)
+        else:
+            k = basis.shape[-1]
+            grad = grad.reshape(F_o, d_o, F_i, d_i, k * k).permute(1, 3, 4, 0, 2).reshape(d_o * d_i, k * k, N)
+            dout = (basis.view(H, k * k) @ grad).view(R, N)
+        dW = dq = None
         if ctx.needs_input_grad[0]:
             dW = F.embedding_bag(rows_t, dout, per_sample_weights=vals_t, mode="sum")
         if ctx.needs_input_grad[1]:
             dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                dout, W, cols.view(-1), offsets, offset2bag, 0).view(cols.shape)
-        return dW, dvals, None, None, None, None, None
+                dout, W, cols.view(-1), offsets, offset2bag, 0)
+            dq = values[:, :cols.numel()] @ dvals
+        if dW is not None:
+            dW = dW.view(R, F_o, F_i)
+        return dW, dq, None, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
@@ -141,7 +168,7 @@ class _Twirled(nn.Module):
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._filter(self._twirled(uniform, self.weight[:, :8, :8]))
+        filt = self._twirled("pixels", uniform, self.weight[:, :8, :8])
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
@@ -154,42 +181,29 @@ class _Twirled(nn.Module):
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
         return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
-    def _twirled(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Twirled coefficients [d_out, d_in, H, F_out, F_in] for quadrature weights q [m] of the
-        coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)."""
+    def _twirled(self, layout: str, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)
+        twirled with quadrature weights q [m], as the pixel filter [C_out, C_in, k, k] (``layout
+        "pixels"``, channels grouped per field as escnn's (field, component)) or as the matrix
+        [(out component, out field), (in component, harmonic, in field)] (``"harmonics"``)."""
         w = self.weight if w is None else w
-        R, F_o, F_i = w.shape
         c = self._constants(w.dtype)
-        vals = q.to(w.dtype) @ c.values
-        out = _SparseTwirl.apply(w.reshape(R, F_o * F_i), vals[:c.cols.numel()].view(c.cols.shape),
-                                 vals[c.cols.numel():].view(c.rows_t.shape), c.cols, c.rows_t,
-                                 c.offsets, c.offset2bag)
-        return out.view(*self._dims[:3], F_o, F_i)
-
-    def _filter(self, coeff: torch.Tensor) -> torch.Tensor:
-        """The filter [C_out, C_in, k, k] of coefficients [d_out, d_in, H, F_out, F_in]: κ = Σ_h W_h ψ_h
-        on the pixels, with channels grouped per field as escnn's (field, component)."""
-        d_o, d_i, H, F_o, F_i = coeff.shape
-        k = self.kernel_size
-        filt = self._constants(coeff.dtype).basis.view(H, k * k).T @ coeff.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
-        filt = filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3)
-        return filt.reshape(F_o * d_o, F_i * d_i, k, k)
+        return _TwirledCoefficients.apply(w, q.to(w.dtype), c.values, c.cols, c.rows_t,
+                                          c.offsets, c.offset2bag, c.basis, layout, self._dims[:3] + tuple(w.shape[1:]))
 
     def _expanded_bias(self):
         if self.bias is None:
             return None
         return (self.bias @ self._constants(self.bias.dtype).bias_basis.T).reshape(-1)
 
-    def _coefficients_and_bias(self):
-        """The twirled coefficients (see :meth:`_twirled`) and the bias, in full precision."""
+    def _coefficients_and_bias(self, layout: str = "pixels"):
+        """The twirled coefficients in ``layout`` (see :meth:`_twirled`) and the bias, in full precision."""
         with torch.autocast(self.weight.device.type, enabled=False):
-            return self._twirled(self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
+            return self._twirled(layout, self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
 
     def filter_and_bias(self):
         """The current filter and bias as plain tensors (recomputed, with gradients)."""
-        coeff, bias = self._coefficients_and_bias()
-        with torch.autocast(self.weight.device.type, enabled=False):
-            return self._filter(coeff), bias
+        return self._coefficients_and_bias("pixels")
 
     def _cache_key(self):
         ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
@@ -287,19 +301,18 @@ class PEConv2d(_Twirled):
         images), where building the pixel filter and its gradient costs more memory traffic than
         the convolution itself.
         """
-        coeff, bias = self._coefficients_and_bias()
+        coeff, bias = self._coefficients_and_bias("harmonics")  # [(a o), (b h i)]
         if not torch.is_autocast_enabled(x.device.type):
             coeff = coeff.to(x.dtype)
-        d_o, d_i, H, F_o, F_i = coeff.shape
+        d_o, d_i, H, F_o, F_i = self._dims
         B = x.shape[0]
         proj = self._patch_projection(x)
         L = proj.shape[1] // H
         resp = x.reshape(B * self.in_channels, -1) @ proj  # [(n i b), (h l)]
-        # ordered (b, h, i) like the coefficients' (b, h) rows and in-field columns
+        # ordered (b, h, i) like the coefficients' columns; the in-field index stays innermost in
+        # both, so the coefficients' reordering copies runs of F_i numbers (the order
+        # [(b h i), (a o)] copied with a stride-F_i inner loop, 8x slower)
         resp = resp.view(B, F_i, d_i, H, L).permute(0, 4, 2, 3, 1).reshape(B * L, d_i * H * F_i)
-        # [(a o), (b h i)], used transposed: the in-field index stays innermost, so this copy moves
-        # runs of F_i numbers (the order [(b h i), (a o)] copied with a stride-F_i inner loop, 8x slower)
-        coeff = coeff.permute(0, 3, 1, 2, 4).reshape(d_o * F_o, d_i * H * F_i)
         y = resp @ coeff.T
         y = y.view(B, L, d_o, F_o).permute(0, 3, 2, 1).reshape(B, F_o * d_o, L)  # channels (o, a)
         if bias is not None:
