@@ -326,6 +326,17 @@ def test_dtype_device_autocast_and_compile():
     assert eqzoo.likelihoods(model)["0.likelihood"].coefficients.grad is not None
 
 
+def test_double_backward_is_refused_clearly():
+    """The twirl's backward is not itself differentiable: a second derivative must say so, not
+    come out silently wrong."""
+    G = get_group("D4")
+    conv = PEConv2d(G.field_type(2), G.field_type(2), 3)
+    y = conv(torch.randn(1, 16, 8, 8)).square().sum()
+    (g,) = torch.autograd.grad(y, conv.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
+
+
 def test_bad_input_gives_clear_errors():
     G = get_group("D4")
     conv = PEConv2d(G.field_type(2), G.field_type(2), 3)

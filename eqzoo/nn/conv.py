@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..groups import group_of
 from ..kernels import TwirlOperators, quadrature_size, ring_harmonics, twirl_operators
@@ -28,9 +29,10 @@ class _TwirledCoefficients(torch.autograd.Function):
     r"""The twirled coefficients ``A(q) W``, handed over in the layout the convolution consumes.
 
     ``W`` is ``[R, F_o, F_i]``: the R coefficients (a, b, h) of a field pair (rows) for the
-    N = F_o * F_i field pairs (o, i) (columns), so every product moves whole contiguous rows. The twirl's values are
-    ``vals = q @ values`` (A's then Aᵀ's), and row r of ``A W`` is ``Σ_k vals[r, k] W[cols[r, k]]``:
-    an ``embedding_bag`` sum with per-sample weights. The result leaves as
+    N = F_o * F_i field pairs (o, i) (columns), so every product moves whole contiguous rows. The
+    twirl's values are ``vals = q @ values`` (A's then Aᵀ's), and row r of ``A W`` is
+    ``Σ_k vals[r, k] W[cols[r, k]]``: an ``embedding_bag`` sum with per-sample weights. The result
+    leaves as
 
     - ``"pixels"``: the filter ``[(o a), (i b), x, y] = Σ_h (A W)[a b h, o i] ψ_h(x, y)``;
     - ``"harmonics"``: ``A W`` reordered to ``[(a o), (b h i)]`` for :meth:`PEConv2d._conv_in_harmonics`.
@@ -59,6 +61,7 @@ class _TwirledCoefficients(torch.autograd.Function):
         return filt.view(d_o, d_i, k, k, F_o, F_i).permute(4, 0, 5, 1, 2, 3).reshape(F_o * d_o, F_i * d_i, k, k)
 
     @staticmethod
+    @once_differentiable  # a clear error for double backward, which the gathers don't support
     def backward(ctx, grad):
         W, values, vals_t, cols, rows_t, offsets, offset2bag, basis = ctx.saved_tensors
         d_o, d_i, H, F_o, F_i = ctx.dims
