@@ -13,7 +13,7 @@ Then the learnt model is saved in the Hub format, reloaded through
 from __future__ import annotations
 
 import argparse
-import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,7 +41,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     results, start = {}, time.time()
     for label, config in CONFIGS.items():
-        overrides = [f"output={out / Path(config).stem}", "progress=false"]
+        run_dir = out / Path(config).stem
+        if run_dir.exists():  # the demo's own output: every `make demo` starts over
+            print(f"replacing the previous demo run in {run_dir}")
+            shutil.rmtree(run_dir)
+        overrides = [f"output={run_dir}", "progress=false"]
         if args.epochs:
             overrides.append(f"schedule.epochs={args.epochs}")
         t = time.time()
