@@ -176,7 +176,7 @@ def test_o2_likelihood_kernel_weights_are_positive_and_normalised():
         assert w.shape == (2 * n,)
         assert float(w.min()) >= -1e-7 * float(w.max())
         assert abs(float(w.sum()) - 1) < 1e-5
-    dens = lam.grid_density()
+    dens = lam.grid_density().detach()
     assert abs(float(dens.mean()) - 1) < 1e-5 and float(dens.min()) > 0
 
 
