@@ -106,11 +106,15 @@ class GroupLikelihood(nn.Module):
         c = self.coefficients
         return c.float() if c.dtype in (torch.float16, torch.bfloat16) else c
 
+    def _fine_logits(self) -> torch.Tensor:
+        """ℓ on the fine grid (flip-major), in float32 or better; call with autocast disabled."""
+        c = self._coefficients()
+        return self._fine_features.to(c) @ c
+
     def _fine_log_density(self) -> torch.Tensor:
         """log λ on the fine grid (flip-major)."""
         with torch.autocast(self.coefficients.device.type, enabled=False):
-            c = self._coefficients()
-            ell = self._fine_features.to(c) @ c
+            ell = self._fine_logits()
             return ell - torch.logsumexp(ell, 0) + math.log(ell.numel())
 
     def grid_density(self) -> torch.Tensor:
@@ -125,7 +129,7 @@ class GroupLikelihood(nn.Module):
         with torch.autocast(self.coefficients.device.type, enabled=False):
             c = self._coefficients()
             # log λ(g) = ℓ(g) - log mean_grid exp ℓ
-            log_z = torch.logsumexp(self._fine_features.to(c) @ c, 0) - math.log(self._fine_features.shape[0])
+            log_z = torch.logsumexp(self._fine_logits(), 0) - math.log(self._fine_features.shape[0])
             return (self._features(s, theta).to(c) @ c - log_z).exp()
 
     def kernel_weights(self, n_rot: int | None = None) -> torch.Tensor:
@@ -135,8 +139,7 @@ class GroupLikelihood(nn.Module):
         G = self.group
         if self.out_bandlimit is None:  # λ itself on all of G: w_g = λ(g) / |G| = softmax of the logits
             with torch.autocast(self.coefficients.device.type, enabled=False):
-                c = self._coefficients()
-                return torch.softmax(self._fine_features.to(c) @ c, 0)
+                return torch.softmax(self._fine_logits(), 0)
         lam = self.grid_density().view(G.n_flip, -1)  # [flip, rotations of the fine grid]
         m = lam.shape[1]
         n = G.n_rot if G.is_finite else int(n_rot)
