@@ -63,6 +63,8 @@ SCHEMA: dict[str, Any] = {
         "seed": Key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
                                 "apart from the training seed so that runs with different seeds see the same data"),
         "augment": Key(bool, True, doc="natural images: timm's training augmentation"),
+        "resample": Key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
+                                         "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
         "batch_size": Key(int, 64, min=1, doc="global batch size (split over the DDP processes)"),
         "eval_batch_size": Key((int, _NONE), None, min=1, doc="batch size for evaluation (default: 2x batch_size)"),
         "workers": Key(int, 0, min=0, doc="DataLoader worker processes"),

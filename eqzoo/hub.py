@@ -62,6 +62,7 @@ COMMON_MODEL_ARGS: dict[str, tuple] = {
     "out_bandlimit": (int, _NONE),
     "share_likelihood": (str, bool, _NONE),
     "learn_likelihood": (bool,),
+    "head": (str,),
     "num_classes": (int,),
     "in_chans": (int,),
     "global_pool": (str,),

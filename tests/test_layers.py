@@ -481,3 +481,29 @@ def test_field_batch_norm_output_takes_an_inplace_relu():
         (torch.relu_(y) if inplace else torch.relu(y)).mul(probe).sum().backward()
         grads.append(x.grad.clone())
     assert torch.allclose(*grads, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["D4", "O2"])
+def test_field_batch_norm_follows_torch_batch_norm(spec):
+    """momentum=None is the cumulative average, reset_running_stats clears the statistics, and
+    track_running_stats=False always normalises with the batch's statistics, as nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    ftype = get_group(spec).field_type(3)
+    xs = [torch.randn(4, ftype.size, 5, 5) * (i + 1) + i for i in range(3)]
+    bn = FieldBatchNorm2d(ftype, momentum=None).train()
+    for x in xs:
+        bn(x)
+    ref = FieldBatchNorm2d(ftype, momentum=1.0).train()
+    ref(torch.cat(xs))  # one batch holding all three: the cumulative average of the means
+    assert int(bn.num_batches_tracked) == 3
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-5)
+    bn.reset_running_stats()
+    assert int(bn.num_batches_tracked) == 0 and bool((bn.running_var == 1).all()) and not bn.running_mean.any()
+    free = FieldBatchNorm2d(ftype, track_running_stats=False).eval()
+    assert free.running_mean is None and "running_mean" not in free.state_dict()
+    y = free(xs[2])
+    assert torch.allclose(y, FieldBatchNorm2d(ftype).train()(xs[2]), atol=1e-5)
+    with pytest.raises(ValueError, match="track_running_stats=False has no nn.BatchNorm2d equivalent"):
+        free.export()
+    with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None"):
+        FieldBatchNorm2d(ftype, momentum=2)

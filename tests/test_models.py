@@ -150,7 +150,7 @@ def test_reset_classifier(built):
     model.eval()
     x = tiny_input(name)
     model.reset_classifier(5)
-    assert isinstance(model.fc, PELinear) and model.num_classes == 5
+    assert isinstance(model.fc, (PELinear, nn.Linear)) and model.num_classes == 5
     with torch.no_grad():  # (with gradients, every filter would be synthesised again)
         assert model(x).shape == (2, 5)
     model.reset_classifier(0)
@@ -305,15 +305,48 @@ def invariance_errors(model, x):
     ("pe_resnet18", "D1", 65), ("pe_wrn16_8", "D4", 33),
 ])
 def test_invariant_at_init(name, group, size):
+    """With a head that is invariant at uniform λ ("learnt"), a model at init is invariant."""
     torch.manual_seed(0)
     kwargs = dict(zero_init_last=False) if name in RESNETS else {}  # else residual branches start at 0
-    model = timm.create_model(name, group=group, num_classes=4, **kwargs).double()
+    model = timm.create_model(name, group=group, num_classes=4, head="learnt", **kwargs).double()
     errors = invariance_errors(model, torch.randn(2, 3, size, size, dtype=torch.float64))
     for k, (_, groups) in TRANSFORMS.items():
         if group in groups:
             assert errors[k] <= 1e-4, (k, errors)
     if group == "C4":  # a transformation outside the group is not a symmetry of the model
         assert errors["hflip"] > 1e-3
+
+
+@pytest.mark.parametrize("head", ["plain", "learnt", "invariant"])
+def test_heads_export_into_timm(head):
+    """Every head option exports into timm's ``fc``: the exported state_dict loads into
+    ``resnet18`` with strict=True and gives the model's outputs."""
+    torch.manual_seed(0)
+    arch = dict(layers=[1, 1, 1, 1], channels=[64, 64, 128, 128], num_classes=7)
+    model = timm.create_model("pe_resnet18", head=head, **arch).eval()
+    assert isinstance(model.fc, nn.Linear if head == "plain" else PELinear)
+    if head == "invariant":
+        assert not model.fc.likelihood.learnable
+    reference = timm.create_model("resnet18", **arch).eval()
+    reference.load_state_dict(eqzoo.export(model).state_dict(), strict=True)
+    x = torch.randn(2, 3, 33, 33)
+    with torch.no_grad():
+        assert rel_err(reference(x), model(x)) <= 1e-5
+
+
+def test_head_defaults():
+    """``head="auto"``: a plain head for learnt-λ models, an invariant one for strict models, which
+    stay invariant with it; a plain head lets a model tell a digit from its rotated copy at init."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 65, 65, dtype=torch.float64)
+    strict = timm.create_model("pe_resnet18", num_classes=4, learn_likelihood=False, zero_init_last=False).double()
+    assert isinstance(strict.fc, PELinear) and not strict.fc.likelihood.learnable
+    assert max(invariance_errors(strict, x).values()) <= 1e-4
+    learnt = timm.create_model("pe_resnet18", num_classes=4, zero_init_last=False).double()
+    assert type(learnt.fc) is nn.Linear
+    assert invariance_errors(learnt, x)["rot90"] > 1e-3
+    learnt.reset_classifier(9)
+    assert type(learnt.fc) is nn.Linear and learnt.fc.out_features == 9
 
 
 @pytest.mark.parametrize("learn", [True, False])
@@ -347,6 +380,7 @@ def test_learnt_likelihood_breaks_invariance(learn):
     (dict(drop_block_rate=0.1), r"drop_block_rate"),
     (dict(global_pool="", num_classes=4), r"num_classes=0"),
     (dict(bandlimit=-1), r"bandlimit"),
+    (dict(head="linear"), r"head must be one of \('auto', 'plain', 'learnt', 'invariant'\)"),
 ])
 def test_bad_kwargs(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -122,6 +122,31 @@ def make_ddmnist(images, labels, per_class: int, symmetry=("C1", "SO2"), seed: i
     return canvas, torch.as_tensor(classes).long(), elements
 
 
+class ResampledDDMNIST(Dataset):
+    """Double-digit MNIST whose digits are transformed afresh every time an item is read (so every
+    epoch sees new elements): the paper's protocol. The pairs of source digits are fixed; the group
+    elements come from torch's global RNG, so a seeded (and resumed) run draws the same ones."""
+
+    def __init__(self, digits: torch.Tensor, left_idx, right_idx, labels: torch.Tensor, symmetry, image_size=None):
+        self.digits, self.labels = digits, labels.long()
+        self.left_idx, self.right_idx = torch.as_tensor(left_idx), torch.as_tensor(right_idx)
+        self.symmetry, self.image_size, self.num_classes = tuple(symmetry), image_size, 100
+        self.elements = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        s = self.digits.shape[-1]
+        canvas = torch.zeros(1, 2 * s, 2 * s)
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+        rng = np.random.default_rng(seed)
+        for side, idx in enumerate((self.left_idx[i], self.right_idx[i])):
+            flip, angle = sample_elements(self.symmetry[side], 1, rng)
+            canvas[:, s // 2:s // 2 + s, side * s:(side + 1) * s] = transform_images(self.digits[idx][None], flip, angle)
+        return _resize(canvas, self.image_size), int(self.labels[i])
+
+
 def mnist_missing_message(root: str) -> str:
     raw = Path(root) / "MNIST" / "raw"
     return (f"MNIST not found: expected {', '.join(MNIST_FILES)} under {raw}. Get it with "
@@ -238,5 +263,9 @@ def build_ddmnist(d: dict) -> Splits:
             continue
         canvas, labels, el = make_ddmnist(xs[pool], ys[pool], n // 100, sym, seed=d["seed"] * 1000 + split,
                                           image_size=d["image_size"])
+        if split == 0 and d["resample"]:
+            digits = xs[pool]
+            out.append(ResampledDDMNIST(digits, el["left_index"], el["right_index"], labels, sym, d["image_size"]))
+            continue
         out.append(ImageTensorDataset(_to_uint8(canvas), labels, el, 100))
     return Splits(*out, num_classes=100, in_chans=1)

@@ -18,6 +18,9 @@ from ..likelihood import GroupLikelihood
 from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
 
 SHARE_MODES = ("layer", "stage", "model")
+# Classifiers on the pooled fields (see FieldLayers.classifier). "auto" is what the symmetry panel
+# measured best: a plain linear head for learnt-λ models, an invariant one for strict models.
+HEADS = ("auto", "plain", "learnt", "invariant")
 
 # Global pools of timm's SelectAdaptivePool2d that act channel by channel (so they commute with
 # permutations of the channels inside regular fields) and how many copies of the fields they emit.
@@ -75,9 +78,14 @@ class FieldLayers:
     """
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
-                 learn_likelihood: bool = True, share_likelihood: str = "layer"):
+                 learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto"):
         if share_likelihood not in SHARE_MODES:
             raise ValueError(f"share_likelihood must be one of {SHARE_MODES}, got {share_likelihood!r}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if head == "auto":
+            head = "plain" if learn_likelihood else "invariant"
+        self.head = head
         self.group = get_group(group)
         self.field_bandlimit = field_bandlimit
         self.bandlimit, self.out_bandlimit = bandlimit, out_bandlimit
@@ -176,11 +184,23 @@ class FieldLayers:
         return self.group.field_type(len(type_) * self.check_pool(pool_type), self.field_bandlimit)
 
     def classifier(self, in_type, num_classes: int, likelihood: GroupLikelihood | None = None) -> nn.Module:
-        """A PELinear from the pooled fields to ``num_classes`` trivial fields (class logits): at
-        uniform λ the logits are invariant. ``likelihood`` None follows the sharing mode."""
+        """The classifier from the pooled fields to ``num_classes`` logits, by ``head``:
+
+        - ``"plain"``: an ``nn.Linear`` over all pooled channels, free to tell a digit from its
+          rotated or mirrored copy (a regular field pools to |G| numbers, one per orientation);
+        - ``"learnt"``: a PELinear to trivial fields with a learnt λ (``likelihood``, or one by
+          the sharing mode when None): invariant at uniform λ;
+        - ``"invariant"``: a PELinear with a frozen uniform λ: the logits are invariant, and
+          the head has rank #fields (each field contributes only its mean over the group).
+        """
         if num_classes <= 0:
             return nn.Identity()
-        if likelihood is None:
+        if self.head == "plain":
+            return nn.Linear(in_type.size, num_classes)
+        if self.head == "invariant":
+            likelihood = GroupLikelihood(self.group, bandlimit=self.bandlimit, out_bandlimit=self.out_bandlimit,
+                                         learnable=False)
+        elif likelihood is None:
             likelihood = self.likelihood()
         return PELinear(in_type, self.group.trivial_type(num_classes), likelihood=likelihood)
 

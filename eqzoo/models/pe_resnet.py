@@ -149,6 +149,7 @@ class PEResNet(ResNet):
             field_bandlimit: Optional[int] = None,
             share_likelihood: str = "layer",
             learn_likelihood: bool = True,
+            head: str = "auto",
             counterpart: Optional[str] = None,
     ):
         nn.Module.__init__(self)  # timm's ResNet.__init__ builds nn.Conv2d layers: not called
@@ -157,7 +158,7 @@ class PEResNet(ResNet):
                              "independently, which breaks the fields); use drop_path_rate")
         self.pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
                               field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
-                              learn_likelihood=learn_likelihood)
+                              learn_likelihood=learn_likelihood, head=head)
         factory = FieldLayers(**self.pe_config)
         self.group = factory.group
         factory.check_pool(global_pool)
@@ -220,8 +221,8 @@ class PEResNet(ResNet):
                     m.zero_init_last()
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new PELinear head (fields -> ``num_classes`` trivial logits). Its likelihood is a fresh
-        one with ``share_likelihood="layer"``, else the last stage's / the model's."""
+        """A new classifier of kind ``head`` (see :meth:`FieldLayers.classifier`). A learnt head's
+        likelihood is a fresh one with ``share_likelihood="layer"``, else the last stage's / the model's."""
         if global_pool is None:
             global_pool = self.global_pool.pool_type
         if not global_pool and num_classes > 0:
@@ -230,7 +231,7 @@ class PEResNet(ResNet):
         factory = FieldLayers(**self.pe_config)
         pooled_type = factory.pooled_type(self.feature_type, global_pool)
         likelihood = None
-        if num_classes > 0:
+        if num_classes > 0 and factory.head == "learnt":
             likelihood = head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
         fc = factory.classifier(pooled_type, num_classes, likelihood)
         install_head(self, fc, num_classes, global_pool, pooled_type.size)

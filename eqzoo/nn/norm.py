@@ -4,6 +4,10 @@ Equivariance needs statistics that commute with ρ(g): the mean is taken only on
 (trivial-irrep) part of each field and the variance is one number per field (ρ is orthogonal, so a
 field's norm is invariant). For permutation fields this is exactly escnn's InnerBatchNorm and runs
 as one fused ``F.batch_norm`` over ``[B, fields, d*H*W]``.
+
+The running statistics follow ``nn.BatchNorm2d``: ``momentum=None`` is a cumulative average (to
+recalibrate statistics after training), ``track_running_stats=False`` always uses batch statistics,
+and ``reset_running_stats()`` clears them.
 """
 from __future__ import annotations
 
@@ -16,20 +20,30 @@ from .fields import is_permutation, single_repr
 
 
 class FieldBatchNorm2d(nn.Module):
-    def __init__(self, field_type, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True):
+    """Batch norm of a FieldType's fields; the arguments are ``nn.BatchNorm2d``'s."""
+
+    def __init__(self, field_type, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True):
         super().__init__()
         rep = single_repr(field_type)
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
+            raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
         self.field_type = field_type
         self.num_fields, self.field_size = len(field_type), rep.size
         self.num_features = field_type.size
         self.eps, self.momentum, self.affine = eps, momentum, affine
+        self.track_running_stats = track_running_stats
         self.permutation = is_permutation(rep)
         E = torch.tensor(invariant_basis(rep), dtype=torch.float32)
         self.register_buffer("_invariant", E, persistent=False)
         t = 1 if self.permutation else E.shape[1]
-        self.register_buffer("running_mean", torch.zeros(self.num_fields, t))
-        self.register_buffer("running_var", torch.ones(self.num_fields))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(self.num_fields, t))
+            self.register_buffer("running_var", torch.ones(self.num_fields))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
         if affine:
             self.weight = nn.Parameter(torch.ones(self.num_fields))
             self.bias = nn.Parameter(torch.zeros(self.num_fields, t))
@@ -37,10 +51,14 @@ class FieldBatchNorm2d(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
     def reset_parameters(self) -> None:
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
-        self.num_batches_tracked.zero_()
+        self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
@@ -50,13 +68,26 @@ class FieldBatchNorm2d(nn.Module):
             raise ValueError(f"FieldBatchNorm2d expects [B, {self.num_features}, H, W] "
                              f"({self.num_fields} fields of size {self.field_size}), got {tuple(x.shape)}")
 
+    def _momentum(self) -> float:
+        """This step's weight of the batch in the running statistics (counting the batch, as
+        nn.BatchNorm2d does): ``momentum``, or 1 / batches seen for the cumulative average."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+
+    def _use_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         B, C, H, W = x.shape
         if self.permutation:
-            y = F.batch_norm(x.reshape(B, self.num_fields, -1), self.running_mean.view(-1),
-                             self.running_var, self.weight, None if self.bias is None else self.bias.view(-1),
-                             self.training, self.momentum, self.eps)
+            update = self.training and self.track_running_stats
+            momentum = self._momentum() if update else 0.0
+            running_mean = self.running_mean.view(-1) if update or not self._use_batch_stats() else None
+            running_var = self.running_var if update or not self._use_batch_stats() else None
+            y = F.batch_norm(x.reshape(B, self.num_fields, -1), running_mean, running_var, self.weight,
+                             None if self.bias is None else self.bias.view(-1),
+                             self._use_batch_stats(), momentum, self.eps)
             # not a view of y: an in-place activation on a view would make autograd copy the
             # whole activation twice in backward (CopySlices); y is a temporary, so this is safe
             return torch.ops.aten._unsafe_view(y, (B, C, H, W))
@@ -66,15 +97,16 @@ class FieldBatchNorm2d(nn.Module):
         B, C, H, W = x.shape
         E = self._invariant.to(x.dtype)
         xf = x.reshape(B, self.num_fields, self.field_size, H * W)
-        if self.training:
+        if self._use_batch_stats():
             mean = torch.einsum("bfdp,dt->ft", xf, E) / (B * H * W)
             centred = xf - (mean @ E.T)[None, :, :, None]
             var = centred.pow(2).mean(dim=(0, 2, 3))
             n = B * H * W * self.field_size
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), self.momentum)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    momentum = self._momentum()
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                    self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
         else:
             mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
             centred = xf - (mean @ E.T)[None, :, :, None]
@@ -101,6 +133,10 @@ class FieldBatchNorm2d(nn.Module):
     def export(self) -> nn.BatchNorm2d:
         """An ``nn.BatchNorm2d`` equal to this layer in eval mode (running statistics broadcast to
         channels). Training it further would no longer tie the channels of a field."""
+        if not self.track_running_stats:
+            raise ValueError("a FieldBatchNorm2d with track_running_stats=False has no nn.BatchNorm2d equivalent: "
+                             "it normalises every batch with per-field statistics, nn.BatchNorm2d with per-channel "
+                             "ones; export a model built with running statistics")
         mean, var, weight, bias = self._per_channel()
         bn = nn.BatchNorm2d(self.num_features, self.eps, self.momentum, self.affine,
                             device=var.device, dtype=var.dtype)
@@ -113,4 +149,5 @@ class FieldBatchNorm2d(nn.Module):
         return bn.train(self.training)
 
     def extra_repr(self) -> str:
-        return f"{self.num_fields} fields x {self.field_size}, eps={self.eps}, momentum={self.momentum}"
+        return (f"{self.num_fields} fields x {self.field_size}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}")

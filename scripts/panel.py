@@ -1,0 +1,218 @@
+"""The symmetry panel: a plain CNN, the strict D4 model and the learnt-λ D4 model, trained side by
+side on the same data and budget, on six data sets made from real MNIST, with several seeds.
+
+    python scripts/panel.py run [--root data] [--out runs/panel] [--workers 2] [--only DATA ...]
+    python scripts/panel.py report [--out runs/panel]
+
+``run`` trains every (data set, model, seed) with ``eqzoo train`` into ``OUT/DATA/MODEL/seedS``; a
+run whose ``results.json`` exists is skipped and a killed one resumes from its last checkpoint, so
+the panel continues across sessions. ``report`` writes ``OUT/panel.md`` (mean ± std test accuracy
+at the best validation epoch, eval- vs train-mode accuracy, the learnt λ per layer) and the plots
+``OUT/curves.png`` (validation accuracy per epoch) and ``OUT/DATA/lambda.png``.
+
+Data sets (all from real MNIST, under ``--root``; the transforms are drawn once per image unless
+said otherwise):
+
+- ``upright``: MNIST as it is (the CNN's home: λ should leave the group);
+- ``c4``: each digit rotated by a random multiple of 90 degrees;
+- ``so2``: each digit rotated by a random angle;
+- ``d1``: each digit mirrored left-right with probability 1/2;
+- ``ddmnist``: our double-digit MNIST (left digit upright, right digit rotated by any angle);
+- ``ddmnist_paper``: the paper's double-digit MNIST (both digits rotated by any angle, drawn afresh
+  every epoch).
+
+Models (ResNet-18 layout with one block per stage, widths 64-64-128-128, i.e. 8-8-16-16 regular
+D4 fields): ``cnn`` = timm's ``resnet18`` at these widths, ``strict`` = ``pe_resnet18`` with
+``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults. One
+extra row, ``learnt_head``, is the learnt model with the invariant-at-init ``head="learnt"``: the
+measurement behind the default head.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ARCH = dict(layers=[1, 1, 1, 1], stem_width=64, channels=[64, 64, 128, 128])
+MNIST = dict(image_size=33, train_size=5000, val_size=1000, test_size=2000)
+DDMNIST = dict(name="ddmnist", train_size=10000, val_size=2000, test_size=5000)
+DATA = {
+    "upright": dict(MNIST, name="mnist", symmetry="C1"),
+    "c4": dict(MNIST, name="mnist", symmetry="C4"),
+    "so2": dict(MNIST, name="mnist", symmetry="SO2"),
+    "d1": dict(MNIST, name="mnist", symmetry="D1"),
+    "ddmnist": dict(DDMNIST, symmetry=["C1", "SO2"]),
+    "ddmnist_paper": dict(DDMNIST, symmetry=["SO2", "SO2"], resample=True),
+}
+EPOCHS = {"upright": 10, "c4": 10, "so2": 10, "d1": 10, "ddmnist": 8, "ddmnist_paper": 8}
+MODELS = {
+    "cnn": dict(model="resnet18", model_args=dict(ARCH)),
+    "strict": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False)),
+    "learnt": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4")),
+    "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt")),
+}
+SEEDS = (0, 1, 2)
+# the head ablation runs on the single-digit sets only (budget)
+EXTRA = {"learnt_head": ("upright", "c4", "so2", "d1")}
+
+
+def run_config(data: str, model: str, seed: int, root: str, out: Path) -> dict:
+    cfg = copy.deepcopy(MODELS[model])
+    cfg.update(
+        data=dict(DATA[data], root=root, batch_size=64),
+        optim=dict(name="adamw", lr=1e-3, weight_decay=0.01, likelihood_lr_scale=10.0),
+        schedule=dict(epochs=EPOCHS[data], warmup_epochs=1),
+        regularizer=dict(alignment=5.0, kl_chain=3.0, kl_uniform=3.0),
+        seed=seed, threads=1, progress=False, output=str(out / data / model / f"seed{seed}"),
+    )
+    return cfg
+
+
+def all_runs():
+    for data in DATA:
+        for seed in SEEDS:
+            for model in MODELS:
+                if model in EXTRA and data not in EXTRA[model]:
+                    continue
+                yield data, model, seed
+
+
+def _train_one(cfg: dict) -> str:
+    import eqzoo.train
+
+    run = Path(cfg["output"])
+    resume = (run / "checkpoints" / "latest.json").is_file()
+    eqzoo.train.train(cfg, resume=resume)
+    return str(run)
+
+
+def cmd_run(args) -> None:
+    out = Path(args.out)
+    todo = [run_config(d, m, s, args.root, out) for d, m, s in all_runs()
+            if (not args.only or d in args.only) and not (out / d / m / f"seed{s}" / "results.json").is_file()]
+    print(f"{len(todo)} runs to do", flush=True)
+    with ProcessPoolExecutor(args.workers) as pool:
+        for done in pool.map(_train_one, todo):
+            print("done", done, flush=True)
+
+
+# -- the report --------------------------------------------------------------------------------------
+
+def _mean_std(xs):
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+def _mode_gap(run: Path, cfg: dict):
+    """Test accuracy of the saved model in eval mode and in train mode (batch statistics)."""
+    import timm
+    import torch
+
+    import eqzoo.config
+    from eqzoo.data import build_datasets
+
+    model = timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
+    d = eqzoo.config.load_config(cfg)["data"]
+    test = build_datasets(d).test
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.as_tensor([test[i][1] for i in range(len(test))])
+    accs = []
+    for train_mode in (False, True):
+        m = copy.deepcopy(model).train(train_mode)
+        with torch.no_grad():
+            pred = torch.cat([m(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
+        accs.append(float((pred == y).float().mean()))
+    return accs
+
+
+def cmd_report(args) -> None:
+    import eqzoo
+
+    out = Path(args.out)
+    rows, lam_rows, curves = [], [], {}
+    for data in DATA:
+        for model in MODELS:
+            runs = [out / data / model / f"seed{s}" for s in SEEDS]
+            done = [r for r in runs if (r / "results.json").is_file()]
+            if not done:
+                continue
+            res = [json.loads((r / "results.json").read_text()) for r in done]
+            acc = _mean_std([r["test_acc"] for r in res])
+            row = dict(data=data, model=model, seeds=len(done), test=f"{acc[0]:.3f} ± {acc[1]:.3f}",
+                       per_seed=" / ".join(f"{r['test_acc']:.3f}" for r in res),
+                       best_epoch=" / ".join(str(r["best_epoch"]) for r in res))
+            if args.mode_gap == "all" or (args.mode_gap == "pe" and model != "cnn"):
+                gaps = [_mode_gap(r, run_config(data, model, int(r.name[4:]), args.root, out)) for r in done]
+                row["eval_vs_train_mode"] = " / ".join(f"{e:.3f}|{t:.3f}" for e, t in gaps)
+            rows.append(row)
+            hist = [json.loads((r / "metrics.json").read_text()) for r in done]
+            curves[(data, model)] = [[h["val_acc"] for h in hs] for hs in hist]
+            if model.startswith("learnt") and (done[0] / "hub").is_dir():
+                lams = eqzoo.load_likelihoods(done[0] / "hub")
+                table = eqzoo.degree_of_equivariance(lams)
+                lam_rows.append((data, model, done[0].name, table))
+                if model == "learnt":
+                    eqzoo.plot_likelihoods(lams, out / data / "lambda.png", title=f"learnt λ, {data}, {done[0].name}")
+    lines = ["| data | model | seeds | test acc (mean ± std) | per seed | best epoch | eval/train-mode test acc |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['data']} | {r['model']} | {r['seeds']} | {r['test']} | {r['per_seed']} | "
+                     f"{r['best_epoch']} | {r.get('eval_vs_train_mode', '')} |")
+    lines.append("")
+    for data, model, seed, table in lam_rows:
+        lines.append(f"λ of `{model}` on `{data}` ({seed}): " + ", ".join(
+            f"{t['layer']} {t['closest_subgroup']} ({t['kl_uniform']:.2f})" for t in table))
+        lines.append("")
+    (out / "panel.md").write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
+    _plot_curves(curves, out / "curves.png")
+
+
+def _plot_curves(curves: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    datas = list(dict.fromkeys(d for d, _ in curves))
+    fig = Figure(figsize=(3.2 * len(datas), 2.8))
+    for i, data in enumerate(datas):
+        ax = fig.add_subplot(1, len(datas), i + 1)
+        for (d, model), seeds in curves.items():
+            if d != data:
+                continue
+            n = min(len(s) for s in seeds)
+            mean = [sum(s[e] for s in seeds) / len(seeds) for e in range(n)]
+            ax.plot(range(1, n + 1), mean, label=model)
+        ax.set_title(data)
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1)
+        if i == 0:
+            ax.set_ylabel("val acc (mean over seeds)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--only", nargs="*", choices=list(DATA))
+    rep = sub.add_parser("report")
+    rep.add_argument("--mode-gap", nargs="?", const="pe", default="pe", choices=["pe", "all", ""],
+                     help="also measure eval- vs train-mode test accuracy (pe models, or all)")
+    for q in (r, rep):
+        q.add_argument("--root", default=os.environ.get("EQZOO_MNIST_ROOT", "data"))
+        q.add_argument("--out", default="runs/panel")
+    args = p.parse_args(argv)
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
