@@ -63,6 +63,7 @@ COMMON_MODEL_ARGS: dict[str, tuple] = {
     "share_likelihood": (str, bool, _NONE),
     "learn_likelihood": (bool,),
     "head": (str,),
+    "basis": (str,),
     "num_classes": (int,),
     "in_chans": (int,),
     "global_pool": (str,),

@@ -129,9 +129,25 @@ class RingHarmonics:
         return T
 
 
+# The kernel bases a layer can expand its filters in.
+#   "antialiased": escnn's R2Conv rings, widths and frequency cut-offs. Smooth filters that rotate
+#       well off the pixel grid, but they span only part of the k x k kernels (6 of 9 for 3x3, 18
+#       of 49 for 7x7), even where λ frees the kernel.
+#   "complete": a ring through every distinct pixel radius, with every frequency its pixels can
+#       carry (half their count): the filters span every k x k kernel, so a model over C1 (or with
+#       λ at the identity) has exactly a plain CNN's function class, at the price of aliasing
+#       under rotations that do not map the pixel grid to itself.
+BASES = ("antialiased", "complete")
+_COMPLETE_SIGMA = 0.4  # ring width in pixels: narrow enough to tell neighbouring radii apart
+
+
 @functools.lru_cache(maxsize=None)
-def ring_harmonics(kernel_size: int, dilation: int = 1) -> RingHarmonics:
-    """escnn's default rings, widths and frequency cut-offs for R2Conv."""
+def ring_harmonics(kernel_size: int, dilation: int = 1, basis: str = "antialiased") -> RingHarmonics:
+    """The ring harmonics of a ``basis`` (see :data:`BASES`) for a kernel size and dilation."""
+    if basis == "complete":
+        return _complete_harmonics(kernel_size, dilation)
+    if basis != "antialiased":
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     from escnn.nn.modules.conv.r2convolution import compute_basis_params
 
     keep, rings, sigma, max_freq = compute_basis_params(kernel_size, None, None, None, dilation, None)
@@ -141,6 +157,14 @@ def ring_harmonics(kernel_size: int, dilation: int = 1) -> RingHarmonics:
                                                            "frequency": f, "j": (f, f)})), default=0)
         out.append((float(r), float(sg), int(fmax)))
     return RingHarmonics(kernel_size, dilation, tuple(out))
+
+
+def _complete_harmonics(kernel_size: int, dilation: int) -> RingHarmonics:
+    points = RingHarmonics(kernel_size, dilation, ()).pixel_points()
+    radii, counts = np.unique(np.round(np.hypot(points[:, 0], points[:, 1]), 6), return_counts=True)
+    rings = tuple((float(r), 0.005 if r == 0 else _COMPLETE_SIGMA * dilation, int(n // 2) if r > 0 else 0)
+                  for r, n in zip(radii, counts))
+    return RingHarmonics(kernel_size, dilation, rings)
 
 
 # -- representations ---------------------------------------------------------------------------
@@ -261,9 +285,11 @@ SPARSE_FIELDS = ("cols", "values", "rows_t", "values_t")
 
 
 def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: int,
-                    n_rot: int) -> TwirlOperators:
+                    n_rot: int, basis: str = "antialiased") -> TwirlOperators:
     """The operators for one layer, cached in memory and on disk."""
     key = (group.spec, rep_in.name, rep_out.name, kernel_size, dilation, n_rot)
+    if basis != "antialiased":  # (the default's key is unchanged: existing caches stay valid)
+        key += (basis,)
     if key in _MEMORY:
         return _MEMORY[key]
     name = hashlib.sha256(repr((CACHE_VERSION,) + key).encode()).hexdigest()[:24]
@@ -278,14 +304,13 @@ def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: i
         except Exception:  # a corrupt cache entry is rebuilt, never trusted
             ops = None
     if ops is None:
-        ops = _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot)
+        ops = _compute_operators(group, rep_in, rep_out, ring_harmonics(kernel_size, dilation, basis), n_rot)
         _write_cache(path, ops)
     _MEMORY[key] = ops
     return ops
 
 
-def _compute_operators(group, rep_in, rep_out, kernel_size, dilation, n_rot) -> TwirlOperators:
-    harm = ring_harmonics(kernel_size, dilation)
+def _compute_operators(group, rep_in, rep_out, harm: RingHarmonics, n_rot) -> TwirlOperators:
     s, theta = group.grid(n_rot)
     elements = group.elements(n_rot)
     T = np.stack([harm.action(si, ti) for si, ti in zip(s, theta)])

@@ -23,9 +23,10 @@ said otherwise):
 
 Models (ResNet-18 layout with one block per stage, widths 64-64-128-128, i.e. 8-8-16-16 regular
 D4 fields): ``cnn`` = timm's ``resnet18`` at these widths, ``strict`` = ``pe_resnet18`` with
-``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults. One
-extra row, ``learnt_head``, is the learnt model with the invariant-at-init ``head="learnt"``: the
-measurement behind the default head.
+``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults. The
+ablations, on the single-digit sets: ``learnt_head`` (the invariant-at-init ``head="learnt"``),
+``learnt_complete`` (``basis="complete"``) and ``learnt_o2`` (λ over O(2), 5 fields of 14 channels
+per 64), the measurements behind the defaults.
 """
 from __future__ import annotations
 
@@ -55,10 +56,13 @@ MODELS = {
     "strict": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False)),
     "learnt": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4")),
     "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt")),
+    "learnt_complete": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", basis="complete")),
+    "learnt_o2": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2")),
 }
 SEEDS = (0, 1, 2)
-# the head ablation runs on the single-digit sets only (budget)
-EXTRA = {"learnt_head": ("upright", "c4", "so2", "d1")}
+# the ablations run on the single-digit sets only (budget)
+SINGLE = ("upright", "c4", "so2", "d1")
+EXTRA = {"learnt_head": SINGLE, "learnt_complete": SINGLE, "learnt_o2": SINGLE}
 
 
 def run_config(data: str, model: str, seed: int, root: str, out: Path) -> dict:

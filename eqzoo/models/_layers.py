@@ -14,6 +14,7 @@ from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from ..groups import get_group
+from ..kernels import BASES
 from ..likelihood import GroupLikelihood
 from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
 
@@ -75,10 +76,14 @@ class FieldLayers:
         learn_likelihood: ``False`` freezes every likelihood at uniform: the strict steerable model.
         share_likelihood: ``"layer"`` (one likelihood per convolution), ``"stage"`` (one per stage,
             shared by its layers) or ``"model"`` (one for the whole model).
+        head: the classifier, see :meth:`classifier`; ``"auto"``: ``"plain"`` with learnt
+            likelihoods, ``"invariant"`` for the strict model.
+        basis: the kernel basis of the convolutions, see :data:`eqzoo.kernels.BASES`.
     """
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
-                 learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto"):
+                 learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
+                 basis: str = "antialiased"):
         if share_likelihood not in SHARE_MODES:
             raise ValueError(f"share_likelihood must be one of {SHARE_MODES}, got {share_likelihood!r}")
         if head not in HEADS:
@@ -86,6 +91,9 @@ class FieldLayers:
         if head == "auto":
             head = "plain" if learn_likelihood else "invariant"
         self.head = head
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        self.basis = basis
         self.group = get_group(group)
         self.field_bandlimit = field_bandlimit
         self.bandlimit, self.out_bandlimit = bandlimit, out_bandlimit
@@ -159,7 +167,8 @@ class FieldLayers:
 
     # -- layers ----------------------------------------------------------------------------------------
     def conv(self, in_type, out_type, kernel_size, stride=1, padding=0) -> PEConv2d:
-        return PEConv2d(in_type, out_type, kernel_size, stride, padding, bias=False, likelihood=self.likelihood())
+        return PEConv2d(in_type, out_type, kernel_size, stride, padding, bias=False, likelihood=self.likelihood(),
+                        basis=self.basis)
 
     def norm(self, type_) -> nn.Module:
         return FieldBatchNorm2d(type_)

@@ -126,6 +126,12 @@ class PEResNet(ResNet):
         field_bandlimit: band-limit of the fields of O(2)/SO(2).
         share_likelihood: ``"layer"`` (default), ``"stage"`` or ``"model"``.
         learn_likelihood: ``False`` freezes all likelihoods at uniform: the strict steerable model.
+        head: the classifier: ``"plain"`` (an ``nn.Linear`` over all pooled channels), ``"learnt"``
+            (a PELinear to trivial logits with a learnt λ), ``"invariant"`` (the same, λ frozen
+            uniform) or ``"auto"`` (default: ``"plain"`` for learnt likelihoods, ``"invariant"``
+            for the strict model).
+        basis: the convolutions' kernel basis: ``"antialiased"`` (escnn's, default) or
+            ``"complete"`` (every k x k kernel); see :data:`eqzoo.kernels.BASES`.
         counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
     """
 
@@ -150,6 +156,7 @@ class PEResNet(ResNet):
             share_likelihood: str = "layer",
             learn_likelihood: bool = True,
             head: str = "auto",
+            basis: str = "antialiased",
             counterpart: Optional[str] = None,
     ):
         nn.Module.__init__(self)  # timm's ResNet.__init__ builds nn.Conv2d layers: not called
@@ -158,7 +165,7 @@ class PEResNet(ResNet):
                              "independently, which breaks the fields); use drop_path_rate")
         self.pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
                               field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
-                              learn_likelihood=learn_likelihood, head=head)
+                              learn_likelihood=learn_likelihood, head=head, basis=basis)
         factory = FieldLayers(**self.pe_config)
         self.group = factory.group
         factory.check_pool(global_pool)

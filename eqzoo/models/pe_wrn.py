@@ -210,7 +210,7 @@ class PEWideResNet(WideResNet):
 
     Takes :class:`WideResNet`'s arguments and ``group`` (default ``"D4"``), ``bandlimit``,
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
-    ``"model"``) and ``learn_likelihood`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
+    ``"model"``), ``learn_likelihood``, ``head`` and ``basis`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
     the escnn FieldType of ``forward_features``' output.
     """
 
@@ -219,10 +219,10 @@ class PEWideResNet(WideResNet):
                  block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None,
                  group: str = "D4", bandlimit: Optional[int] = None, out_bandlimit: Optional[int] = -1,
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
-                 learn_likelihood: bool = True, head: str = "auto"):
+                 learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased"):
         pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
                          field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
-                         learn_likelihood=learn_likelihood, head=head)
+                         learn_likelihood=learn_likelihood, head=head, basis=basis)
         factory = FieldLayers(**pe_config)
         factory.check_pool(global_pool)
         factory.check_widths(channels or (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor))

@@ -151,7 +151,7 @@ class _Twirled(nn.Module):
     """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
 
     def __init__(self, in_type, out_type, kernel_size: int, dilation: int, bias: bool,
-                 likelihood: GroupLikelihood | None):
+                 likelihood: GroupLikelihood | None, basis: str = "antialiased"):
         super().__init__()
         rep_in, rep_out = single_repr(in_type, "in_type"), single_repr(out_type, "out_type")
         if in_type.gspace != out_type.gspace:
@@ -168,9 +168,10 @@ class _Twirled(nn.Module):
         self.in_type, self.out_type = in_type, out_type
         self.in_channels, self.out_channels = in_type.size, out_type.size
         self.kernel_size, self.dilation = kernel_size, dilation
-        harm = ring_harmonics(kernel_size, dilation)
+        harm = ring_harmonics(kernel_size, dilation, basis)
+        self.basis = basis
         self.n_rot = quadrature_size(self.group, rep_in, rep_out, harm, likelihood.out_bandlimit)
-        ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot)
+        ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot, basis)
         self.basis_fingerprint = ops.fingerprint
         self._ops = ops  # its tensors: see _constants
         d_in, d_out = rep_in.size, rep_out.size
@@ -270,13 +271,16 @@ class PEConv2d(_Twirled):
         likelihood: the :class:`~eqzoo.GroupLikelihood` to use (shared by passing the same object),
             or ``None`` for a fresh one owned by this layer. A frozen uniform likelihood
             (``learnable=False``) gives the strict steerable convolution.
+        basis: ``"antialiased"`` (escnn's smooth ring harmonics) or ``"complete"`` (spans every
+            k x k kernel); see :data:`eqzoo.kernels.BASES`.
     """
 
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int = 0,
-                 dilation: int = 1, bias: bool = True, likelihood: GroupLikelihood | None = None):
+                 dilation: int = 1, bias: bool = True, likelihood: GroupLikelihood | None = None,
+                 basis: str = "antialiased"):
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
-        super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood)
+        super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood, basis)
         self.stride, self.padding = stride, padding
         self._patch_projections = {}  # input size, dtype, device -> see _patch_projection
 
@@ -360,7 +364,7 @@ class PEConv2d(_Twirled):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, group={self.group.spec}")
+                f"stride={self.stride}, padding={self.padding}, group={self.group.spec}, basis={self.basis}")
 
 
 class PELinear(_Twirled):
