@@ -184,3 +184,45 @@ def equivariance_error(model: nn.Module, x: torch.Tensor, elements=None, layers:
             h.remove()
         model.train(was_training)
     return rows
+
+
+@torch.no_grad()
+def head_invariance(model: nn.Module, threshold: float = 0.5) -> dict:
+    r"""How invariant a plain linear classifier (``head="plain"``) has become: the read-out of the
+    symmetry a model breaks in its head, where no λ records it.
+
+    The pooled features of the fields transform as :math:`p \mapsto ρ(g)\,p` when the input is
+    transformed by g, so the logits :math:`Wp` are invariant to g iff :math:`Wρ(g) = W`. The score
+
+    .. math:: s(g) = \langle Wρ(g), W \rangle / \|W\|^2 \;∈ [-1, 1]
+
+    is 1 for an invariant head and about 0 for an unrelated one. Returns ``{"scores": {element
+    name: s(g)}, "closest_subgroup"}``: the largest subgroup whose every element scores at least
+    ``threshold`` (elements: all of a finite group, rotations by multiples of 45° for O(2)/SO(2))."""
+    fc, ftype = getattr(model, "fc", None), getattr(model, "feature_type", None)
+    if not isinstance(fc, nn.Linear) or ftype is None or fc.in_features % ftype.size:
+        raise ValueError("head_invariance needs a pe model with a plain nn.Linear head (head='plain') on its "
+                         "pooled fields")
+    from .groups import group_of
+
+    G = group_of(ftype)
+    copies = fc.in_features // ftype.size  # catavgmax pools the fields twice
+    W = fc.weight.detach().double().cpu()
+    n_rot = G.n_rot if G.is_finite else 8
+
+    def score(s: int, theta: float) -> float:
+        rho = torch.as_tensor(ftype.representation(G.element(s, theta)), dtype=torch.float64)
+        return float((W @ torch.block_diag(*[rho] * copies) * W).sum() / W.square().sum())
+
+    scores = {}
+    for s in range(G.n_flip):
+        for k in range(n_rot):
+            scores[("flip∘" if s else "") + f"rot{round(360 * k / n_rot)}"] = score(s, 2 * math.pi * k / n_rot)
+    best, best_size = "C1", 1
+    for name, k, flip in G.subgroups():
+        if k == 0 or (not G.is_finite and n_rot % k):
+            continue  # continuous subgroups are not probed
+        vals = [score(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)]
+        if min(vals) >= threshold and k * (1 + flip) > best_size:
+            best, best_size = name, k * (1 + flip)
+    return {"scores": scores, "closest_subgroup": best}

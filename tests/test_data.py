@@ -181,3 +181,32 @@ def test_mnist_family_from_real_mnist(mnist_root):
         s = build_datasets(data_cfg(name=name, root=mnist_root, train_size=50, val_size=10, test_size=20))
         assert len(s.train) == 50 and s.train[0][0].shape == (1, 28, 28) and s.num_classes == 10
         assert len(set(np.round(s.train.elements["angle"], 6))) == n_angles
+
+
+def test_ddmnist_resampled_draws_new_elements_each_read(mnist_root):
+    """data.resample: the training canvases are drawn afresh on every read (the paper's
+    protocol), from the same digit pairs, reproducibly under torch's seed; val/test stay fixed."""
+    d = data_cfg(name="ddmnist", root=mnist_root, symmetry=["C4", "C4"], resample=True,
+                 train_size=200, val_size=100, test_size=100)
+    s = build_datasets(d)
+    fixed = build_datasets(dict(d, resample=False))
+    assert torch.equal(s.test.images, fixed.test.images)
+    torch.manual_seed(0)
+    first = [s.train[i] for i in range(20)]
+    again = [s.train[i] for i in range(20)]
+    torch.manual_seed(0)
+    replay = [s.train[i] for i in range(20)]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, replay))
+    assert sum(not torch.equal(a[0], b[0]) for a, b in zip(first, again)) >= 10
+    assert [y for _, y in first] == [int(v) for v in fixed.train.labels[:20]]
+    # the same digits, each on its side, turned by a quarter turn: each side's pixel multiset is kept
+    for i in range(20):
+        x, canvas = first[i][0][0], fixed.train.images[i].float() / 255
+        for side in (slice(0, 28), slice(28, 56)):
+            assert torch.allclose(x[:, side].sort().values.flatten().sort().values,
+                                  canvas[:, side].flatten().sort().values, atol=2 / 255)
+
+
+def test_resample_only_for_ddmnist():
+    with pytest.raises(ConfigError, match="data.resample"):
+        data_cfg(name="digits", resample=True)

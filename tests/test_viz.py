@@ -1,6 +1,7 @@
 """Interpretability: plots of the learnt λ, the degree-of-equivariance table and the measured
 equivariance error next to λ."""
 
+import math
 import pytest
 import timm
 import torch
@@ -96,3 +97,27 @@ def test_equivariance_error_follows_lambda(model, x):
     assert model.training is False
     with pytest.raises(ValueError, match="do not act exactly"):
         equivariance_error(model, x, elements=["rot45"])
+
+
+def test_head_invariance_names_the_symmetry_of_a_plain_head():
+    """A plain head made invariant to C4 (averaged over the rotations' permutations of the pooled
+    fields) reads as C4, and its logits are then invariant to 90-degree rotations of the input."""
+    torch.manual_seed(0)
+    model = timm.create_model("pe_resnet18", num_classes=3, layers=[1, 1, 1, 1], channels=[16, 16, 32, 32],
+                              stem_width=16, zero_init_last=False).double().eval()
+    assert isinstance(model.fc, torch.nn.Linear)
+    G, ftype = model.group, model.feature_type
+    out = eqzoo.head_invariance(model)
+    assert out["closest_subgroup"] == "C1" and out["scores"]["rot0"] == pytest.approx(1.0)
+    rots = [torch.as_tensor(ftype.representation(G.element(0, k * math.pi / 2)), dtype=torch.float64)
+            for k in range(4)]
+    with torch.no_grad():
+        model.fc.weight.copy_(sum(model.fc.weight @ r for r in rots) / 4)
+    out = eqzoo.head_invariance(model)
+    assert out["closest_subgroup"] == "C4", out
+    assert out["scores"]["rot90"] == pytest.approx(1.0) and out["scores"]["flip∘rot0"] < 0.9
+    x = torch.randn(2, 3, 33, 33, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(model(torch.rot90(x, 1, (2, 3))), model(x), atol=1e-8)
+    with pytest.raises(ValueError, match="plain nn.Linear head"):
+        eqzoo.head_invariance(timm.create_model("pe_resnet18", head="learnt", num_classes=3))

@@ -68,6 +68,8 @@ def check_data_config(d: dict) -> None:
         if not c or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9 for v in c) \
                 or len(set(c)) != len(c):
             raise ConfigError(f"config key 'data.classes' must be distinct digits 0..9, got {c!r}")
+    if d["resample"] and kind != "ddmnist":
+        raise ConfigError(f"config key 'data.resample' applies to ddmnist only, not to {name}")
     if kind == "ddmnist":
         for key in ("train_size", "val_size", "test_size"):
             if d[key] is not None and d[key] % 100:
