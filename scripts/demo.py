@@ -8,7 +8,8 @@ a random multiple of 90 degrees but never flipped. Three models with the same la
 - the learnt-λ D4 model (starts as the strict one; every layer learns its own λ).
 
 Then the learnt model is saved in the Hub format, reloaded through
-``timm.create_model('local-dir:...')`` and its λ is read out per layer.
+``timm.create_model('local-dir:...')``, its λ is read out per layer, and the symmetry its plain
+classifier learnt is read out with :func:`eqzoo.head_invariance`.
 """
 from __future__ import annotations
 
@@ -81,6 +82,13 @@ def main(argv=None) -> int:
               "(rotated, never flipped) suggests")
     else:
         print("-> on this run λ did not keep more mass on the rotations than on the reflections")
+
+    head = eqzoo.head_invariance(model)
+    print("\n## What the plain head learnt\n")
+    print("invariance of the classifier to each element (1 = the logits ignore it): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in head["scores"].items()))
+    print(f"-> the head is invariant to {head['closest_subgroup']} (the data: rotated by multiples of 90 degrees, "
+          "never flipped, i.e. C4)")
 
     plot = out / "likelihoods.png"
     eqzoo.plot_likelihoods(model, plot)

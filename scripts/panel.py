@@ -66,7 +66,7 @@ MODELS = {
 SEEDS = (0, 1, 2)
 # the ablations run on the single-digit sets only (budget)
 SINGLE = ("upright", "c4", "so2", "d1")
-EXTRA = {"learnt_head": SINGLE, "learnt_complete": SINGLE, "learnt_o2": SINGLE, "strict_c4": SINGLE}
+EXTRA = {"learnt_head": SINGLE, "learnt_complete": SINGLE, "learnt_o2": ("upright", "so2"), "strict_c4": ("c4", "so2")}
 
 
 def run_config(data: str, model: str, seed: int, root: str, out: Path) -> dict:
