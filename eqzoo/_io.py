@@ -1,23 +1,36 @@
-"""Atomic file writes: a reader (or a killed process) never leaves or sees half a file."""
+"""Atomic writes and folder claims: a reader (or a killed process) never leaves or sees half a
+file or a folder mixed from two writers.
+
+Temporary files and folders are created with ``os.open(..., 0o666)`` / ``os.mkdir(..., 0o777)``,
+so the kernel applies the user's umask, as for any file a program writes (``tempfile`` would make
+them 0600 / 0700, which leaves shared run folders and caches unreadable to the group).
+"""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
+
+
+def _unique_sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` into a temporary file next to ``path``, then ``os.replace`` onto it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _unique_sibling(path, "tmp")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -32,3 +45,58 @@ def save_tensors(tensors: dict, path: Path) -> None:
     # clone: safetensors refuses tensors sharing storage (tied weights); contiguous: channels_last
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, blocking: bool = True):
+    """Hold an exclusive ``flock`` on ``lock_path`` (a folder, or a file created if needed) for
+    the ``with`` block; yields False instead of waiting when ``blocking`` is False and another
+    process holds it. The kernel drops the lock when its process dies, so a killed holder never
+    blocks anyone."""
+    lock_path = Path(lock_path)
+    if lock_path.is_dir():
+        fd = os.open(lock_path, os.O_RDONLY)
+    else:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def new_sibling_dir(path: Path) -> Path:
+    """A fresh, empty folder next to ``path`` (same file system, so it can be renamed onto it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _unique_sibling(path, "new")
+    os.mkdir(tmp, 0o777)
+    return tmp
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Move the complete folder ``new`` to ``path``, replacing what is there.
+
+    Writers swap under a lock on the parent folder (no lock file is left behind), so concurrent
+    writers serialise and the last one's folder wins whole. ``rename`` cannot replace a
+    non-empty folder in one step: the old one is renamed aside first, so a reader sees the old
+    folder, the new one, or (for that instant) none, never a mix."""
+    new, path = Path(new), Path(path)
+    with locked(path.parent):
+        old = None
+        if path.exists():
+            old = _unique_sibling(path, "old")
+            os.rename(path, old)
+        try:
+            os.rename(new, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
