@@ -66,6 +66,8 @@ class Group:
         return G.bl_regular_representation(L=L)
 
     def field_size(self, bandlimit: int | None = None) -> int:
+        if self.is_finite:  # |G|, without building the representation (costly for large groups)
+            return self.order
         return self.field_repr(bandlimit).size
 
     def field_type(self, n_fields: int, bandlimit: int | None = None):

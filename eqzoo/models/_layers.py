@@ -8,26 +8,27 @@ plain counterpart an exported model loads into when timm has none (the CIFAR Wid
 """
 from __future__ import annotations
 
-import math
-
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
 from ..groups import get_group
-from ..kernels import BASES
 from ..likelihood import GroupLikelihood
 from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
-
-SHARE_MODES = ("layer", "stage", "model")
-# Classifiers on the pooled fields (see FieldLayers.classifier). "auto" is what the symmetry panel
-# measured best: a plain linear head for learnt-λ models, an invariant one for strict models.
-HEADS = ("auto", "plain", "learnt", "invariant")
+from ..validate import check_arg, check_widths
 
 # Global pools of timm's SelectAdaptivePool2d that act channel by channel (so they commute with
 # permutations of the channels inside regular fields) and how many copies of the fields they emit.
 _FINITE_POOLS = {"avg": 1, "max": 1, "avgmax": 1, "catavgmax": 2, "": 1}
 # Fields of O(2)/SO(2) are Fourier coefficients: only averaging is linear, hence equivariant.
 _CONTINUOUS_POOLS = {"avg": 1, "": 1}
+
+
+def resolved_head(head: str, learn_likelihood: bool) -> str:
+    """The classifier kind ``head`` means: ``"auto"`` is a plain head for learnt-λ models and an
+    invariant one for strict models."""
+    if head == "auto":
+        return "plain" if learn_likelihood else "invariant"
+    return head
 
 
 class PlainLayers:
@@ -84,20 +85,16 @@ class FieldLayers:
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
                  basis: str = "antialiased"):
-        if share_likelihood not in SHARE_MODES:
-            raise ValueError(f"share_likelihood must be one of {SHARE_MODES}, got {share_likelihood!r}")
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-        if head == "auto":
-            head = "plain" if learn_likelihood else "invariant"
-        self.head = head
-        if basis not in BASES:
-            raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+        for name, value in dict(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
+                                out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
+                                share_likelihood=share_likelihood, head=head, basis=basis).items():
+            check_arg(name, value)
+        self.head = resolved_head(head, learn_likelihood)
         self.basis = basis
         self.group = get_group(group)
         self.field_bandlimit = field_bandlimit
         self.bandlimit, self.out_bandlimit = bandlimit, out_bandlimit
-        self.learn_likelihood = bool(learn_likelihood)
+        self.learn_likelihood = learn_likelihood
         self.share_likelihood = share_likelihood
         self.new_likelihood()  # validates the band-limits now, with GroupLikelihood's message
         self._model_likelihood = self.new_likelihood() if share_likelihood == "model" else None
@@ -110,19 +107,8 @@ class FieldLayers:
         return self.group.field_size(self.field_bandlimit)
 
     def check_widths(self, widths) -> None:
-        """Finite groups: every width must be a whole number of regular fields (|G| channels), so
-        that the model has exactly the widths (and the compute) of its plain counterpart."""
-        if not self.group.is_finite:
-            return
-        bad = [w for w in widths if w % self.field_size]
-        if bad:
-            g = math.gcd(*[int(w) for w in widths])
-            fits = [f"{kind}{n}" for kind, per_n in (("D", 2), ("C", 1)) for n in range(1, 17)
-                    if g % (per_n * n) == 0 and per_n * n <= 16]
-            raise ValueError(
-                f"group {self.group.spec} has regular fields of {self.field_size} channels, which do not "
-                f"divide the model's widths {sorted(set(bad))}; groups whose order divides {g} fit: "
-                f"{', '.join(fits)} (or the continuous 'O2', 'SO2', which round widths to whole fields)")
+        """Finite groups: every width must be a whole number of regular fields (|G| channels)."""
+        check_widths(self.group, widths)
 
     def fields(self, channels: int):
         """The field type closest to ``channels`` channels: exactly ``channels / |G|`` regular fields

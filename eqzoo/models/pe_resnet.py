@@ -27,7 +27,8 @@ from timm.layers import DropPath
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..hub import build_pe_model
+from ..hub import build_pe_model, register_architectures
+from ..validate import ModelArgError, check_size, check_widths, checked_args
 from ._layers import FieldLayers, head_likelihood, install_head
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
@@ -109,11 +110,45 @@ class PEBottleneck(nn.Module):
         return self.act3(x)
 
 
+def _resnet_weights(block, layers, channels, stem_width, base_width, in_chans, num_classes) -> int:
+    """Weights of the plain ResNet with these widths (the size of the pe model's filters)."""
+    n, prev = in_chans * stem_width * 49, stem_width
+    for stage_idx, (planes, num_blocks) in enumerate(zip(channels, layers)):
+        out = planes * block.expansion
+        if block.expansion == 1:
+            branch = lambda c_in: (c_in + planes) * planes * 9
+        else:
+            mid = int(planes * base_width / 64)
+            branch = lambda c_in: c_in * mid + mid * mid * 9 + mid * out
+        n += branch(prev) + (prev * out if stage_idx or prev != out else 0) + (num_blocks - 1) * branch(out)
+        prev = out
+    return n + prev * num_classes
+
+
+def _check_resnet_args(a: dict) -> None:
+    """PEResNet's cross-key checks (each argument alone is checked by eqzoo.validate.RULES)."""
+    if isinstance(a["block"], str):
+        a["block"] = {"basic": PEBasicBlock, "bottleneck": PEBottleneck}[a["block"]]
+    if a["channels"] is None:
+        raise ModelArgError("channels", "must be a list of 4 widths, got None")
+    block, channels = a["block"], a["channels"]
+    mids = [int(c * a["base_width"] / 64) for c in channels]
+    if block.expansion != 1 and min(mids) < 1:
+        raise ModelArgError("base_width", f"={a['base_width']} gives bottleneck widths {mids}: every width must be >= 1")
+    check_widths(a["group"], [a["stem_width"]] + [c * block.expansion for c in channels]
+                 + (mids if block.expansion != 1 else []))
+    check_size(_resnet_weights(block, a["layers"], channels, a["stem_width"], a["base_width"], a["in_chans"],
+                               a["num_classes"]))
+
+
 class PEResNet(ResNet):
     """A partially equivariant ResNet with timm's layout (7x7 stem, max-pool, four stages).
 
+    Every argument is checked for its type and range before anything is built (see
+    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size).
+
     Args:
-        block: :class:`PEBasicBlock` or :class:`PEBottleneck`.
+        block: :class:`PEBasicBlock` or :class:`PEBottleneck` (or ``"basic"`` / ``"bottleneck"``).
         layers: number of blocks per stage.
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate: as timm's ResNet.
             ``global_pool`` must be channel-wise for the fields: ``avg``, ``max``, ``avgmax``,
@@ -135,6 +170,7 @@ class PEResNet(ResNet):
         counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
     """
 
+    @checked_args(_check_resnet_args)  # types and ranges first: before any escnn or tensor work
     def __init__(
             self,
             block=PEBasicBlock,
@@ -285,6 +321,7 @@ default_cfgs = generate_default_cfgs({
     "pe_wide_resnet50_2": _cfg(),
     "pe_wide_resnet101_2": _cfg(),
 })
+register_architectures(PEResNet, *default_cfgs)
 
 
 @register_model

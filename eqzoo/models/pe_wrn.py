@@ -20,7 +20,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ..hub import build_pe_model
+from ..hub import build_pe_model, register_architectures
+from ..validate import ModelArgError, check_size, check_widths, checked_args
 from ._layers import FieldLayers, PlainLayers, head_likelihood, install_head
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
@@ -75,7 +76,7 @@ class WideResNet(nn.Module):
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
         layers = PlainLayers() if layers is None else layers
-        channels = tuple(channels or (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor))
+        channels = _wrn_widths(depth, widen_factor, channels)
         if len(channels) != 4:
             raise ValueError(f"channels must be 4 widths (stem, stage1, stage2, stage3), got {channels}")
         blocks_per_stage = (depth - 4) // 6
@@ -205,15 +206,35 @@ class WideResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _wrn_widths(depth: int, widen_factor: int, channels) -> tuple:
+    return tuple(channels or (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor))
+
+
+def _check_wrn_args(a: dict) -> None:
+    """PEWideResNet's cross-key checks (each argument alone is checked by eqzoo.validate.RULES)."""
+    depth = a["depth"]
+    if (depth - 4) % 6:
+        raise ModelArgError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
+    widths = _wrn_widths(depth, a["widen_factor"], a["channels"])
+    check_widths(a["group"], widths)
+    n, prev = a["in_chans"] * widths[0] * 9, widths[0]
+    for width in widths[1:]:  # (depth - 4) / 6 blocks of two 3x3 convolutions, one projection
+        n += (prev + width) * width * 9 + prev * width + ((depth - 4) // 6 - 1) * 2 * width * width * 9
+        prev = width
+    check_size(n + prev * a["num_classes"])
+
+
 class PEWideResNet(WideResNet):
     """Partially equivariant WRN: :class:`WideResNet` built from eqzoo's layers.
 
     Takes :class:`WideResNet`'s arguments and ``group`` (default ``"D4"``), ``bandlimit``,
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
     ``"model"``), ``learn_likelihood``, ``head`` and ``basis`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
-    the escnn FieldType of ``forward_features``' output.
+    the escnn FieldType of ``forward_features``' output. Every argument is checked for its type
+    and range before anything is built (see :mod:`eqzoo.validate`).
     """
 
+    @checked_args(_check_wrn_args)  # types and ranges first: before any escnn or tensor work
     def __init__(self, depth: int = 16, widen_factor: int = 8, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None,
@@ -225,7 +246,7 @@ class PEWideResNet(WideResNet):
                          learn_likelihood=learn_likelihood, head=head, basis=basis)
         factory = FieldLayers(**pe_config)
         factory.check_pool(global_pool)
-        factory.check_widths(channels or (16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor))
+        factory.check_widths(_wrn_widths(depth, widen_factor, channels))
         super().__init__(depth, widen_factor, num_classes, in_chans, global_pool, drop_rate, drop_path_rate,
                          block_drop_rate, channels, layers=factory)
         self.pe_config = pe_config
@@ -273,6 +294,7 @@ default_cfgs = generate_default_cfgs({
     "pe_wrn16_8": _cfg(),
     "pe_wrn28_10": _cfg(),
 })
+register_architectures(PEWideResNet, *default_cfgs)
 
 
 @register_model
