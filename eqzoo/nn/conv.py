@@ -255,6 +255,14 @@ class _Twirled(nn.Module):
             shape = "[B, C, H, W]" if spatial else "[B, C]"
             raise ValueError(f"{type(self).__name__} expects {shape} with C = {self.in_channels} "
                              f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
+        # as nn.Conv2d: the input's dtype must be the weights' (outside autocast, which casts);
+        # casting the filter to the input would silently run a float32 model in float16
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if (x.dtype != self.weight.dtype and not autocast) or not x.is_floating_point():
+            hint = " (images as uint8: convert with x.float() / 255)" if x.dtype == torch.uint8 else ""
+            raise RuntimeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the weights' "
+                               f"{self.weight.dtype}{hint}; cast the input (x.to({self.weight.dtype})) or the "
+                               "model (model.to(dtype)), or run under torch.autocast")
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
@@ -304,7 +312,7 @@ class PEConv2d(_Twirled):
         and its gradient would cost more than the convolution), and the input map is small enough
         for its patch projection (P input pixels per channel) to stay cheap next to the matmul."""
         h, w = self._output_size(x)
-        return x.shape[0] * h * w < self.out_channels and 4 * x.shape[2] * x.shape[3] <= self.out_channels
+        return 0 < x.shape[0] * h * w < self.out_channels and 4 * x.shape[2] * x.shape[3] <= self.out_channels
 
     def _patch_projection(self, x: torch.Tensor) -> torch.Tensor:
         """The matrix [P, H * L] taking one channel's P input pixels to ⟨ψ_h, patch_l⟩ for the L

@@ -80,6 +80,8 @@ class FieldBatchNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         B, C, H, W = x.shape
+        if x.numel() == 0:  # an empty batch (as nn.BatchNorm2d allows): nothing to normalise or learn from
+            return x.clone()
         if self.permutation:
             update = self.training and self.track_running_stats
             momentum = self._momentum() if update else 0.0
