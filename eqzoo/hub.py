@@ -31,6 +31,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import atomic_write, save_tensors, write_json
+from ._io import atomic_write, new_sibling_dir, replace_dir, save_tensors, write_json
 from .regularizers import likelihoods as _likelihoods
 
 _logger = logging.getLogger(__name__)
@@ -113,6 +114,32 @@ def basis_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, fp in layer_fingerprints(model).items():
         h.update(f"{name}={fp}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _likelihood_layout(model: nn.Module) -> tuple[list[str], str]:
+    """How the convolutions share their likelihoods (``"path:k:group:L:L_out"``, k numbering the
+    distinct likelihoods in module order) and the model's resolved head kind."""
+    from .likelihood import GroupLikelihood
+    from .models._layers import resolved_head
+
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    ids, layout = {}, []
+    for name, m in model.named_modules():
+        lam = getattr(m, "likelihood", None)
+        if isinstance(lam, GroupLikelihood) and name != classifier:  # the head may be replaced (fine-tuning)
+            k = ids.setdefault(id(lam), len(ids))
+            layout.append(f"{name}:{k}:{lam.group.spec}:{lam.bandlimit}:{lam.out_bandlimit}")
+    pe = getattr(model, "pe_config", None) or {}
+    return layout, resolved_head(pe.get("head", "auto"), pe.get("learn_likelihood", True))
+
+
+def structure_fingerprint(model: nn.Module) -> str:
+    """One hash over what the bases and the weights' shapes do not pin down but the function
+    depends on: which layers share a likelihood (``share_likelihood``) and the kind of head. Loading
+    one model's weights into another sharing would silently give other outputs."""
+    layout, head = _likelihood_layout(model)
+    h = hashlib.sha256("\n".join(layout + [f"head={head}"]).encode())
     return h.hexdigest()[:16]
 
 
@@ -192,7 +219,14 @@ def _known_args(architecture: str, model_cls=None) -> dict[str, tuple | None]:
     return known
 
 
-_ARCH_ARGS: dict[str, dict[str, tuple | None]] = {}  # learnt from model classes built in this process
+_ARCH_ARGS: dict[str, dict[str, tuple | None]] = {}  # architecture -> its class's accepted args
+
+
+def register_architectures(model_cls, *architectures: str) -> None:
+    """Record the model class of eqzoo entry functions, so that their config.json / training
+    model_args are checked against the class's arguments before anything is built."""
+    for name in architectures:
+        _ARCH_ARGS[name] = _accepted_args(model_cls)
 
 
 def is_pe_architecture(architecture: str) -> bool:
@@ -205,27 +239,38 @@ def is_pe_architecture(architecture: str) -> bool:
     return module.startswith("eqzoo.") or architecture in _EXTRA_MODEL_ARGS or architecture in _ARCH_ARGS
 
 
+def model_arg_problem(architecture: str, key: str, value, model_cls=None) -> str | None:
+    """What is wrong with one model_args entry of ``architecture`` (an unknown key, a wrong type
+    or a value out of range; see :mod:`eqzoo.validate`), or None when it is fine."""
+    from .validate import RULES, ModelArgError, check_arg
+
+    known = _known_args(architecture, model_cls)
+    if key not in known:
+        import difflib
+
+        close = difflib.get_close_matches(key, list(known), n=1)
+        return (f"is an unknown key for {architecture}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                f"known: {', '.join(sorted(known))}")
+    if key in RULES:
+        try:
+            check_arg(key, value)
+        except ModelArgError as e:
+            return e.problem
+    elif not _type_ok(value, known[key]):
+        want = " or ".join("null" if t is _NONE else t.__name__ for t in known[key]) if known[key] else "JSON"
+        return f"must be {want}, got {value!r}"
+    return None
+
+
 def validate_model_args(architecture: str, model_args, model_cls=None, where: str = "model_args") -> dict:
-    """Check keys and JSON types of a model_args dict; returns it. Raises :class:`HubConfigError`."""
+    """Check keys, types and ranges of a model_args dict (see :mod:`eqzoo.validate`: strings are
+    never booleans, sizes are capped); returns it. Raises :class:`HubConfigError`."""
     if not isinstance(model_args, dict):
         raise HubConfigError(f"{where} must be a JSON object, got {type(model_args).__name__}")
-    known = _known_args(architecture, model_cls)
     for key, value in model_args.items():
-        if key not in known:
-            raise HubConfigError(f"{where} has an unknown key {key!r} for {architecture}; known keys: "
-                                 f"{', '.join(sorted(known))}")
-        if not _type_ok(value, known[key]):
-            want = " or ".join("null" if t is _NONE else t.__name__ for t in known[key]) if known[key] else "JSON"
-            raise HubConfigError(f"{where}[{key!r}] must be {want}, got {value!r}")
-    if "group" in model_args:
-        from .groups import get_group
-        try:
-            get_group(model_args["group"])
-        except ValueError as e:
-            raise HubConfigError(f"{where}['group']: {e}") from None
-    for key in ("num_classes", "in_chans"):
-        if key in model_args and model_args[key] < (0 if key == "num_classes" else 1):
-            raise HubConfigError(f"{where}[{key!r}] must be >= {0 if key == 'num_classes' else 1}, got {model_args[key]}")
+        problem = model_arg_problem(architecture, key, value, model_cls)
+        if problem is not None:
+            raise HubConfigError(f"{where}[{key!r}] {problem}")
     return model_args
 
 
@@ -287,12 +332,17 @@ def parse_source(source: str | os.PathLike) -> tuple[str, str]:
             return prefix[:-1], text[len(prefix):]
     if Path(text).is_dir():
         return "local-dir", text
+    if not Path(text).exists() and (os.sep in text or text.startswith(".")):
+        raise FileNotFoundError(f"{text}: no such folder (expected a saved model folder, "
+                                "'hf-hub:ORG/NAME[@REVISION]' or 'local-dir:PATH')")
     raise ValueError(f"expected 'hf-hub:ORG/NAME[@REVISION]', 'local-dir:PATH' or a folder, got {text!r}")
 
 
 def _fetch(kind: str, location: str, filename: str, what: str = "") -> Path:
     """Local path of ``filename`` from a Hub repo (downloaded/cached) or a folder."""
     if kind == "local-dir":
+        if not Path(location).is_dir():
+            raise FileNotFoundError(f"local-dir:{location}: no such folder")
         path = Path(location) / filename
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found{what}")
@@ -310,14 +360,60 @@ def _fetch(kind: str, location: str, filename: str, what: str = "") -> Path:
                                 f"reached ({e.__class__.__name__}); connect once, or unset HF_HUB_OFFLINE") from None
 
 
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Parse a config.json: a JSON object in timm's layout (``architecture`` a string,
+    ``model_args`` / ``pretrained_cfg`` objects when present). A truncated, empty or non-object
+    file raises :class:`HubConfigError` naming the file."""
+    path = Path(path)
+    fix = "it is truncated or corrupt: download or save it again"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HubConfigError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); {fix}") from None
+    if not text.strip():
+        raise HubConfigError(f"{path} is empty; {fix}")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HubConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    if not isinstance(cfg, dict):
+        raise HubConfigError(f"{path}: expected a JSON object (timm's config layout), got {type(cfg).__name__}")
+    if not isinstance(cfg.get("architecture"), str):
+        raise HubConfigError(f"{path}: 'architecture' is missing or not a string")
+    for key in ("model_args", "pretrained_cfg"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise HubConfigError(f"{path}: '{key}' must be a JSON object, got {type(cfg[key]).__name__}")
+    return cfg
+
+
+def _wrap_timm_config_reader() -> None:
+    """timm parses config.json itself, before eqzoo's entry function runs, so a damaged file
+    would surface as a bare JSONDecodeError, TypeError or KeyError without its path. timm's
+    reader is wrapped so that such files raise :class:`HubConfigError` naming the file; valid
+    files parse exactly as before."""
+    from timm.models import _hub as timm_hub
+
+    original = getattr(timm_hub, "load_cfg_from_json", None)
+    if original is None or getattr(original, "_eqzoo_checked", False):
+        return
+
+    @functools.wraps(original)
+    def load_cfg_from_json(json_file):
+        load_config_file(json_file)  # only to raise the clear error
+        return original(json_file)
+
+    load_cfg_from_json._eqzoo_checked = True
+    timm_hub.load_cfg_from_json = load_cfg_from_json
+
+
+_wrap_timm_config_reader()
+
+
 def read_config(source: str | os.PathLike, architecture: str | None = None, model_cls=None) -> dict:
     """Download/read and validate config.json of a ``hf-hub:``/``local-dir:`` source."""
     kind, location = parse_source(source)
     path = _fetch(kind, location, CONFIG_NAME)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HubConfigError(f"{kind}:{location}/{CONFIG_NAME} is not valid JSON: {e}") from None
+    cfg = load_config_file(path)
     return validate_config(cfg, architecture, model_cls, source=f"{kind}:{location}/{CONFIG_NAME}")
 
 
@@ -374,16 +470,62 @@ def _weights(kind: str, location: str) -> Path:
 
 
 # -- the load hook used by eqzoo's entry functions --------------------------------------------------
+# Arguments that change the function a checkpoint's weights compute without changing their shapes
+# (or that the entry function fills in, for the architecture ones): a load may not override them.
+_FUNCTION_ARGS = ("group", "bandlimit", "out_bandlimit", "field_bandlimit", "share_likelihood", "basis")
+_ARCHITECTURE_ARGS = ("layers", "channels", "stem_width", "base_width", "block", "depth", "widen_factor")
+
+
+def _plain(value):
+    """A comparable JSON-like form (tuples as lists)."""
+    return json.loads(json.dumps(value)) if _is_json(value) else value
+
+
+def _check_overrides(kwargs: dict, saved: dict, model_cls, source: str) -> None:
+    """Refuse load-time arguments that differ from the checkpoint's model_args where that changes
+    the function (timm merged the saved model_args into ``kwargs`` as defaults, so any difference
+    was asked for). Fine-tuning may change num_classes, in_chans, drop rates and the pool."""
+    from .models._layers import resolved_head
+
+    defaults = {}
+    if model_cls is not None:
+        defaults = {k: p.default for k, p in inspect.signature(model_cls).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    changed = []
+    for key in _FUNCTION_ARGS + _ARCHITECTURE_ARGS:
+        if key not in kwargs:
+            continue
+        if key in saved:
+            want = saved[key]
+        elif key in _FUNCTION_ARGS and key in defaults:
+            want = defaults[key]
+        else:
+            continue  # an architecture default of the entry function: the weights' shapes check it
+        if _plain(kwargs[key]) != _plain(want):
+            changed.append(f"{key}={kwargs[key]!r} (the checkpoint's: {want!r})")
+    # the head: compare what "auto" resolves to, so that an explicit equal head passes
+    head_of = lambda a: resolved_head(a.get("head", defaults.get("head", "auto")), a.get("learn_likelihood", True))
+    if "head" in kwargs and head_of(kwargs) != head_of(saved):
+        changed.append(f"head={kwargs['head']!r} (the checkpoint's: {head_of(saved)!r})")
+    if changed:
+        raise HubConfigError(f"{source}: {', '.join(changed)} would change the function the weights compute; "
+                             "drop these arguments to load the model as it was saved (fine-tuning may change "
+                             "num_classes, in_chans, global_pool and the drop rates)")
+
+
 def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=None) -> tuple[dict, dict | None]:
-    """Run before building a pe model: returns ``(kwargs, eqzoo_meta)``.
+    """Run before building a pe model: returns ``(kwargs, checkpoint)``.
 
     - ``hf-hub:``/``local-dir:`` sources (timm already merged config.json's model_args into
-      kwargs): config.json is validated (architecture, model_args, eqzoo section) before building.
+      kwargs): config.json is validated (architecture, model_args, eqzoo section) before building,
+      and arguments that would change the function of the saved weights are refused.
     - registry cfgs with an ``hf_hub_id`` and ``pretrained=True``: the Hub config.json is read and
       validated, its model_args become defaults (explicit kwargs win), its num_classes becomes the
       cfg's so that timm keeps the classifier, and only ``model.safetensors`` will be loaded.
-    - with ``pretrained=True`` the weight file is fetched and checked to be complete safetensors.
-    ``eqzoo_meta`` (config.json's eqzoo section, or None) goes to :func:`checkpoint_filter`.
+    - with ``pretrained=True`` the weight file is fetched and checked to be complete safetensors
+      and, when config.json records its hash, the file config.json was saved with.
+    ``checkpoint`` (``{"source", "eqzoo", "model_args"}`` of config.json, or None) goes to
+    :func:`checkpoint_filter`.
     """
     from timm.models import resolve_pretrained_cfg
 
@@ -396,6 +538,8 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=N
     if kind in ("hf-hub", "local-dir"):
         location = cfg_in["hf_hub_id"] if kind == "hf-hub" else cfg_in["file"]
         config = read_config(f"{kind}:{location}", variant, model_cls)
+        if pretrained:  # without the weights, a changed architecture is only a new model
+            _check_overrides(kwargs, config.get("model_args", {}), model_cls, f"{kind}:{location}")
         if kind == "hf-hub":  # weights from model.safetensors only, never a pickle fallback
             kwargs["pretrained_cfg"] = dict(cfg_in, hf_hub_filename=WEIGHTS_NAME)
     elif pretrained:
@@ -406,6 +550,7 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=N
             config = read_config(f"hf-hub:{location}", variant, model_cls)
             for key, value in config.get("model_args", {}).items():
                 kwargs.setdefault(key, value)
+            _check_overrides(kwargs, config.get("model_args", {}), model_cls, f"hf-hub:{location}")
             overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
             overlay.setdefault("num_classes", config["num_classes"])
             input_size = config.get("pretrained_cfg", {}).get("input_size")
@@ -423,9 +568,32 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=N
     for key in ("num_classes", "in_chans"):  # explicit overrides must make sense too
         if key in kwargs:
             validate_model_args(variant, {key: kwargs[key]}, model_cls, "arguments")
-    if pretrained and config is not None:
-        _weights(kind, location)
-    return kwargs, (config or {}).get("eqzoo")
+    if config is None:
+        return kwargs, None
+    if pretrained:
+        _check_weights_hash(_weights(kind, location), config, f"{kind}:{location}")
+    return kwargs, {"source": f"{kind}:{location}", "eqzoo": config.get("eqzoo", {}),
+                    "model_args": config.get("model_args", {})}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_weights_hash(path: Path, config: dict, source: str) -> None:
+    """The weight file must be the one config.json was saved with (a folder mixed from two saves,
+    or weights replaced by hand, would otherwise load into the wrong architecture silently)."""
+    want = (config.get("eqzoo") or {}).get("weights_sha256")
+    if want is None:  # folders saved before the hash was recorded
+        return
+    if _sha256(path) != want:
+        raise CheckpointError(f"{source}/{WEIGHTS_NAME} is not the file {CONFIG_NAME} was saved with (sha256 "
+                              f"differs): the folder mixes two saves or its weights were replaced; save it again "
+                              "with eqzoo.save_pretrained")
 
 
 def _adapt_stem(state_dict: dict, model: nn.Module) -> None:
@@ -461,12 +629,15 @@ def _adapt_stem(state_dict: dict, model: nn.Module) -> None:
         _logger.info("adapted the stem %s from %d to %d input channels", name, c_old, c_new)
 
 
-def checkpoint_filter(state_dict: dict, model: nn.Module, expected: dict | None = None,
+def checkpoint_filter(state_dict: dict, model: nn.Module, checkpoint: dict | None = None,
                       features_only: bool = False, then=None) -> dict:
     """timm ``pretrained_filter_fn`` for pe models (runs after the build, before ``load_state_dict``):
-    refuses weights made for other bases, warns when the classifier is re-initialised, adapts a
-    steerable stem to another ``in_chans``; ``then`` is a further filter of the model's own."""
-    if expected is not None:
+    refuses weights made for other bases, another likelihood sharing or head, and integer tensors
+    where the model has floats (``load_state_dict`` would cast them silently); warns when the
+    classifier is re-initialised; adapts a steerable stem to another ``in_chans``; ``then`` is a
+    further filter of the model's own."""
+    if checkpoint is not None:
+        expected, source = checkpoint["eqzoo"], checkpoint["source"]
         ours = basis_fingerprint(model)
         if ours != expected.get("basis_fingerprint"):
             saved = expected.get("versions", {})
@@ -476,6 +647,21 @@ def checkpoint_filter(state_dict: dict, model: nn.Module, expected: dict | None 
                 f"(eqzoo {versions()['eqzoo']}, escnn {versions()['escnn']}). Loading would give silently wrong "
                 "outputs: install the versions the checkpoint was saved with, or rebuild the model with the saved "
                 "model_args.")
+        structure = expected.get("structure_fingerprint")
+        if structure is not None and structure != structure_fingerprint(model):
+            args = checkpoint["model_args"]
+            share, head = getattr(model, "pe_config", {}).get("share_likelihood"), _likelihood_layout(model)[1]
+            raise CheckpointError(
+                f"{source}: this model shares its likelihoods or has a head other than the checkpoint's (saved "
+                f"share_likelihood={args.get('share_likelihood', 'layer')!r}, head={args.get('head', 'auto')!r}; "
+                f"this model: share_likelihood={share!r}, head={head!r}). "
+                "Loading would give silently different outputs: build it with the saved model_args.")
+        ref = model.state_dict()
+        for key, t in state_dict.items():
+            if key in ref and torch.is_tensor(t) and t.is_floating_point() != ref[key].is_floating_point():
+                raise CheckpointError(f"{source}/{WEIGHTS_NAME}: tensor {key!r} is {t.dtype} where the model has "
+                                      f"{ref[key].dtype}; eqzoo does not cast weights between integer and float "
+                                      "types: save the model again with eqzoo.save_pretrained")
     cfg = getattr(model, "pretrained_cfg", {}) or {}
     classifier = cfg.get("classifier")
     n_old, n_new = cfg.get("num_classes"), getattr(model, "num_classes", None)
@@ -494,10 +680,25 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
     :func:`checkpoint_filter`) and records ``model.model_args`` when the model has none."""
     from timm.models import build_model_with_cfg
 
-    kwargs, meta = prepare_pretrained(variant, pretrained, kwargs, model_cls)
-    filter_fn = functools.partial(checkpoint_filter, expected=meta, features_only=bool(kwargs.get("features_only")),
+    from .validate import ModelArgError
+
+    output_stride = kwargs.pop("output_stride", None)
+    if output_stride not in (None, 32):
+        raise ModelArgError("output_stride", f"{output_stride!r} is not supported by pe models (only 32, timm's "
+                            "default): timm makes stride-8/16 ResNets by dilating the last stages, and a dilated "
+                            "steerable kernel has another basis (escnn's rings and frequency cut-offs depend on "
+                            "the dilation), so the weights would not fit; take features at stride 32, or "
+                            "upsample the input")
+    kwargs, checkpoint = prepare_pretrained(variant, pretrained, kwargs, model_cls)
+    filter_fn = functools.partial(checkpoint_filter, checkpoint=checkpoint,
+                                  features_only=bool(kwargs.get("features_only")),
                                   then=kwargs.pop("pretrained_filter_fn", None))
-    model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    try:
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+    except ModelArgError as e:
+        if checkpoint is None:
+            raise
+        raise HubConfigError(f"{checkpoint['source']}/{CONFIG_NAME}: {e}") from None
     if not isinstance(getattr(model, "model_args", None), dict):
         # what rebuilds it: the constructor kwargs that are architecture, not run, and JSON
         model.model_args = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()
@@ -520,6 +721,11 @@ def model_args_of(model: nn.Module, model_args: dict | None = None) -> dict:
     args.update(current)
     args.update(model_args or {})
     args = {k: v for k, v in args.items() if k not in _RUNTIME_ARGS and not k.endswith("_drop_rate")}
+    pe = getattr(model, "pe_config", None)
+    if pe is not None:  # the head it has, not "auto": what "auto" means may depend on other arguments
+        from .models._layers import resolved_head
+
+        args["head"] = resolved_head(pe.get("head", "auto"), pe.get("learn_likelihood", True))
     bad = [k for k, v in args.items() if not _is_json(v)]
     if bad:
         raise HubConfigError(f"model_args {bad} are not JSON-serialisable: pass replacements via model_args=")
@@ -534,6 +740,10 @@ def hub_config(model: nn.Module, model_args: dict | None = None) -> dict:
     if not is_pe_architecture(arch):
         raise HubConfigError(f"cannot save a model with architecture {arch!r}: build it with "
                              "timm.create_model('pe_...') after `import eqzoo`")
+    if not layer_fingerprints(model):
+        raise HubConfigError(f"cannot save this {arch}: it has no eqzoo layers (an eqzoo.export() result is a plain "
+                             "model, which config.json could not rebuild); save the pe model itself, whose folder "
+                             f"holds the plain weights in {EXPORT_DIR}/ when timm has the architecture")
     args = validate_model_args(arch, model_args_of(model, model_args))
     with tempfile.TemporaryDirectory() as tmp:
         # timm resolves the data config; runtime/non-JSON kwargs are replaced and dropped afterwards
@@ -542,6 +752,7 @@ def hub_config(model: nn.Module, model_args: dict | None = None) -> dict:
         cfg = json.loads((Path(tmp) / CONFIG_NAME).read_text())
     cfg["model_args"] = args
     cfg["eqzoo"] = {"hub_format": HUB_FORMAT, "basis_fingerprint": basis_fingerprint(model),
+                    "structure_fingerprint": structure_fingerprint(model),
                     "n_layers": len(layer_fingerprints(model)), "versions": versions(),
                     "files": {"likelihoods": LIKELIHOODS_NAME, "plot": PLOT_NAME}}
     return cfg
@@ -617,10 +828,45 @@ def _export(model: nn.Module, directory: Path) -> str | None:
     return arch
 
 
+# What save_pretrained writes: a folder holding anything else is not replaced (it would be lost).
+_SAVED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, LIKELIHOODS_NAME, PLOT_NAME, CARD_NAME, EXPORT_DIR, ".gitattributes"}
+
+
+def _model_to_save(model) -> nn.Module:
+    """The model whose config.json and weights rebuild it: a ``torch.compile`` wrapper is saved as
+    the model it wraps (its state_dict keys carry an ``_orig_mod.`` prefix); a timm feature
+    extractor (``features_only=True``) is refused, since config.json builds the classifier model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_pretrained needs a torch.nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        model = inner
+    if type(model).__module__.startswith("timm.models._features"):
+        raise HubConfigError(f"cannot save a timm feature extractor ({type(model).__name__}, features_only=True): "
+                             "its weights are named differently and config.json rebuilds the whole model; save the "
+                             "model built without features_only, then load it with "
+                             "timm.create_model('local-dir:DIR', pretrained=True, features_only=True)")
+    return model
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    foreign = sorted(p.name for p in directory.iterdir() if p.name not in _SAVED_NAMES) if directory.is_dir() else []
+    if foreign:
+        raise FileExistsError(f"{directory} holds files that are not part of a saved model ({', '.join(foreign[:5])}"
+                              f"{', ...' if len(foreign) > 5 else ''}); a save replaces the whole folder: save into "
+                              "a new or empty folder")
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: dict | None = None,
                     card_data: dict | None = None, repo_id: str | None = None, export: bool = True,
                     plot: bool = True) -> Path:
     """Write ``model`` in the Hub layout (see the module docstring) to ``directory``; returns it.
+
+    The folder is written next to ``directory`` and renamed into place when complete, so a reader
+    (and a concurrent save) never sees a folder mixed from two saves; config.json records the
+    weights' sha256, which loading checks. A ``directory`` holding other files is refused.
 
     Args:
         model_args: constructor arguments to record on top of ``model.model_args``/timm's record.
@@ -631,30 +877,35 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: 
         export: also write ``exported/`` when the model has a plain timm counterpart.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    model = _model_to_save(model)
+    _check_target(directory)
     was_training = model.training
     model.eval()
+    new = None
     try:
         cfg = hub_config(model, model_args)  # validates before any file is touched
         record = likelihood_record(model)
-        save_tensors(model.state_dict(), directory / WEIGHTS_NAME)
-        write_json(directory / LIKELIHOODS_NAME, record)
+        new = new_sibling_dir(directory)
+        save_tensors(model.state_dict(), new / WEIGHTS_NAME)
+        cfg["eqzoo"]["weights_sha256"] = _sha256(new / WEIGHTS_NAME)
+        write_json(new / LIKELIHOODS_NAME, record)
         if plot and record["likelihoods"]:
             from .viz import plot_likelihoods
 
             fig = plot_likelihoods(record)
-            atomic_write(directory / PLOT_NAME, lambda p: fig.savefig(p, format="png", dpi=110))
-        exported = _export(model, directory) if export else None
-        if not exported and (directory / EXPORT_DIR).is_dir():  # stale from an earlier save
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                (directory / EXPORT_DIR / name).unlink(missing_ok=True)
+            atomic_write(new / PLOT_NAME, lambda p: fig.savefig(p, format="png", dpi=110))
+        exported = _export(model, new) if export else None
         if exported:
             cfg["eqzoo"]["exported"] = {"architecture": exported, "path": EXPORT_DIR}
         card = render_model_card(model, cfg, card_data or {}, repo_id=repo_id, has_plot=plot and bool(record["likelihoods"]))
-        atomic_write(directory / CARD_NAME, lambda p: p.write_text(str(card), encoding="utf-8"))
-        write_json(directory / CONFIG_NAME, cfg)  # last: a folder with config.json is complete
+        atomic_write(new / CARD_NAME, lambda p: p.write_text(str(card), encoding="utf-8"))
+        write_json(new / CONFIG_NAME, cfg)
+        replace_dir(new, directory)
+        new = None
     finally:
         model.train(was_training)
+        if new is not None:  # failed half-way: nothing of it stays
+            shutil.rmtree(new, ignore_errors=True)
     return directory
 
 
@@ -834,3 +1085,4 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
     if template.is_file():
         return ModelCard.from_template(data, template_path=str(template), **kwargs)
     return ModelCard.from_template(data, template_str=_FALLBACK_TEMPLATE, **kwargs)
+
