@@ -204,7 +204,34 @@ def validate_config(cfg: dict) -> dict:
             raise ConfigError(f"config key 'model_args' must map names to values, got key {k!r}")
     if "num_classes" in out["model_args"]:
         raise ConfigError("config key 'model_args.num_classes' is set from the data set: remove it")
+    check_model_args(out["model"], out["model_args"])
     return out
+
+
+def check_model_args(model: str, model_args: dict) -> None:
+    """``model_args`` of an eqzoo model, checked now rather than when the model is built: the
+    keys the model takes, and each value's type and range (see :mod:`eqzoo.validate`; strings
+    are never booleans). For a pretrained source (``hf-hub:``, ``local-dir:``, a folder) the
+    architecture is only known once its config.json is read: the values are checked."""
+    from . import models  # noqa: F401  (registers the pe_* models, whose arguments are checked)
+    from .hub import is_pe_architecture, model_arg_problem
+    from .validate import ModelArgError, check_arg
+
+    arch = model.split(".")[0]
+    pe = ":" not in model and is_pe_architecture(arch)
+    if not (pe or ":" in model or Path(model).is_dir()):
+        return  # a plain timm model: timm checks its own arguments
+    for key, value in model_args.items():
+        if pe:
+            problem = model_arg_problem(arch, key, value)
+        else:
+            try:
+                check_arg(key, value)
+                problem = None
+            except ModelArgError as e:
+                problem = e.problem
+        if problem is not None:
+            raise ConfigError(f"config key 'model_args.{key}' {problem}")
 
 
 def parse_overrides(items) -> dict:
@@ -239,14 +266,34 @@ def _deep_update(base: dict, new: dict) -> dict:
     return base
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML says
+    keys are unique, and PyYAML's silent "last one wins" hides a typo'd edit of a config."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
