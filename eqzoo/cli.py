@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -47,14 +48,24 @@ def _hub_folder(path: str) -> Path | None:
     return None
 
 
+class CliError(Exception):
+    """A usage mistake (a path that does not exist, a name that is no model): one line, exit 2."""
+
+
 def _model_spec(source: str) -> str:
+    from .train import _looks_like_path
+
+    if source.startswith("local-dir:") and not Path(source[len("local-dir:"):]).is_dir():
+        raise CliError(f"{source}: no such folder")
     if source.startswith(("hf-hub:", "local-dir:")):
         return source
     folder = _hub_folder(source)
     if folder is not None:
         return f"local-dir:{folder}"
     if Path(source).exists():
-        raise SystemExit(f"eqzoo: {source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
+        raise CliError(f"{source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
+    if _looks_like_path(source):
+        raise CliError(f"{source}: no such run or model folder")
     return source  # a timm model name
 
 
@@ -64,6 +75,9 @@ def _build(source: str, pretrained: bool = True):
     import eqzoo  # noqa: F401  (registers the pe_* models)
 
     spec = _model_spec(source)
+    if ":" not in spec and not timm.is_model(spec):
+        raise CliError(f"{source}: neither a run or model folder nor a timm model name (expected "
+                       "hf-hub:ORG/NAME, local-dir:PATH, a folder written by eqzoo, or e.g. pe_resnet18)")
     return timm.create_model(spec, pretrained=pretrained and ":" in spec).eval()
 
 
@@ -129,7 +143,7 @@ def _publish(args) -> int:
 
     folder = _hub_folder(args.source)
     if folder is None:
-        raise SystemExit(f"eqzoo: {args.source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
+        raise CliError(f"{args.source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
     info = publish(folder, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
     print(f"published {folder} to {args.repo_id} (commit {getattr(info, 'oid', '?')})")
     return 0
@@ -150,23 +164,61 @@ def _register_training() -> None:
 _register_training()
 
 
+def add_debug_flag(p: argparse.ArgumentParser, default=False) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the full traceback of an error (by default: one line)")
+
+
+def _exit_code(e: BaseException) -> int | None:
+    """2 for mistakes in what was asked (config, arguments, paths), 1 for other known failures
+    (damaged checkpoints, failed uploads), None for the unexpected."""
+    from .config import ConfigError
+    from .hub import CheckpointError, HubConfigError, PushError
+    from .train import TrainingError
+    from .validate import ModelArgError
+
+    if isinstance(e, (CliError, ConfigError, HubConfigError, ModelArgError, TrainingError, FileNotFoundError,
+                      FileExistsError)):
+        return 2
+    if isinstance(e, (CheckpointError, PushError)):
+        return 1
+    return None
+
+
+def guarded(prog: str, fn, debug: bool = False) -> int:
+    """Run ``fn``; an error prints one line (``--debug``: the traceback) and gives the exit status,
+    Ctrl-C exits with 130 (the run has printed how to resume)."""
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        code = _exit_code(e)
+        if code is None:  # not one of eqzoo's errors: name its type, offer the traceback
+            message = f"unexpected {type(e).__name__}: {e}" + ("" if debug else " (rerun with --debug for the traceback)")
+        else:
+            message = str(e)
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return code or 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqzoo", description="Learnt partial equivariance for timm models.")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in SUBCOMMANDS.items():
-        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        add_debug_flag(p, default=argparse.SUPPRESS)  # also after the subcommand: eqzoo train --debug ...
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .hub import CheckpointError, HubConfigError, PushError
-
-    try:
-        return SUBCOMMANDS[args.command].run(args) or 0
-    except (HubConfigError, CheckpointError, PushError, FileNotFoundError) as e:
-        print(f"eqzoo {args.command}: {e}", file=sys.stderr)
-        return 1
+    return guarded(f"eqzoo {args.command}", lambda: SUBCOMMANDS[args.command].run(args), args.debug)
 
 
 if __name__ == "__main__":

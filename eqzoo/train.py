@@ -34,11 +34,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
-import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from ._io import atomic_write, save_tensors, write_json
-from .config import RESUME_SAFE, ConfigError, config_diff, dump_config, load_config, read_yaml, validate_config
+from ._io import atomic_write, locked, new_sibling_dir, replace_dir, save_tensors, write_json
+from .config import (RESUME_SAFE, ConfigError, config_diff, dump_config, load_config, parse_overrides, read_yaml,
+                     validate_config)
 
 __all__ = ["train", "finetune", "evaluate", "cmd_train", "cmd_finetune", "cmd_eval", "main", "build_model",
            "SUBCOMMANDS", "configure_train", "run_train", "configure_finetune", "run_finetune", "configure_eval", "run_eval",
@@ -114,13 +115,26 @@ def _log(d: Dist, msg: str) -> None:
 
 
 # -- model ----------------------------------------------------------------------------------------------
+def _looks_like_path(name: str) -> bool:
+    # timm model names never hold a path separator, nor start with a dot or a tilde
+    return os.sep in name or "/" in name or name.startswith((".", "~"))
+
+
 def _source(name: str) -> str:
-    """A plain directory becomes ``local-dir:``; a run directory means its ``hub/`` folder."""
+    """A plain directory becomes ``local-dir:``; a run directory means its ``hub/`` folder. A
+    path that does not exist is an error here (it would otherwise be taken for a model name)."""
+    if name.startswith("local-dir:") and not Path(name[len("local-dir:"):]).is_dir():
+        raise FileNotFoundError(f"{name}: no such folder")
     if ":" not in name and Path(name).is_dir():
         p = Path(name)
         if (p / HUB_DIR / "config.json").is_file():
             p = p / HUB_DIR
+        elif not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p} has no config.json (nor {HUB_DIR}/config.json): not a run or a model "
+                                    "folder (a run's model is written when it finishes)")
         return f"local-dir:{p}"
+    if ":" not in name and _looks_like_path(name):
+        raise FileNotFoundError(f"{name}: no such run or model folder")
     return name
 
 
@@ -131,6 +145,8 @@ def build_model(cfg: dict, info: dict, pretrained: bool | None = None) -> nn.Mod
     import timm
 
     import eqzoo.models  # noqa: F401  (registers the pe_* models with timm)
+
+    from .validate import ModelArgError
 
     pretrained = cfg["pretrained"] if pretrained is None else pretrained
     kwargs = dict(cfg["model_args"])
@@ -146,6 +162,9 @@ def build_model(cfg: dict, info: dict, pretrained: bool | None = None) -> nn.Mod
         raise
     except TypeError as e:  # a model_args key the model does not take
         raise ConfigError(f"config key 'model_args' does not fit {cfg['model']!r}: {e}") from None
+    except ModelArgError as e:  # a value out of range, or widths that do not fit the group
+        key = "model_args" if e.arg == "arguments" else f"model_args.{e.arg}"
+        raise ConfigError(f"config key {key!r} {e.problem}") from None
     if pretrained and cfg["reset_head"] and getattr(model, "num_classes", None) == info["num_classes"] \
             and hasattr(model, "reset_classifier"):
         model.reset_classifier(info["num_classes"])  # a fresh head even when the class count is unchanged
@@ -290,8 +309,12 @@ def _evaluate_loader(model, loader, device, autocast, d: Dist, channels_last: bo
 
 # -- checkpoints ------------------------------------------------------------------------------------------
 def _load_tensors(path: Path) -> dict:
+    """A safetensors file, checked to be complete first (a damaged file names itself)."""
     from safetensors.torch import load_file
 
+    from .hub import check_safetensors
+
+    check_safetensors(path)
     return load_file(str(path))
 
 
@@ -348,33 +371,155 @@ def _optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict)
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+_CHECKPOINT = re.compile(r"epoch-(\d{4,})")
+_CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+_STATE_KEYS = ("epoch", "step", "best_epoch", "best_val_acc", "history", "optimizer", "rng")
+
+
 class RunDir:
     """The files of one run (see the module docstring)."""
+
+    # what makes a folder hold a run (a fresh start into it is refused without --overwrite)
+    RUN_FILES = ("config.yaml", "checkpoints", "metrics.csv", "metrics.json", "best.safetensors",
+                 "results.json", HUB_DIR, "tb")
+    LOCK = ".eqzoo-run.lock"  # flock'ed by the run writing here (the kernel drops it if the run dies)
 
     def __init__(self, path):
         self.path = Path(path)
         self.ckpts = self.path / "checkpoints"
+        self.previous: Path | None = None  # the checkpoint this process last saved or resumed from
 
-    def latest(self) -> Path | None:
+    def holds_run(self) -> list[str]:
+        """The run files in the folder (empty: no run)."""
+        return [name for name in self.RUN_FILES if (self.path / name).exists()]
+
+    def clear(self) -> None:
+        """Remove a previous run's files (``--overwrite``)."""
+        for name in self.RUN_FILES:
+            p = self.path / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+    @contextmanager
+    def claimed(self, resume: bool, overwrite: bool):
+        """Hold the run folder for a run: refuses a folder another run is writing to right now,
+        and (unless resuming) one that holds a run, except with ``overwrite``. The check and the
+        claim are one step under the lock, so of two runs started at once one is refused."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with locked(self.path / self.LOCK, blocking=False) as got:
+            if not got:
+                raise TrainingError(f"another eqzoo run is writing to {self.path} right now; wait for it to "
+                                    "finish, or set output=<another folder>")
+            if not resume:
+                held = self.holds_run()
+                if held and not overwrite:
+                    raise TrainingError(self._holds_message(held))
+                if held:
+                    self.clear()
+            yield
+
+    def _holds_message(self, held: list[str]) -> str:
+        what = "a checkpoint" if "checkpoints" in held else "files of a run: " + ", ".join(held)
+        return (f"{self.path} already holds a run ({what}): pass --resume to continue it, --overwrite to start "
+                "it again (its files are deleted), or set output=<another folder>")
+
+    def _pointed(self) -> tuple[Path | None, str | None]:
+        """The checkpoint latest.json names, or (None, why not)."""
         ptr = self.ckpts / "latest.json"
         if not ptr.is_file():
-            return None
-        return self.ckpts / json.loads(ptr.read_text())["dir"]
+            return None, None
+        try:
+            name = json.loads(ptr.read_text(encoding="utf-8"))["dir"]
+        except (ValueError, KeyError, TypeError) as e:
+            return None, f"{ptr} is not valid ({type(e).__name__}: {e})"
+        # a bare folder name of this run only: a path into another run would mix two runs
+        if not isinstance(name, str) or not _CHECKPOINT.fullmatch(name):
+            return None, f"{ptr} names {name!r}, which is not a checkpoint of this run (epoch-NNNN)"
+        return self.ckpts / name, None
+
+    def checkpoints(self) -> list[Path]:
+        """This run's checkpoint folders, newest first."""
+        if not self.ckpts.is_dir():
+            return []
+        found = [p for p in self.ckpts.iterdir() if p.is_dir() and _CHECKPOINT.fullmatch(p.name)]
+        return sorted(found, key=lambda p: int(_CHECKPOINT.fullmatch(p.name).group(1)), reverse=True)
+
+    def has_checkpoint(self) -> bool:
+        return bool(self.checkpoints()) or (self.ckpts / "latest.json").is_file()
+
+    def latest(self) -> Path | None:
+        """The last complete checkpoint (latest.json's; else the newest folder), unchecked."""
+        pointed, _ = self._pointed()
+        return pointed if pointed is not None else next(iter(self.checkpoints()), None)
+
+    @staticmethod
+    def check_checkpoint(folder: Path) -> str | None:
+        """Why ``folder`` is not a usable checkpoint, or None."""
+        from .hub import CheckpointError, check_safetensors
+
+        if not folder.is_dir():
+            return f"{folder} is missing"
+        for name in _CHECKPOINT_FILES:
+            if not (folder / name).is_file():
+                return f"{folder / name} is missing"
+        try:
+            for name in _CHECKPOINT_FILES[:2]:
+                check_safetensors(folder / name)
+        except CheckpointError as e:
+            return str(e).split("; ")[0]
+        try:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+            missing = [k for k in _STATE_KEYS if k not in state]
+        except (ValueError, TypeError) as e:
+            return f"{folder / 'state.json'} is not valid JSON ({e})"
+        if missing:
+            return f"{folder / 'state.json'} lacks {', '.join(missing)}"
+        if state["epoch"] != int(_CHECKPOINT.fullmatch(folder.name).group(1)):
+            return f"{folder / 'state.json'} is for epoch {state['epoch']}, not {folder.name}"
+        return None
+
+    def resume_point(self) -> tuple[Path, list[str]]:
+        """The checkpoint to resume from: latest.json's when it is usable, else the newest usable
+        one, with what was wrong with the newer ones (to say so). TrainingError when none is."""
+        pointed, why = self._pointed()
+        candidates = ([pointed] if pointed is not None else []) + [p for p in self.checkpoints() if p != pointed]
+        problems = [why] if why else []
+        for folder in candidates:
+            problem = self.check_checkpoint(folder)
+            if problem is None:
+                return folder, problems
+            problems.append(problem)
+        raise TrainingError(f"nothing to resume in {self.path}: no usable checkpoint"
+                            + (f" ({'; '.join(problems)})" if problems else " (checkpoints/ is empty)")
+                            + "; start the run again with --overwrite")
 
     def save_checkpoint(self, epoch: int, model, opt, state: dict, rng: list, scaler) -> None:
-        """Writes epoch-NNNN/ completely, then points latest.json at it (an atomic rename), then
-        removes older checkpoints: a run killed at any moment leaves a complete latest checkpoint."""
+        """Writes epoch-NNNN/ into a fresh folder and renames it into place, points latest.json at
+        it (an atomic replace), then removes all but it and the previous checkpoint: a run killed
+        at any moment leaves a complete latest checkpoint, and one damaged later has a fallback."""
         folder = self.ckpts / f"epoch-{epoch:04d}"
-        if folder.exists():
-            shutil.rmtree(folder)
-        save_tensors(model.state_dict(), folder / "model.safetensors")
-        opt_t, opt_meta = _optimizer_to_files(opt)
-        save_tensors(opt_t, folder / "optimizer.safetensors")
-        write_json(folder / "state.json", dict(state, optimizer=opt_meta, rng=rng,
-                                                scaler=scaler.state_dict() if scaler is not None else None))
+        tmp = new_sibling_dir(folder)
+        try:
+            save_tensors(model.state_dict(), tmp / "model.safetensors")
+            opt_t, opt_meta = _optimizer_to_files(opt)
+            save_tensors(opt_t, tmp / "optimizer.safetensors")
+            write_json(tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng,
+                                                 scaler=scaler.state_dict() if scaler is not None else None))
+            if folder.exists():  # from a run resumed at an earlier epoch
+                shutil.rmtree(folder)
+            os.rename(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         write_json(self.ckpts / "latest.json", {"dir": folder.name, "epoch": epoch})
-        for old in self.ckpts.glob("epoch-*"):
-            if old.is_dir() and old.name != folder.name:
+        keep = {folder.name, self.previous.name if self.previous is not None else None}
+        self.previous = folder
+        for old in self.ckpts.iterdir():
+            # older checkpoints, and the temporary folders of runs killed while writing one
+            stale = (_CHECKPOINT.fullmatch(old.name) and old.name not in keep) or old.name.startswith(".epoch-")
+            if old.is_dir() and stale:
                 shutil.rmtree(old, ignore_errors=True)
 
     def write_metrics(self, history: list[dict]) -> None:
@@ -416,9 +561,14 @@ def save_model_dir(model: nn.Module, directory, cfg: dict | None = None, results
         return save_pretrained(model, directory, model_args=model_args, card_data=card)
     from timm.models._hub import save_config_for_hf
 
-    directory.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.state_dict(), directory / "model.safetensors")
-    atomic_write(directory / "config.json", lambda p: save_config_for_hf(model, p, model_args=model_args))
+    new = new_sibling_dir(directory)  # written whole, then renamed into place (as save_pretrained)
+    try:
+        save_tensors(model.state_dict(), new / "model.safetensors")
+        atomic_write(new / "config.json", lambda p: save_config_for_hf(model, p, model_args=model_args))
+        replace_dir(new, directory)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
     return directory
 
 
@@ -458,7 +608,24 @@ def _check_resume_config(cfg: dict, run: RunDir) -> None:
                             f"only {', '.join(sorted(RESUME_SAFE))} may change when resuming")
 
 
-def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -> dict:
+def _claim(run: RunDir, resume: bool, overwrite: bool, d: Dist, stack: ExitStack) -> None:
+    """Rank 0 claims the run folder (see :meth:`RunDir.claimed`) for the rest of the run; every
+    process learns whether it could."""
+    error = None
+    if d.main:
+        try:
+            stack.enter_context(run.claimed(resume, overwrite))
+        except TrainingError as e:
+            error = str(e)
+    if d.on:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainingError(error)
+
+
+def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None, overwrite: bool = False) -> dict:
     from tqdm import tqdm
 
     from .data import build_datasets, data_info
@@ -468,15 +635,17 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
     d = _init_dist(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    stack = ExitStack()
+    run = RunDir(cfg["output"])
+    claimed = False
     try:
         device = _device(cfg, d)
-        run = RunDir(cfg["output"])
-        latest = run.latest()
-        if resume and latest is None:
-            raise TrainingError(f"nothing to resume in {run.path}: no checkpoint (checkpoints/latest.json)")
-        if not resume and latest is not None:
-            raise TrainingError(f"{run.path} already holds a run (checkpoint {latest.name}): pass --resume to "
-                                f"continue it, or set output=<another directory>")
+        # read-only checks first, so that a mistake costs no build; the claim below repeats them
+        if resume and not run.has_checkpoint():
+            raise TrainingError(f"nothing to resume in {run.path}: no checkpoint (checkpoints/latest.json)"
+                                + ("; start the run again with --overwrite" if run.holds_run() else ""))
+        if not resume and not overwrite and run.holds_run():
+            raise TrainingError(run._holds_message(run.holds_run()))
         if resume:
             _check_resume_config(cfg, run)
         info = data_info(cfg["data"])  # missing data files fail here, before anything is built
@@ -488,6 +657,10 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
         splits = build_datasets(cfg["data"], model)
         if splits.num_classes != info["num_classes"]:
             raise TrainingError(f"data set has {splits.num_classes} classes, expected {info['num_classes']}")
+        _claim(run, resume, overwrite, d, stack)
+        claimed = True
+        if d.main and not resume:  # at once: the folder now holds this run
+            atomic_write(run.path / "config.yaml", lambda p: p.write_text(dump_config(cfg), encoding="utf-8"))
         model.to(device)
         channels_last = cfg["channels_last"] and device.type == "cuda"
         if channels_last:
@@ -502,6 +675,9 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
         state = {"epoch": 0, "step": 0, "best_epoch": None, "best_val_acc": None, "history": []}
 
         if resume:
+            latest, problems = run.resume_point()
+            for problem in problems:  # a damaged newer checkpoint: say so, and which one is used
+                _log(d, f"warning: {problem}; resuming from the previous checkpoint, {latest.name}")
             _log(d, f"resuming {run.path} from {latest.name}")
             model.load_state_dict(_load_tensors(latest / "model.safetensors"))
             saved = json.loads((latest / "state.json").read_text())
@@ -509,15 +685,13 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
             if scaler is not None and saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             state = {k: saved[k] for k in state}
+            run.previous = latest
             if len(saved["rng"]) == d.world:
                 _set_rng_state(saved["rng"][d.rank])
             else:
                 _log(d, f"warning: checkpoint from {len(saved['rng'])} processes, now {d.world}: RNG streams restart")
                 torch.manual_seed(cfg["seed"] + 1000 * state["epoch"] + d.rank)
-        elif d.main:
-            run.path.mkdir(parents=True, exist_ok=True)
-            (run.path / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        if not resume:
+        else:
             # after the identical init: give each process its own stream (dropout, augmentation)
             torch.manual_seed(cfg["seed"] * 7919 + d.rank)
 
@@ -644,32 +818,59 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None) -
         if d.on:
             dist.barrier()
         return dict(result, status="finished", results=results, model_dir=model_dir)
+    except KeyboardInterrupt:
+        if d.main and claimed:  # Ctrl-C while training: say how to go on
+            latest = run.latest()
+            hint = (f"resume from {latest.name} with: eqzoo train --resume {run.path}" if latest is not None else
+                    f"no epoch was completed: start again with --overwrite (output={run.path})")
+            print(f"\ninterrupted; {hint}", file=sys.stderr)
+        raise
     finally:
+        stack.close()
         if d.owned and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overrides=None) -> dict:
+def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overrides=None,
+          overwrite: bool = False) -> dict:
     """Train from a config (path, dict or resolved config) into ``cfg.output``; returns a summary:
     ``status`` ("finished" / "stopped"), ``run_dir``, ``history`` (one dict per epoch), ``results``
     (best epoch, val/test accuracy), ``model_dir`` (the Hub-format folder, RUN/hub).
 
     ``resume`` continues the run in ``cfg.output`` from its last checkpoint; ``stop_after_epoch``
-    stops (resumably) once that many epochs are done."""
-    return _run(load_config(cfg, overrides), resume, stop_after_epoch)
+    stops (resumably) once that many epochs are done. A folder that holds another run is refused
+    unless resuming, or with ``overwrite`` (which deletes that run's files)."""
+    return _run(load_config(cfg, overrides), resume, stop_after_epoch, overwrite)
+
+
+def _finetune_config(cfg: dict, source: str | None, explicit_model_args: dict) -> dict:
+    """The config a fine-tuning run uses and records. With a ``source``, the model and its
+    architecture come from it: the config's own ``model`` and ``model_args`` describe another
+    model (e.g. the CNN baseline a data config was written for) and are replaced; only model_args
+    given as overrides (``model_args.drop_path_rate=0.1``) apply."""
+    cfg = dict(cfg)
+    if source is not None:
+        unused = [k for k in cfg["model_args"] if k not in explicit_model_args]
+        if (cfg["model"] != source or unused) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"fine-tuning {source}: the config's model ({cfg['model']})"
+                  + (f" and model_args ({', '.join(unused)})" if unused else "")
+                  + " describe another model and are not used", file=sys.stderr)
+        cfg.update(model=source, model_args=dict(explicit_model_args))
+    cfg["model"], cfg["pretrained"] = _source(cfg["model"]), True
+    return validate_config(cfg)
 
 
 def finetune(cfg, source: str | None = None, resume: bool = False, stop_after_epoch: int | None = None,
-             overrides=None) -> dict:
+             overrides=None, overwrite: bool = False) -> dict:
     """Fine-tune a pretrained model (``source`` or ``cfg.model``: ``hf-hub:org/name``,
     ``local-dir:PATH``, a run directory (its hub/) or model directory, or a registry ``arch.tag``) on ``cfg.data`` with a
-    new classifier for its classes. λ keeps learning unless ``freeze_likelihood``."""
-    cfg = load_config(cfg, overrides)
-    if source is not None:
-        cfg["model"] = source
-    cfg["model"] = _source(cfg["model"])
-    cfg["pretrained"] = True
-    return _run(cfg, resume, stop_after_epoch)
+    new classifier for its classes. λ keeps learning unless ``freeze_likelihood``. With ``source``,
+    the config's model and model_args are not used (see :func:`_finetune_config`)."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    explicit = dict((overrides or {}).get("model_args") or {})
+    cfg = _finetune_config(load_config(cfg, overrides), source, explicit)
+    return _run(cfg, resume, stop_after_epoch, overwrite)
 
 
 def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
@@ -723,6 +924,8 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     _common_args(p)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue a stopped or killed run from its last checkpoint (the config's output, or RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output folder that holds a run (deleting that run's files)")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="stop (resumably) once N epochs are done")
 
@@ -731,7 +934,7 @@ def configure_finetune(p: argparse.ArgumentParser) -> None:
     configure_train(p)
     p.add_argument("--from", dest="source", metavar="SOURCE",
                    help="pretrained model: hf-hub:org/name, local-dir:PATH, a run/model directory or arch.tag "
-                        "(default: the config's model)")
+                        "(default: the config's model); the config's model and model_args are then not used")
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
@@ -757,43 +960,33 @@ def _resolve(args) -> dict:
     return load_config(source, list(args.overrides))
 
 
-def _guard(fn) -> int:
-    """Run ``fn``; configuration and data problems print one clear line and exit 2."""
-    try:
-        fn()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run_train(args: argparse.Namespace) -> int:
+    _run(_resolve(args), bool(args.resume), args.stop_after_epoch, args.overwrite)
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
-    return _guard(lambda: _run(_resolve(args), bool(args.resume), args.stop_after_epoch))
-
-
 def run_finetune(args: argparse.Namespace) -> int:
-    def go():
-        cfg = _resolve(args)
-        if args.source:
-            cfg["model"] = args.source
-        cfg["model"], cfg["pretrained"] = _source(cfg["model"]), True
-        return _run(cfg, bool(args.resume), args.stop_after_epoch)
-    return _guard(go)
+    cfg = _resolve(args)
+    if not (args.resume and args.config is None):  # a resumed run's config.yaml is already the fine-tuning one
+        explicit = parse_overrides(args.overrides).get("model_args") or {}
+        cfg = _finetune_config(cfg, args.source, explicit)
+    _run(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    def go():
-        run_cfg = Path(args.source) / "config.yaml"
-        source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else None)
-        overrides = list(args.overrides)
-        if source is None:
-            overrides.append(f"model={args.source}")
-        out = evaluate(load_config(source, overrides), args.source, args.split)
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(out, indent=1))
-            if args.output:
-                write_json(Path(args.output), out)
-    return _guard(go)
+    _source(args.source)  # a mistyped path is named as such, before the config is looked for
+    run_cfg = Path(args.source) / "config.yaml"
+    source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else None)
+    overrides = list(args.overrides)
+    if source is None:
+        overrides.append(f"model={args.source}")
+    out = evaluate(load_config(source, overrides), args.source, args.split)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out, indent=1))
+        if args.output:
+            write_json(Path(args.output), out)
+    return 0
 
 
 SUBCOMMANDS = {
@@ -806,10 +999,14 @@ SUBCOMMANDS = {
 
 
 def _cmd(name: str, argv) -> int:
+    from .cli import add_debug_flag, guarded
+
     help_, configure, run = SUBCOMMANDS[name]
     p = argparse.ArgumentParser(prog=f"eqzoo {name}", description=help_)
     configure(p)
-    return run(p.parse_args(argv))
+    add_debug_flag(p)
+    args = p.parse_args(argv)
+    return guarded(f"eqzoo {name}", lambda: run(args), args.debug)
 
 
 def cmd_train(argv=None) -> int:
