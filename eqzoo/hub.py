@@ -565,9 +565,11 @@ def prepare_pretrained(variant: str, pretrained: bool, kwargs: dict, model_cls=N
         elif resolved.get("url") and not resolved.get("state_dict"):
             raise CheckpointError(f"{variant}: pretrained url {resolved['url']} is not supported; eqzoo loads "
                                   "weights from the Hub (hf_hub_id) or a local .safetensors file only")
+    from .validate import check_arg
+
     for key in ("num_classes", "in_chans"):  # explicit overrides must make sense too
         if key in kwargs:
-            validate_model_args(variant, {key: kwargs[key]}, model_cls, "arguments")
+            check_arg(key, kwargs[key])
     if config is None:
         return kwargs, None
     if pretrained:
@@ -971,6 +973,31 @@ def publish(directory: str | os.PathLike, repo_id: str, revision: str | None = N
 
 
 # -- reading the distributions only ------------------------------------------------------------------
+def _check_likelihood_entry(e, where: str) -> None:
+    """An entry of a downloaded likelihoods.json, checked before a GroupLikelihood is built from
+    it (a group of order 10**6 would take the machine's memory)."""
+    from .validate import ModelArgError, check_arg
+
+    if not isinstance(e, dict):
+        raise HubConfigError(f"{where} must be a JSON object, got {type(e).__name__}")
+    for key in ("group", "bandlimit", "out_bandlimit", "coefficients"):
+        if key not in e:
+            raise HubConfigError(f"{where} has no {key!r}")
+    try:
+        for key in ("group", "bandlimit", "out_bandlimit"):
+            check_arg(key, e[key])
+    except ModelArgError as err:
+        raise HubConfigError(f"{where}: {err}") from None
+    if not isinstance(e.get("learnable", True), bool):
+        raise HubConfigError(f"{where}: 'learnable' must be true or false, got {e['learnable']!r}")
+    c = e["coefficients"]
+    if not (isinstance(c, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c)):
+        raise HubConfigError(f"{where}: 'coefficients' must be a list of numbers")
+    layers = e.get("layers", [])
+    if not (isinstance(layers, list) and all(isinstance(v, str) for v in layers)):
+        raise HubConfigError(f"{where}: 'layers' must be a list of module paths")
+
+
 def load_likelihoods(source: str | os.PathLike, raw: bool = False) -> dict:
     """The learnt distributions of a published model, without building it.
 
@@ -987,12 +1014,15 @@ def load_likelihoods(source: str | os.PathLike, raw: bool = False) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         entries = data["likelihoods"]
+        if not isinstance(entries, dict):
+            raise TypeError(f"'likelihoods' is a {type(entries).__name__}, not an object")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise HubConfigError(f"{where}: {LIKELIHOODS_NAME} is not valid ({type(e).__name__}: {e})") from None
     if raw:
         return data
     out = {}
     for name, e in entries.items():
+        _check_likelihood_entry(e, f"{where}: {LIKELIHOODS_NAME}: likelihood {name!r}")
         lam = GroupLikelihood(e["group"], e["bandlimit"], e["out_bandlimit"], learnable=e.get("learnable", True))
         coeffs = torch.tensor(e["coefficients"], dtype=lam.coefficients.dtype)
         if coeffs.shape != lam.coefficients.shape:

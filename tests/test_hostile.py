@@ -1,0 +1,588 @@
+"""Hostile and mistaken input: every bad argument, config.json, YAML, checkpoint, path and tensor
+raises one clear error (or works as timm does) before anything costly happens; concurrent saves
+and runs never mix; damaged checkpoints fall back; files keep the user's umask."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+import eqzoo
+from eqzoo import hub
+from eqzoo._io import atomic_write, locked, save_tensors, write_json
+from eqzoo.config import ConfigError, load_config
+from eqzoo.hub import CheckpointError, HubConfigError
+from eqzoo.train import RunDir, TrainingError, cmd_finetune, cmd_train, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "digits_c4.yaml"
+SMALL = dict(group="D4", layers=[1, 1, 1, 1], stem_width=16, channels=[16, 16, 32, 32], num_classes=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    m = timm.create_model("pe_resnet18", **SMALL)
+    with torch.no_grad():  # distinct, learnt-looking λ per layer: sharing them would change the outputs
+        for lam in eqzoo.likelihoods(m).values():
+            lam.coefficients.normal_(0, 0.5)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(small, tmp_path_factory):
+    return hub.save_pretrained(small, tmp_path_factory.mktemp("saved") / "model", plot=False)
+
+
+def _copy(saved, tmp_path, name="copy"):
+    return Path(shutil.copytree(saved, tmp_path / name))
+
+
+def _edit_config(folder, fn):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    fn(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def _load(folder, **kwargs):
+    return timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs)
+
+
+# -- constructor arguments ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(layers=[1, 1, 1]), r"layers must be a list of 4 ints in \[1, 64\]"),
+    (dict(stem_width=0), r"stem_width must be >= 1, got 0"),
+    (dict(group="O2", field_bandlimit=-1), r"field_bandlimit must be >= 0"),
+    (dict(group="O2", field_bandlimit=8), r"field_bandlimit is 8, above the maximum of 7.*MAX_FIELD_BANDLIMIT"),
+    (dict(block="foo"), r"block must be 'basic', 'bottleneck' or a block class, got 'foo'"),
+    (dict(learn_likelihood="no"), r"learn_likelihood must be true or false \(a bool\), got 'no'"),
+    (dict(learn_likelihood="false"), r"learn_likelihood must be true or false"),
+    (dict(zero_init_last="yes"), r"zero_init_last must be true or false \(a bool\), got 'yes'"),
+    (dict(group=4), r"group must be a group spec string"),
+    (dict(share_likelihood=True), r"share_likelihood must be one of \('layer', 'stage', 'model'\), got True"),
+    (dict(drop_rate=2), r"drop_rate must be a number in \[0, 1\], got 2"),
+    (dict(drop_path_rate="x"), r"drop_path_rate must be a number in \[0, 1\]"),
+    (dict(bandlimit=1.5), r"bandlimit must be an int \(or null\), got 1.5"),
+    (dict(basis="fourier"), r"basis must be one of \('antialiased', 'complete'\)"),
+    (dict(output_stride=16), r"output_stride 16 is not supported by pe models.*dilat"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        timm.create_model("pe_resnet18", **dict(SMALL, **kwargs))
+    assert "\n" not in str(info.value)  # one line
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(depth=15), r"depth must be 6n \+ 4"),
+    (dict(channels=[16, 16, 32]), r"channels must be a list of 4 ints"),
+    (dict(block_drop_rate=-0.5), r"block_drop_rate must be a number in \[0, 1\]"),
+])
+def test_bad_wrn_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        timm.create_model("pe_wrn16_8", **kwargs)
+
+
+def test_output_stride_32_is_timms_default(small):
+    m = timm.create_model("pe_resnet18", output_stride=32, **SMALL)
+    assert m.feature_info[-1]["reduction"] == 32
+
+
+# -- config.json from the Hub is untrusted --------------------------------------------------------------
+@pytest.mark.parametrize("content, match", [
+    (lambda text: text[: len(text) // 2], r"config.json is not valid JSON \(.* at line \d+, column \d+\); it is truncated"),
+    (lambda text: "", r"config.json is empty; it is truncated or corrupt"),
+    (lambda text: "[1, 2, 3]", r"config.json: expected a JSON object .*got list"),
+    (lambda text: '"pe_resnet18"', r"config.json: expected a JSON object .*got str"),
+    (lambda text: "{}", r"config.json: 'architecture' is missing"),
+    (lambda text: json.dumps(dict(json.loads(text), model_args=[1])), r"config.json: 'model_args' must be a JSON object"),
+])
+def test_damaged_config_json_is_named(saved, tmp_path, content, match):
+    folder = _copy(saved, tmp_path)
+    path = folder / "config.json"
+    path.write_text(content(path.read_text()))
+    with pytest.raises(HubConfigError, match=match) as info:
+        _load(folder)
+    assert str(path) in str(info.value)
+    with pytest.raises(HubConfigError, match=match):
+        hub.read_config(folder)  # eqzoo's own reader says the same
+
+
+@pytest.mark.parametrize("args, match", [
+    (dict(learn_likelihood="false"), r"model_args\['learn_likelihood'\] must be true or false"),
+    (dict(field_bandlimit=-1), r"model_args\['field_bandlimit'\] must be >= 0"),
+    (dict(block="foo"), r"model_args\['block'\] must be 'basic', 'bottleneck'"),
+    (dict(stem_width=0), r"model_args\['stem_width'\] must be >= 1"),
+])
+def test_hostile_model_args_in_config_json(saved, tmp_path, args, match):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["model_args"].update(args))
+    with pytest.raises(HubConfigError, match=match) as info:
+        _load(folder)
+    assert "config.json" in str(info.value)
+
+
+# Requests that would exhaust the machine if a check were missing run in a child process whose
+# address space is capped (a regression fails there instead of taking the machine), which measures
+# how long each refusal takes and how much memory it touches.
+SMALL_ARGS = dict(layers=[1, 1, 1, 1], stem_width=16, channels=[16, 16, 32, 32])
+HUGE = {
+    "config.json group D1000000": ("config", dict(group="D1000000"),
+                                   r"config.json: model_args\['group'\] D1000000 has order 2000000, above the maximum of 32"),
+    "config.json layers 10**9": ("config", dict(layers=[10**9] * 4),
+                                 r"config.json: model_args\['layers'\] must be a list of 4 ints in \[1, 64\]"),
+    "config.json channels 10**9": ("config", dict(channels=[10**9] * 4),
+                                   r"config.json: model_args\['channels'\] must be a list of 4 ints in \[1, 8192\]"),
+    "config.json num_classes 10**12": ("config", dict(num_classes=10**12),
+                                       r"config.json: model_args\['num_classes'\] is 1000000000000, above the maximum"),
+    # each value within its cap, together not: the whole-model check, naming the file
+    "config.json 8192 wide, 64 deep": ("config", dict(stem_width=8192, channels=[8192] * 4, layers=[64] * 4),
+                                       r"config.json: PEResNet: arguments give a model of about .* weights.*MAX_WEIGHTS"),
+    "likelihoods.json group D1000000": ("likelihoods", dict(group="D1000000"),
+                                        r"likelihoods.json: likelihood 'conv1.likelihood': group D1000000 has order"),
+    "likelihoods.json bandlimit 10**9": ("likelihoods", dict(group="O2", bandlimit=10**9),
+                                         r"likelihoods.json: likelihood 'conv1.likelihood': bandlimit is 1000000000"),
+    "group D1000": ("resnet", dict(SMALL_ARGS, group="D1000"),
+                    r"group D1000 has order 2000, above the maximum of 32 .*MAX_GROUP_ORDER"),
+    "group C64": ("resnet", dict(group="C64", layers=[1, 1, 1, 1], stem_width=64, channels=[64] * 4),
+                  r"group C64 has order 64, above the maximum of 32"),
+    "layers 10**9": ("resnet", dict(SMALL_ARGS, layers=[10**9] * 4), r"layers must be a list of 4 ints in \[1, 64\].*MAX_BLOCKS"),
+    "channels 10**9": ("resnet", dict(SMALL_ARGS, channels=[10**9] * 4), r"channels must be .*\[1, 8192\].*MAX_WIDTH"),
+    "num_classes 10**12": ("resnet", dict(SMALL_ARGS, num_classes=10**12),
+                           r"num_classes is 1000000000000, above the maximum of 100000 .*MAX_CLASSES"),
+    "in_chans 10**6": ("resnet", dict(SMALL_ARGS, in_chans=10**6), r"in_chans is 1000000, above the maximum of 1024"),
+    "O2 bandlimit 10**6": ("resnet", dict(SMALL_ARGS, group="O2", bandlimit=10**6),
+                           r"bandlimit is 1000000, above the maximum of 32"),
+    "O2 out_bandlimit 10**6": ("resnet", dict(SMALL_ARGS, group="O2", out_bandlimit=10**6),
+                               r"out_bandlimit is 1000000, above the maximum of 32"),
+    "8192 wide": ("resnet", dict(SMALL_ARGS, stem_width=8192, channels=[8192] * 4),
+                  r"arguments give a model of about 5e\+09 weights .*MAX_WEIGHTS"),
+    "wrn depth 10**9": ("wrn", dict(depth=10**9), r"depth is 1000000000, above the maximum of 388"),
+    "wrn widen_factor 10**6": ("wrn", dict(widen_factor=10**6), r"widen_factor is 1000000, above the maximum of 128"),
+}
+
+RESOURCE_SCRIPT = r"""
+import json, resource, sys, time
+import timm, eqzoo
+
+def status():
+    d = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return {k: int(d[k].split()[0]) for k in ("VmRSS", "VmHWM", "VmSize")}
+
+limit = (status()["VmSize"] + 2 * 1024**2) * 1024  # 2 GB more address space than after the imports
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+folders, cases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+build = {"config": lambda name, args: timm.create_model("local-dir:" + folders[name], pretrained=True),
+         "likelihoods": lambda name, args: eqzoo.load_likelihoods("local-dir:" + folders[name]),
+         "resnet": lambda name, args: timm.create_model("pe_resnet18", **args),
+         "wrn": lambda name, args: timm.create_model("pe_wrn16_8", **args)}
+out = {}
+for name, (kind, args, _) in cases.items():
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current RSS
+    before, t = status()["VmRSS"], time.perf_counter()
+    try:
+        build[kind](name, args)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    out[name] = {"seconds": time.perf_counter() - t, "peak_mb": (status()["VmHWM"] - before) / 1024, "error": error}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def resource_use(saved, tmp_path_factory):
+    base, folders = tmp_path_factory.mktemp("huge"), {}
+    for name, (kind, args, _) in HUGE.items():
+        if kind == "config":
+            folders[name] = str(_copy(saved, base, f"case{len(folders)}"))
+            top = {k: v for k, v in args.items() if k == "num_classes"}  # timm's top-level copy too
+            _edit_config(Path(folders[name]), lambda c: (c["model_args"].update(args), c.update(top)))
+        elif kind == "likelihoods":
+            folders[name] = str(_copy(saved, base, f"case{len(folders)}"))
+            path = Path(folders[name]) / "likelihoods.json"
+            record = json.loads(path.read_text())
+            record["likelihoods"]["conv1.likelihood"].update(args)
+            path.write_text(json.dumps(record))
+    proc = subprocess.run([sys.executable, "-c", RESOURCE_SCRIPT, json.dumps(folders), json.dumps(HUGE)],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(HUGE))
+def test_huge_requests_refused_fast_and_small(resource_use, case):
+    r = resource_use[case]
+    assert r["error"] is not None and re.search(HUGE[case][2], r["error"]), r
+    assert r["error"].startswith(("HubConfigError", "ModelArgError")) and "\n" not in r["error"], r
+    assert r["seconds"] < 1.0 and r["peak_mb"] < 200, r
+
+
+# -- no silent differences at load ----------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(share_likelihood="model"), r"share_likelihood='model' \(the checkpoint's: 'layer'\) would change"),
+    (dict(head="learnt"), r"head='learnt' \(the checkpoint's: 'plain'\) would change"),
+    (dict(group="C4"), r"group='C4' \(the checkpoint's: 'D4'\)"),
+    (dict(basis="complete"), r"basis='complete'"),
+])
+def test_load_time_overrides_that_change_the_function_are_refused(saved, kwargs, match):
+    with pytest.raises(HubConfigError, match=match):
+        _load(saved, **kwargs)
+
+
+def test_allowed_load_time_arguments(saved, small):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(_load(saved, head="plain").eval()(x), small(x))  # equal to the saved head
+        assert torch.equal(_load(saved, learn_likelihood=False).eval()(x), small(x))  # λ frozen, same function
+    assert _load(saved, num_classes=5).num_classes == 5  # fine-tuning: a new head
+
+
+def test_edited_sharing_caught_by_the_structure_fingerprint(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["model_args"].update(share_likelihood="model"))
+    with pytest.raises(CheckpointError, match=r"shares its likelihoods or has a head other than the checkpoint's"):
+        _load(folder)
+
+
+def test_weights_from_another_save_refused(saved, small, tmp_path):
+    folder = _copy(saved, tmp_path)
+    sd = {k: v.clone() for k, v in small.state_dict().items()}
+    sd["conv1.weight"] += 1  # same shapes and names: only the recorded hash tells
+    save_file(sd, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not the file config.json was saved with"):
+        _load(folder)
+
+
+def test_integer_weights_are_not_cast(saved, small, tmp_path):
+    folder = _copy(saved, tmp_path)
+    sd = {k: v.clone() for k, v in small.state_dict().items()}
+    sd["conv1.weight"] = sd["conv1.weight"].to(torch.int32)
+    save_file(sd, str(folder / "model.safetensors"))
+    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=hub._sha256(folder / "model.safetensors")))
+    with pytest.raises(CheckpointError, match=r"tensor 'conv1.weight' is torch.int32 where the model has torch.float32"):
+        _load(folder)
+
+
+@pytest.mark.parametrize("dtype, match", [
+    (torch.float16, r"PEConv2d: input dtype torch.float16 does not match the weights' torch.float32"),
+    (torch.float64, r"input dtype torch.float64 does not match"),
+    (torch.uint8, r"input dtype torch.uint8 .*x.float\(\) / 255"),
+])
+def test_input_dtype_must_match_as_in_timm(small, dtype, match):
+    with pytest.raises(RuntimeError, match=match):
+        small(torch.zeros(2, 3, 32, 32, dtype=dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts: allowed, as in timm
+        if dtype.is_floating_point:
+            small(torch.zeros(1, 3, 32, 32, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("group", ["D4", "O2"])
+@pytest.mark.parametrize("head", ["plain", "learnt"])
+def test_empty_batch(group, head):
+    m = timm.create_model("pe_resnet18", **dict(SMALL, group=group, head=head))
+    x = torch.zeros(0, 3, 32, 32)
+    y = m.train()(x)
+    y.sum().backward()
+    assert y.shape == (0, 3) and m.eval()(x).shape == (0, 3)
+    assert all(torch.isfinite(b).all() for b in m.buffers())  # no statistics learnt from nothing
+
+
+def test_save_of_compiled_model_saves_the_model(small, tmp_path):
+    folder = hub.save_pretrained(torch.compile(small), tmp_path / "compiled", plot=False)
+    assert not any(k.startswith("_orig_mod") for k in load_file(str(folder / "model.safetensors")))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(_load(folder).eval()(x), small(x))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda m: eqzoo.export(m), r"has no eqzoo layers \(an eqzoo.export\(\) result"),
+    (lambda m: timm.create_model("pe_resnet18", features_only=True, **{k: v for k, v in SMALL.items()
+                                                                       if k != "num_classes"}),
+     r"cannot save a timm feature extractor \(FeatureListNet, features_only=True\)"),
+])
+def test_save_refuses_what_config_json_cannot_rebuild(small, tmp_path, make, match):
+    with pytest.raises(HubConfigError, match=match):
+        hub.save_pretrained(make(small), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_save_refuses_a_folder_with_other_files(small, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files that are not part of a saved model \(notes.txt\)"):
+        hub.save_pretrained(small, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+# -- concurrent writers ------------------------------------------------------------------------------------
+def test_concurrent_saves_leave_one_whole_folder(small, tmp_path):
+    other = timm.create_model("pe_resnet18", **dict(SMALL, num_classes=5)).eval()
+    target, errors = tmp_path / "shared", []
+
+    def save(model):
+        try:
+            for _ in range(3):
+                hub.save_pretrained(model, target, plot=False, export=False)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=save, args=(m,)) for m in (small, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    cfg = json.loads((target / "config.json").read_text())
+    assert cfg["eqzoo"]["weights_sha256"] == hub._sha256(target / "model.safetensors")
+    assert load_file(str(target / "model.safetensors"))["fc.weight"].shape[0] == cfg["num_classes"]
+    assert _load(target).num_classes == cfg["num_classes"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no temporary folders left
+
+
+def tiny(out, **over):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg.update(output=str(out), tensorboard=False, progress=False)
+    cfg["data"].update(train_size=64, val_size=16, test_size=16)
+    cfg["schedule"].update(epochs=2, warmup_epochs=0)
+    for k, v in over.items():
+        if isinstance(v, dict):
+            cfg.setdefault(k, {}).update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def test_concurrent_runs_into_one_folder(tmp_path):
+    out, results = tmp_path / "run", []
+
+    def run():
+        try:
+            results.append(train(tiny(out, schedule={"epochs": 1})))
+        except TrainingError as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    finished = [r for r in results if isinstance(r, dict)]
+    refused = [r for r in results if isinstance(r, TrainingError)]
+    assert len(finished) == 1 and len(refused) == 1, results
+    assert "another eqzoo run is writing to" in str(refused[0]) or "already holds a run" in str(refused[0])
+    assert json.loads((out / "results.json").read_text())["best_epoch"] == 1
+
+
+def test_a_run_holding_the_folder_refuses_others(tmp_path):
+    out = tmp_path / "run"
+    with locked(out / RunDir.LOCK):  # as a run in progress holds it
+        with pytest.raises(TrainingError, match="another eqzoo run is writing to"):
+            train(tiny(out))
+    assert not (out / "config.yaml").exists()
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 3-epoch run, and one stopped after epoch 2 (both checkpoints kept)."""
+    base = tmp_path_factory.mktemp("ckpt")
+    full = train(tiny(base / "full", schedule={"epochs": 3}))
+    train(tiny(base / "stopped", schedule={"epochs": 3}), stop_after_epoch=2)
+    return base / "full", base / "stopped", full
+
+
+def test_previous_checkpoint_is_kept(reference_run):
+    _, stopped, _ = reference_run
+    assert [p.name for p in RunDir(stopped).checkpoints()] == ["epoch-0002", "epoch-0001"]
+
+
+def _final_weights(run):
+    return load_file(str(run / "checkpoints" / "epoch-0003" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("damage, problem, start", [
+    (lambda run: (run / "checkpoints/epoch-0002/model.safetensors").write_bytes(b"\0" * 100),
+     r"epoch-0002/model.safetensors is not a valid safetensors file", "epoch-0001"),
+    (lambda run: (run / "checkpoints/epoch-0002/state.json").write_text('{"epoch": '),
+     r"epoch-0002/state.json is not valid JSON", "epoch-0001"),
+    # latest.json naming another run's checkpoint: ignored, this run's newest good one is used
+    (lambda run: (run / "checkpoints/latest.json").write_text(json.dumps({"dir": "../../full/checkpoints/epoch-0003"})),
+     r"names '../../full/checkpoints/epoch-0003', which is not a checkpoint of this run", "epoch-0002"),
+])
+def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path, capsys, damage, problem, start):
+    full, stopped, _ = reference_run
+    run = Path(shutil.copytree(stopped, tmp_path / "run"))
+    damage(run)
+    capsys.readouterr()
+    assert cmd_train(["--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(problem, warnings[0]), out
+    assert f"resuming {run} from {start}" in out
+    a, b = _final_weights(full), _final_weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # resume is exact from either checkpoint
+
+
+def test_no_usable_checkpoint(reference_run, tmp_path, capsys):
+    _, stopped, _ = reference_run
+    run = Path(shutil.copytree(stopped, tmp_path / "run"))
+    for folder in RunDir(run).checkpoints():
+        (folder / "model.safetensors").write_bytes(b"")
+    assert cmd_train(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "no usable checkpoint" in err and "Traceback" not in err
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import eqzoo.train as engine
+
+    calls, real = [], engine.lambda_kl
+
+    def interrupt_in_epoch_2(model):
+        calls.append(1)
+        if len(calls) == 4:  # two calls per epoch: the 4th is in epoch 2
+            raise KeyboardInterrupt
+        return real(model)
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
+    monkeypatch.setattr(engine, "lambda_kl", interrupt_in_epoch_2)
+    assert cmd_train(["--config", str(cfg)]) == 130
+    err = capsys.readouterr().err
+    assert f"resume from epoch-0001 with: eqzoo train --resume {tmp_path / 'run'}" in err
+    assert "Traceback" not in err
+    monkeypatch.setattr(engine, "lambda_kl", real)
+    assert cmd_train(["--resume", str(tmp_path / "run")]) == 0
+
+
+# -- configs and the CLI -------------------------------------------------------------------------------------
+def test_string_boolean_override_fails_before_training(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
+    with pytest.raises(ConfigError, match=r"'model_args.learn_likelihood' must be true or false \(a bool\), got 'false'"):
+        load_config(cfg, ['model_args.learn_likelihood="false"'])
+    assert cmd_train(["--config", str(cfg), 'model_args.learn_likelihood="false"']) == 2
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"'model_args.group'.*D1000000 has order 2000000"):
+        load_config(cfg, ["model_args.group=D1000000"])
+    with pytest.raises(ConfigError, match=r"'model_args.layrs' is an unknown key for pe_resnet18 \(did you mean 'layers'\?\)"):
+        load_config(cfg, ["model_args.layrs=[1,1,1,1]"])
+
+
+def test_model_args_cross_check_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"config key 'model_args.group' D8 has regular fields of 16 channels"):
+        train(tiny(tmp_path / "run", model_args={"group": "D8"}))  # widths 8 and 16
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"image_size": 10**5}, r"'data.image_size' is 100000, above the maximum of 1024"),
+    ({"train_size": 10**12}, r"'data.train_size' is 1000000000000, above the maximum of 10000000"),
+    ({"batch_size": 10**9}, r"'data.batch_size' is 1000000000, above the maximum of 65536"),
+    ({"name": "ddmnist", "symmetry": ["C1", "SO2"], "image_size": 1024, "train_size": 10**6, "val_size": 0,
+      "test_size": 0}, r"would take [\d.]+ GiB, above the maximum of 4 GiB"),
+])
+def test_data_sizes_are_capped(tmp_path, data, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(tiny(tmp_path / "run", data=data))
+
+
+def test_damaged_likelihoods_json(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    path = folder / "likelihoods.json"
+    record = json.loads(path.read_text())
+    del record["likelihoods"]["conv1.likelihood"]["group"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(HubConfigError, match=r"likelihoods.json: likelihood 'conv1.likelihood' has no 'group'"):
+        eqzoo.load_likelihoods(folder)
+    path.write_text('{"likelihoods": [')
+    with pytest.raises(HubConfigError, match=r"likelihoods.json is not valid \(JSONDecodeError"):
+        eqzoo.load_likelihoods(folder)
+
+
+def test_duplicate_yaml_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(TINY.read_text().replace("optim:\n  name: adamw\n", "optim:\n  name: adamw\n  lr: 1.0\n"))
+    with pytest.raises(ConfigError, match=r"dup.yaml: not valid YAML: .*duplicate key 'lr' \(first given on line \d+\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["eval", "runs/no-such-run"], "runs/no-such-run: no such run or model folder"),
+    (["inspect", "runs/no-such-run"], "runs/no-such-run: no such run or model folder"),
+    (["inspect", "local-dir:/no/such/folder"], "local-dir:/no/such/folder: no such folder"),
+    (["inspect", "not_a_model"], "not_a_model: neither a run or model folder nor a timm model name"),
+    (["finetune", "--config", str(TINY), "--from", "runs/no-such-run"], "runs/no-such-run: no such run or model folder"),
+    (["train", "--config", str(TINY), "model_args.group=D1000"], "D1000 has order 2000"),
+])
+def test_cli_errors_are_one_line(argv, match, capsys):
+    from eqzoo.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_cli_debug_shows_the_traceback(capsys):
+    from eqzoo.cli import main
+
+    assert main(["--debug", "inspect", "runs/no-such-run"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+    assert main(["inspect", "runs/no-such-run", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_finetune_from_uses_the_source_architecture(reference_run, tmp_path, capsys):
+    full, _, _ = reference_run
+    cnn = yaml.safe_load((ROOT / "configs" / "digits_cnn.yaml").read_text())  # the README's example
+    cnn.update(output=str(tmp_path / "ft"), tensorboard=False, progress=False)
+    cnn["data"].update(train_size=32, val_size=16, test_size=16)
+    cnn["schedule"].update(epochs=1, warmup_epochs=0)
+    cfg = tmp_path / "cnn.yaml"
+    cfg.write_text(yaml.safe_dump(cnn))
+    assert cmd_finetune(["--config", str(cfg), "--from", str(full), "model_args.drop_rate=0.1"]) == 0
+    note = capsys.readouterr().err
+    assert "the config's model (resnet18) and model_args (" in note and "are not used" in note
+    assert all(k in note for k in ("layers", "stem_width", "channels"))
+    recorded = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert recorded["model"] == f"local-dir:{full / 'hub'}" and recorded["model_args"] == {"drop_rate": 0.1}
+    saved = json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())
+    assert saved["architecture"] == "pe_resnet18" and saved["model_args"]["layers"] == [1, 1, 1, 1]
+
+
+# -- file modes ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_users_umask(small, tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        folder = hub.save_pretrained(small, tmp_path / "model", plot=False)
+        write_json(tmp_path / "a.json", {})
+        save_tensors({"x": torch.zeros(1)}, tmp_path / "a.safetensors")
+        atomic_write(tmp_path / "cache.npz", lambda p: p.write_bytes(b"x"))  # the basis cache's writer
+    finally:
+        os.umask(old)
+    files = [tmp_path / "a.json", tmp_path / "a.safetensors", tmp_path / "cache.npz"] + \
+        [p for p in folder.rglob("*") if p.is_file()]
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}
+    dirs = [folder] + [p for p in folder.rglob("*") if p.is_dir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in dirs} == {oct(0o777 & ~umask)}
