@@ -1,9 +1,10 @@
 """Atomic writes and folder claims: a reader (or a killed process) never leaves or sees half a
 file or a folder mixed from two writers.
 
-Temporary files and folders are created with ``os.open(..., 0o666)`` / ``os.mkdir(..., 0o777)``,
-so the kernel applies the user's umask, as for any file a program writes (``tempfile`` would make
-them 0600 / 0700, which leaves shared run folders and caches unreadable to the group).
+Files and folders get the user's umask, as any file a program writes (``tempfile`` would make
+them 0600 / 0700, which leaves shared run folders and caches unreadable to the group): temporary
+folders are made with ``os.mkdir(..., 0o777)``, and a temporary file is given ``0o666 & ~umask``
+before it is renamed into place.
 """
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def _unique_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
+def _umask() -> int:
+    try:  # Linux: read it, since setting it to read it is not thread-safe
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` into a temporary file next to ``path``, then ``os.replace`` onto it."""
     path = Path(path)
@@ -28,6 +42,8 @@ def atomic_write(path: Path, write) -> None:
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(tmp)
+        # some writers (safetensors) replace the file with a private 0600 one of their own
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
