@@ -33,10 +33,15 @@ _NUM = (int, float)
 class Key:
     """One config key: accepted Python types (as YAML parses them), default, optional choices."""
 
-    def __init__(self, types, default, choices=None, doc: str = "", min=None):
+    def __init__(self, types, default, choices=None, doc: str = "", min=None, max=None):
         self.types = types if isinstance(types, tuple) else (types,)
-        self.default, self.choices, self.doc, self.min = default, choices, doc, min
+        self.default, self.choices, self.doc, self.min, self.max = default, choices, doc, min, max
 
+
+# Caps on sizes that are materialised in memory (the synthetic data sets are built whole).
+MAX_IMAGE_SIZE = 1024
+MAX_SPLIT_SIZE = 10_000_000
+MAX_BATCH = 65_536
 
 # The schema. Sections are dicts of Key; ``model_args`` is free-form (it goes to timm.create_model,
 # whose model checks it) and so is nothing else.
@@ -51,23 +56,24 @@ SCHEMA: dict[str, Any] = {
     "data": {
         "name": Key(str, None, doc="data set, see eqzoo.data.DATASETS"),
         "root": Key(str, "data", doc="folder holding the downloaded data sets"),
-        "image_size": Key((int, _NONE), None, min=4, doc="side of the (square) input images; default per data set"),
+        "image_size": Key((int, _NONE), None, min=4, max=MAX_IMAGE_SIZE,
+                          doc="side of the (square) input images; default per data set"),
         "symmetry": Key((str, list, _NONE), None,
                         doc="group whose elements transform each image (digits / MNIST family: C1, C4, D4, "
                             "SO2, O2, D1, CN, DN); DDMNIST: [left group, right group]"),
         "classes": Key((list, _NONE), None, doc="digits / MNIST family: keep only these digit classes "
                                                 "(relabelled 0..k-1)"),
-        "train_size": Key((int, _NONE), None, min=1, doc="number of training images (default per data set)"),
-        "val_size": Key((int, _NONE), None, min=0, doc="number of validation images (0: no validation)"),
-        "test_size": Key((int, _NONE), None, min=0, doc="number of test images (null: all)"),
+        "train_size": Key((int, _NONE), None, min=1, max=MAX_SPLIT_SIZE, doc="number of training images (default per data set)"),
+        "val_size": Key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of validation images (0: no validation)"),
+        "test_size": Key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of test images (null: all)"),
         "seed": Key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
                                 "apart from the training seed so that runs with different seeds see the same data"),
         "augment": Key(bool, True, doc="natural images: timm's training augmentation"),
         "resample": Key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
                                          "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
-        "batch_size": Key(int, 64, min=1, doc="global batch size (split over the DDP processes)"),
-        "eval_batch_size": Key((int, _NONE), None, min=1, doc="batch size for evaluation (default: 2x batch_size)"),
-        "workers": Key(int, 0, min=0, doc="DataLoader worker processes"),
+        "batch_size": Key(int, 64, min=1, max=MAX_BATCH, doc="global batch size (split over the DDP processes)"),
+        "eval_batch_size": Key((int, _NONE), None, min=1, max=MAX_BATCH, doc="batch size for evaluation (default: 2x batch_size)"),
+        "workers": Key(int, 0, min=0, max=256, doc="DataLoader worker processes"),
     },
     "optim": {
         "name": Key(str, "adamw", choices=("adamw", "adam", "sgd")),
@@ -96,7 +102,7 @@ SCHEMA: dict[str, Any] = {
     "seed": Key(int, 0),
     "output": Key((str, _NONE), None, doc="run directory (default runs/<config name>)"),
     "device": Key(str, "auto", doc="auto, cpu, cuda, cuda:N"),
-    "threads": Key((int, _NONE), None, min=1, doc="CPU threads of this process (torch.set_num_threads); "
+    "threads": Key((int, _NONE), None, min=1, max=1024, doc="CPU threads of this process (torch.set_num_threads); "
                                                 "null: torch's default. On a busy machine 1 can be much faster"),
     "amp": Key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
     "channels_last": Key(bool, True, doc="channels_last memory format (CUDA only)"),
@@ -144,6 +150,9 @@ def _check_value(path: str, key: Key, value) -> None:
         raise ConfigError(f"config key {path!r} must be one of {', '.join(map(str, key.choices))}, got {value!r}")
     if key.min is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value < key.min:
         raise ConfigError(f"config key {path!r} must be >= {key.min}, got {value!r}")
+    if key.max is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value > key.max:
+        raise ConfigError(f"config key {path!r} is {value!r}, above the maximum of {key.max} (a cap of "
+                          "eqzoo.config.SCHEMA: such sizes would exhaust the machine's memory)")
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")

@@ -38,6 +38,9 @@ DATASETS = {
 }
 
 
+MAX_DDMNIST_BYTES = 4 * 2**30  # DDMNIST's images in memory (the paper's 17,000 at 56x56: 0.2 GB)
+
+
 def check_data_config(d: dict) -> None:
     """Static checks of a resolved ``data`` section (raises eqzoo.config.ConfigError)."""
     from ..config import ConfigError
@@ -75,6 +78,15 @@ def check_data_config(d: dict) -> None:
             if d[key] is not None and d[key] % 100:
                 raise ConfigError(f"config key 'data.{key}' for ddmnist must be a multiple of 100 (balanced over "
                                   f"the 100 classes), got {d[key]}")
+        # the synthetic canvases are built whole, in float32: bound their memory before building
+        sizes = [d[k] if d[k] is not None else n for k, n in (("train_size", 10000), ("val_size", 2000),
+                                                                ("test_size", 5000))]
+        side = d["image_size"] or 56
+        if sum(sizes) * side * side * 4 > MAX_DDMNIST_BYTES:
+            raise ConfigError(f"config keys 'data.train_size', 'data.val_size', 'data.test_size' ({sizes}) at "
+                              f"data.image_size {side} would take {sum(sizes) * side * side * 4 / 2**30:.1f} GiB, "
+                              f"above the maximum of {MAX_DDMNIST_BYTES / 2**30:.0f} GiB "
+                              "(MAX_DDMNIST_BYTES in eqzoo/data/__init__.py)")
 
 
 def data_info(d: dict) -> dict:
