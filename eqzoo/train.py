@@ -6,14 +6,17 @@ One run = one config (see :mod:`eqzoo.config`) and one run directory::
       config.yaml            the resolved config (every key, defaults filled in)
       metrics.csv            one row per epoch (also metrics.json; TensorBoard in tb/ when installed)
       metrics.json
-      checkpoints/latest.json -> epoch-NNNN/   the last complete checkpoint (resumable)
+      checkpoints/latest.json -> epoch-NNNN/   the last complete checkpoint (resumable), and the one before
       best.safetensors       the weights of the best validation epoch
       results.json           best epoch, its validation accuracy, test accuracy of those weights
       hub/                   the Hub-format model (eqzoo.save_pretrained): what `eqzoo publish` uploads
+      .eqzoo-run.lock        locked by the run writing here: a second run into the folder is refused
 
 Checkpoints hold only safetensors and JSON: model and optimizer tensors in safetensors, the
 optimizer's hyper-parameters, epoch, step, best-so-far, history and every process's RNG states in
-JSON. Nothing is pickled, so nothing is unpickled on resume.
+JSON. Nothing is pickled, so nothing is unpickled on resume. Each is written into a temporary
+folder and renamed into place; resuming checks it (complete safetensors, state.json for its epoch)
+and falls back to the previous one, saying so, when the latest is damaged.
 
 Exact resume: the learning rate is a pure function of the step, the data order of epoch e is a
 function of (seed, e) (DistributedSampler.set_epoch, also with one process), and the RNG states are
@@ -850,6 +853,7 @@ def _finetune_config(cfg: dict, source: str | None, explicit_model_args: dict) -
     given as overrides (``model_args.drop_path_rate=0.1``) apply."""
     cfg = dict(cfg)
     if source is not None:
+        _source(source)  # a mistyped path fails first
         unused = [k for k in cfg["model_args"] if k not in explicit_model_args]
         if (cfg["model"] != source or unused) and int(os.environ.get("RANK", "0")) == 0:
             print(f"fine-tuning {source}: the config's model ({cfg['model']})"
