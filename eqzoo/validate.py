@@ -61,7 +61,7 @@ def _int_in(v, lo: int, hi: int, cap: str | None = None, what: str = "") -> None
     if v < lo:
         raise _Bad(f"must be >= {lo}{what}, got {v}")
     if v > hi:
-        raise _Bad(f"is {v}, above the maximum of {hi}{what}" + (f" ({_cap_note(cap)})" if cap else ""))
+        raise _Bad(f"is {v}, above the maximum of {hi}" + (f" ({_cap_note(cap)})" if cap else ""))
 
 
 def _int_rule(lo: int, hi: int, cap: str | None = None, what: str = "", optional: bool = False):
