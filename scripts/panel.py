@@ -95,7 +95,7 @@ def _train_one(cfg: dict) -> str:
 
     run = Path(cfg["output"])
     resume = (run / "checkpoints" / "latest.json").is_file()
-    eqzoo.train.train(cfg, resume=resume)
+    eqzoo.train.train(cfg, resume=resume, overwrite=not resume)  # killed before its first checkpoint: start over
     return str(run)
 
 
