@@ -680,7 +680,7 @@ def _run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None, o
         if resume:
             latest, problems = run.resume_point()
             for problem in problems:  # a damaged newer checkpoint: say so, and which one is used
-                _log(d, f"warning: {problem}; resuming from the previous checkpoint, {latest.name}")
+                _log(d, f"warning: {problem}; resuming from {latest.name} instead")
             _log(d, f"resuming {run.path} from {latest.name}")
             model.load_state_dict(_load_tensors(latest / "model.safetensors"))
             saved = json.loads((latest / "state.json").read_text())
