@@ -67,9 +67,10 @@ def test_registered_through_timm():
 
 def test_forward_backward(built):
     name, model = built
-    assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in model.modules())
-    assert isinstance(model.conv1, PEConv2d) and isinstance(model.fc, PELinear)
-    assert model.conv1.in_channels == IN_CHANS and model.fc.out_channels == NUM_CLASSES
+    # every layer is an eqzoo layer but the default plain head of a learnt-λ model
+    assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for n, m in model.named_modules() if n != "fc")
+    assert isinstance(model.conv1, PEConv2d) and type(model.fc) is nn.Linear
+    assert model.conv1.in_channels == IN_CHANS and model.fc.out_features == NUM_CLASSES
     model.train()
     model.zero_grad(set_to_none=True)
     x = tiny_input(name)
@@ -210,7 +211,7 @@ def test_timm_training_options():
 def test_features_only_keeps_likelihoods():
     expected = {"layer": 20, "stage": 5, "model": 1}  # 20 convs; stem + 4 stages; one
     for share, n in expected.items():
-        full = timm.create_model("pe_resnet18", num_classes=4, share_likelihood=share)
+        full = timm.create_model("pe_resnet18", num_classes=4, share_likelihood=share, head="learnt")
         feats = timm.create_model("pe_resnet18", features_only=True, share_likelihood=share, out_indices=(1, 2, 3, 4))
         assert len(eqzoo.likelihoods(feats)) == n
         assert len(eqzoo.likelihoods(full)) == n + (share == "layer")  # + the head's own
@@ -232,8 +233,9 @@ def test_timm_fx_features_only():
 
 
 def test_strict_variant_same_architecture():
+    """The strict model is the learnt one with λ frozen (same state_dict with the same head kind)."""
     strict = timm.create_model("pe_resnet18", num_classes=4, learn_likelihood=False)
-    learnt = timm.create_model("pe_resnet18", num_classes=4)
+    learnt = timm.create_model("pe_resnet18", num_classes=4, head="learnt")
     assert strict.state_dict().keys() == learnt.state_dict().keys()
     assert not any(lam.learnable for lam in eqzoo.likelihoods(strict).values())
     assert all(lam.learnable for lam in eqzoo.likelihoods(learnt).values())
