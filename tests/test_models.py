@@ -67,9 +67,10 @@ def test_registered_through_timm():
 
 def test_forward_backward(built):
     name, model = built
-    assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for m in model.modules())
-    assert isinstance(model.conv1, PEConv2d) and isinstance(model.fc, PELinear)
-    assert model.conv1.in_channels == IN_CHANS and model.fc.out_channels == NUM_CLASSES
+    # head="auto": a learnt-λ model's classifier is a plain nn.Linear, every other layer is eqzoo's
+    assert not any(type(m) in (nn.Conv2d, nn.Linear, nn.BatchNorm2d) for n, m in model.named_modules() if n != "fc")
+    assert isinstance(model.conv1, PEConv2d) and type(model.fc) is nn.Linear
+    assert model.conv1.in_channels == IN_CHANS and model.fc.out_features == NUM_CLASSES
     model.train()
     model.zero_grad(set_to_none=True)
     x = tiny_input(name)
@@ -210,7 +211,7 @@ def test_timm_training_options():
 def test_features_only_keeps_likelihoods():
     expected = {"layer": 20, "stage": 5, "model": 1}  # 20 convs; stem + 4 stages; one
     for share, n in expected.items():
-        full = timm.create_model("pe_resnet18", num_classes=4, share_likelihood=share)
+        full = timm.create_model("pe_resnet18", num_classes=4, share_likelihood=share, head="learnt")
         feats = timm.create_model("pe_resnet18", features_only=True, share_likelihood=share, out_indices=(1, 2, 3, 4))
         assert len(eqzoo.likelihoods(feats)) == n
         assert len(eqzoo.likelihoods(full)) == n + (share == "layer")  # + the head's own
@@ -232,8 +233,8 @@ def test_timm_fx_features_only():
 
 
 def test_strict_variant_same_architecture():
-    strict = timm.create_model("pe_resnet18", num_classes=4, learn_likelihood=False)
-    learnt = timm.create_model("pe_resnet18", num_classes=4)
+    strict = timm.create_model("pe_resnet18", num_classes=4, learn_likelihood=False)  # head: invariant PELinear
+    learnt = timm.create_model("pe_resnet18", num_classes=4, head="learnt")
     assert strict.state_dict().keys() == learnt.state_dict().keys()
     assert not any(lam.learnable for lam in eqzoo.likelihoods(strict).values())
     assert all(lam.learnable for lam in eqzoo.likelihoods(learnt).values())
@@ -378,13 +379,25 @@ def test_learnt_likelihood_breaks_invariance(learn):
     (dict(share_likelihood="block"), r"share_likelihood.*'layer', 'stage', 'model'"),
     (dict(group="O2", global_pool="max"), r"global_pool 'max'.*accepted"),
     (dict(drop_block_rate=0.1), r"drop_block_rate"),
-    (dict(global_pool="", num_classes=4), r"num_classes=0"),
     (dict(bandlimit=-1), r"bandlimit"),
     (dict(head="linear"), r"head must be one of \('auto', 'plain', 'learnt', 'invariant'\)"),
 ])
 def test_bad_kwargs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model("pe_resnet18", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["pe_resnet18", "pe_wrn16_8"])
+def test_classifier_without_pooling_says_so(name):
+    """timm's contract lets a model without a global pool get a classifier (reset_classifier(n)
+    keeps the pool); the classifier needs pooled features, so the forward says what to do."""
+    model = timm.create_model(name, num_classes=4, global_pool="").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"global_pool='' leaves the features unpooled.*'avg'"):
+        model(x)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).dim() == 4
 
 
 def test_bad_wrn_depth():
