@@ -75,7 +75,7 @@ _EXTRA_MODEL_ARGS: dict[str, dict[str, tuple]] = {}  # architecture -> {key: typ
 # create_model kwargs that describe a run, not the architecture: never saved as model_args
 _RUNTIME_ARGS = {"features_only", "out_indices", "feature_cls", "pretrained_model_args", "device", "dtype",
                  "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict",
-                 "pretrained_filter_fn", "output_stride", "drop_block_rate"}
+                 "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg"}
 
 
 class HubConfigError(ValueError):
@@ -216,7 +216,8 @@ def _known_args(architecture: str, model_cls=None) -> dict[str, tuple | None]:
     known.update(_ARCH_ARGS.get(architecture, {}))
     known.update(COMMON_MODEL_ARGS)
     known.update(_EXTRA_MODEL_ARGS.get(architecture, {}))
-    return known
+    # the arguments of a run (device, dtype, features_only, ...) are the caller's, never a config's
+    return {k: v for k, v in known.items() if k not in _RUNTIME_ARGS}
 
 
 _ARCH_ARGS: dict[str, dict[str, tuple | None]] = {}  # architecture -> its class's accepted args
