@@ -278,6 +278,8 @@ class _Twirled(nn.Module):
         return self._cache[1], self._cache[2]
 
     def _check_input(self, x: torch.Tensor, spatial: bool):
+        if torch.jit.is_tracing():  # a trace fixes the shapes: the check would only warn there
+            return
         want = 4 if spatial else 2
         if x.dim() != want or x.shape[1] != self.in_channels:
             shape = "[B, C, H, W]" if spatial else "[B, C]"
