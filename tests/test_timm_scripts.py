@@ -16,6 +16,7 @@ import sys
 import pytest
 from PIL import Image
 
+from eqzoo import timm_script
 from timm_sources import SCRIPTS_ENV, subprocess_env, timm_scripts
 
 STAND_IN = '''
@@ -48,11 +49,12 @@ def test_runner_registers_eqzoo_first(tmp_path):
     assert res.stdout.split() == ["beside", "True", "PEResNet", "O2"]
 
 
-def test_runner_errors(tmp_path):
+def test_runner_errors(tmp_path, capsys):
     res = _run([tmp_path / "missing.py"], tmp_path)
     assert res.returncode != 0 and "missing.py is not a file" in res.stderr and "usage:" in res.stderr
-    res = _run([], tmp_path)
-    assert res.returncode == 2 and "usage: python -m eqzoo.timm_script SCRIPT" in res.stdout
+    with pytest.raises(SystemExit) as exit_:
+        timm_script.main([])
+    assert exit_.value.code == 2 and "usage: python -m eqzoo.timm_script SCRIPT" in capsys.readouterr().out
 
 
 def _image_folder(root):

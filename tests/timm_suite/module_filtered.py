@@ -13,6 +13,9 @@ timm_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(timm_tests)
 
 MODELS = os.environ["EQZOO_TIMM_SUITE_MODELS"].split(",")
+# timm's slowest test (it leaves it out of its own CI): run on the WRN only, whose pruning is eqzoo's
+# own code (the pe ResNets inherit timm's ResNet's); it passes on the other two as well
+PRUNE_MODELS = [m for m in MODELS if m.startswith("pe_wrn")]
 
 
 @pytest.mark.parametrize("model_name", MODELS)
@@ -25,6 +28,6 @@ def test_model_forward_intermediates(model_name):
     timm_tests.test_model_forward_intermediates(model_name, 1)
 
 
-@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("model_name", PRUNE_MODELS)
 def test_prune_intermediate_layers_contract(model_name):
     timm_tests.test_prune_intermediate_layers_contract(model_name)
