@@ -161,8 +161,9 @@ def test_pretrained_cfg_and_data_config():
 
 
 def test_checkpoint_path_optimizer_and_ema(tmp_path):
-    """create_model(checkpoint_path=...) loads a train.py-style checkpoint; timm's optimizer
-    factory (with layer decay, from group_matcher) and ModelEmaV3 take a pe model."""
+    """create_model(checkpoint_path=...) loads a train.py-style checkpoint, pretrained_cfg_overlay
+    a weights file; timm's optimizer factory (layer decay, from group_matcher) and ModelEmaV3 take a
+    pe model."""
     torch.manual_seed(0)
     model = _randomise_likelihoods(_small()).eval()
     path = tmp_path / "checkpoint.pth.tar"
@@ -171,6 +172,19 @@ def test_checkpoint_path_optimizer_and_ema(tmp_path):
     x = torch.randn(2, 3, 33, 33)
     with torch.no_grad():
         assert _close(loaded(x), model(x))
+
+    # train.py's --pretrained-path: a weights file through pretrained_cfg_overlay (safetensors only)
+    import safetensors.torch
+    weights = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(model.state_dict(), weights)
+    same = timm.create_model("pe_resnet18", **SMALL, pretrained=True,
+                             pretrained_cfg_overlay=dict(file=str(weights), num_classes=3)).eval()
+    tuned = timm.create_model("pe_resnet18", **dict(SMALL, num_classes=5), in_chans=1, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(weights), num_classes=3))
+    with torch.no_grad():
+        assert _close(same(x), model(x))
+        assert tuned.eval()(torch.randn(1, 1, 33, 33)).shape == (1, 5)  # new head, stem summed over channels
+    assert torch.equal(tuned.layer4[0].conv2.weight, model.layer4[0].conv2.weight)
 
     opt = timm.optim.create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.7)
     scales = {g["lr_scale"] for g in opt.param_groups}
