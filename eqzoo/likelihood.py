@@ -31,6 +31,7 @@ from torch import nn
 
 from .groups import Group, get_group
 
+
 def _has_autocast(device: torch.device) -> bool:
     # the meta device has no autocast: torch.autocast and is_autocast_enabled would raise there
     return getattr(torch.amp, "is_autocast_available", lambda t: t != "meta")(device.type)

@@ -225,20 +225,15 @@ def factory_kwargs(model: nn.Module) -> dict:
     return {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
 
 
-def init_weights(model: nn.Module, zero_init_last: bool) -> None:
-    """(Re)initialise every layer as a fresh model has it, e.g. after ``to_empty()`` of a model
-    built on the meta device: ``reset_parameters()`` and ``init_non_persistent_buffers()`` of
-    every module that has them (each module once, however often it is shared), then timm's
-    zero-init of the last norm of each residual branch."""
+def reset_layers(model: nn.Module) -> None:
+    """Initialise every layer as a fresh model has it, e.g. after ``to_empty()`` of a model built
+    on the meta device: ``init_non_persistent_buffers()`` and ``reset_parameters()`` of every
+    module that has them (each module once, however often it is shared)."""
     for m in model.modules():
         if hasattr(m, "init_non_persistent_buffers"):
             m.init_non_persistent_buffers()
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
-    if zero_init_last:
-        for m in model.modules():
-            if hasattr(m, "zero_init_last"):
-                m.zero_init_last()
 
 
 def check_pooled(x: torch.Tensor, has_classifier: bool) -> None:

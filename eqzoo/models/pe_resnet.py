@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from ..hub import build_pe_model, register_architectures
 from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import FieldLayers, check_pooled, factory_kwargs, head_likelihood, init_weights, install_head
+from ._layers import FieldLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
 
@@ -269,8 +269,8 @@ class PEResNet(ResNet):
         if zero_init_last is None:
             zero_init_last = self._zero_init_last
         if needs_reset:
-            init_weights(self, zero_init_last)
-        elif zero_init_last:
+            reset_layers(self)
+        if zero_init_last:
             for m in self.modules():
                 if hasattr(m, "zero_init_last"):
                     m.zero_init_last()

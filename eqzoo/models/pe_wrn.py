@@ -22,7 +22,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..hub import build_pe_model, register_architectures
 from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, init_weights, install_head
+from ._layers import (FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head,
+                      reset_layers)
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
 
@@ -126,11 +127,10 @@ class WideResNet(nn.Module):
         return PlainLayers(**factory_kwargs(self)), None
 
     @torch.jit.ignore
-    def init_weights(self, needs_reset: bool = True) -> None:
+    def init_weights(self) -> None:
         """Initialise the weights as a new model has them (e.g. after ``to_empty()`` of a model
         built on the meta device)."""
-        if needs_reset:
-            init_weights(self, zero_init_last=False)
+        reset_layers(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:

@@ -21,9 +21,9 @@ class FourierReLU(nn.Module):
     def __init__(self, field_type, n_rot: int = 16, inplace: bool = False, device=None, dtype=None):
         super().__init__()
         rep = single_repr(field_type)
+        G = group_of(field_type)
         if n_rot % 4:
             raise ValueError(f"n_rot must be a multiple of 4 (to contain the 90-degree rotations), got {n_rot}")
-        G = group_of(field_type)
         elements = G.elements(None if G.is_finite else n_rot)
         rho = np.stack([rep(g) for g in elements])  # [N, d, d]
         A = np.einsum("nde,e->nd", rho, self._probe(rep))  # f_x(g) = <ρ(g) v, x>
