@@ -287,7 +287,7 @@ class _Twirled(nn.Module):
                              f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
         # as nn.Conv2d: the input's dtype must be the weights' (outside autocast, which casts);
         # casting the filter to the input would silently run a float32 model in float16
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device)
         if (x.dtype != self.weight.dtype and not autocast) or not x.is_floating_point():
             hint = " (images as uint8: convert with x.float() / 255)" if x.dtype == torch.uint8 else ""
             raise RuntimeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the weights' "
