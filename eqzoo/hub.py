@@ -8,7 +8,7 @@ A saved model is a folder in timm's Hub layout plus eqzoo's own files::
     likelihoods.json    every learnt likelihood λ: the layers using it, group, band-limits,
                         Fourier coefficients, λ on a grid of the group, summary
     likelihoods.png     the learnt distributions, one panel per likelihood
-    README.md           the model card, rendered from MODEL_CARD.md
+    README.md           the model card, rendered from eqzoo/MODEL_CARD.md
     exported/           plain timm weights + config (only when the model has a timm counterpart)
 
 Loading goes through timm (``import eqzoo`` first)::
@@ -75,7 +75,7 @@ _EXTRA_MODEL_ARGS: dict[str, dict[str, tuple]] = {}  # architecture -> {key: typ
 # create_model kwargs that describe a run, not the architecture: never saved as model_args
 _RUNTIME_ARGS = {"features_only", "out_indices", "feature_cls", "pretrained_model_args", "device", "dtype",
                  "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict",
-                 "pretrained_filter_fn", "output_stride", "drop_block_rate"}
+                 "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg"}
 
 
 class HubConfigError(ValueError):
@@ -216,7 +216,8 @@ def _known_args(architecture: str, model_cls=None) -> dict[str, tuple | None]:
     known.update(_ARCH_ARGS.get(architecture, {}))
     known.update(COMMON_MODEL_ARGS)
     known.update(_EXTRA_MODEL_ARGS.get(architecture, {}))
-    return known
+    # the arguments of a run (device, dtype, features_only, ...) are the caller's, never a config's
+    return {k: v for k, v in known.items() if k not in _RUNTIME_ARGS}
 
 
 _ARCH_ARGS: dict[str, dict[str, tuple | None]] = {}  # architecture -> its class's accepted args
@@ -1036,23 +1037,9 @@ def load_likelihoods(source: str | os.PathLike, raw: bool = False) -> dict:
 
 
 # -- the model card ----------------------------------------------------------------------------------
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
-_FALLBACK_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-Partially equivariant `{{ architecture }}` over {{ group }} (eqzoo). Install `eqzoo`, then:
-
-```python
-import eqzoo  # registers the pe_* models with timm: import it BEFORE timm.create_model
-import timm
-model = timm.create_model("hf-hub:{{ repo_id }}", pretrained=True)
-```
-
-{{ likelihood_table }}
-"""
+# The card template ships inside the package (package data), so that an installed eqzoo renders
+# the same card as a checkout; the repository's top-level MODEL_CARD.md is a link to this file.
+CARD_TEMPLATE = Path(__file__).resolve().parent / "MODEL_CARD.md"
 
 
 def _results_table(results: dict) -> str:
@@ -1100,6 +1087,10 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
                          model_name=model_name if evals else None, base_model=info.get("base_model"),
                          pipeline_tag=task)
     template = Path(template_path) if template_path else CARD_TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template {template} not found"
+                                + ("" if template_path else ": this eqzoo install lacks its package data "
+                                   "(eqzoo/MODEL_CARD.md); reinstall eqzoo"))
     n_params = sum(p.numel() for p in model.parameters())
     meta = cfg["eqzoo"]
     kwargs = dict(
@@ -1112,7 +1103,4 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
         exported_architecture=(meta.get("exported") or {}).get("architecture"), export_dir=EXPORT_DIR,
         versions=meta["versions"], basis_fingerprint=meta["basis_fingerprint"],
     )
-    if template.is_file():
-        return ModelCard.from_template(data, template_path=str(template), **kwargs)
-    return ModelCard.from_template(data, template_str=_FALLBACK_TEMPLATE, **kwargs)
-
+    return ModelCard.from_template(data, template_path=str(template), **kwargs)

@@ -22,6 +22,7 @@ than ``L_out + F`` rotations is exact for a kernel of angular frequency ≤ F. `
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -29,6 +30,22 @@ import torch
 from torch import nn
 
 from .groups import Group, get_group
+
+
+def _has_autocast(device: torch.device) -> bool:
+    # the meta device has no autocast: torch.autocast and is_autocast_enabled would raise there
+    return getattr(torch.amp, "is_autocast_available", lambda t: t != "meta")(device.type)
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast disabled on ``device`` (a no-op where it has no autocast)."""
+    return torch.autocast(device.type, enabled=False) if _has_autocast(device) else contextlib.nullcontext()
+
+
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (False where it has no autocast)."""
+    return _has_autocast(device) and torch.is_autocast_enabled(device.type)
+
 
 FINE_GRID = 256  # rotations used to normalise and integrate λ on O(2)/SO(2)
 DEFAULT_BANDLIMIT = 4  # L and L_out for O(2)/SO(2), the reference defaults
@@ -44,10 +61,11 @@ class GroupLikelihood(nn.Module):
         out_bandlimit: ``L_out``, the highest frequency of λ the kernel sees (Fejér-smoothed, so
             it stays non-negative). Default ``None`` for finite groups (λ exactly), 4 for O(2)/SO(2).
         learnable: ``False`` freezes λ (uniform unless set with :meth:`set_density`).
+        device, dtype: factory kwargs, as ``torch.nn`` layers take them.
     """
 
     def __init__(self, group, bandlimit: int | None = None, out_bandlimit: int | None = -1,
-                 learnable: bool = True):
+                 learnable: bool = True, device=None, dtype=None):
         super().__init__()
         G = get_group(group)
         self.group = G
@@ -70,9 +88,24 @@ class GroupLikelihood(nn.Module):
         self.bandlimit = bandlimit
         self.out_bandlimit = out_bandlimit
         self._freqs = self._frequencies()
-        self.coefficients = nn.Parameter(torch.zeros(len(self._freqs)), requires_grad=learnable)
-        s, theta = G.grid(None if G.is_finite else FINE_GRID)
-        self.register_buffer("_fine_features", self._features(s, theta), persistent=False)
+        self.coefficients = nn.Parameter(torch.zeros(len(self._freqs), device=device, dtype=dtype),
+                                         requires_grad=learnable)
+        self.register_buffer("_fine_features", self._fine_grid_features(device, dtype), persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Uniform λ: the layer is fully equivariant (every coefficient 0)."""
+        with torch.no_grad():
+            self.coefficients.zero_()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the features of the fine grid (a constant, not state: after ``to_empty()``
+        its memory holds garbage, and no state_dict restores it)."""
+        self._fine_features = self._fine_grid_features(self._fine_features.device, self._fine_features.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # to_empty() + load_state_dict() must give a working λ: the constant is rebuilt first
+        self.init_non_persistent_buffers()
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- parameterisation ----------------------------------------------------------------------
     def _frequencies(self) -> list[tuple[int, str, int]]:
@@ -88,14 +121,19 @@ class GroupLikelihood(nn.Module):
                     out.append((k, trig, parity))
         return out
 
-    def _features(self, s, theta) -> torch.Tensor:
-        s = torch.as_tensor(np.asarray(s), dtype=torch.float64)
-        theta = torch.as_tensor(np.asarray(theta), dtype=torch.float64)
+    def _features(self, s, theta) -> np.ndarray:
+        """[points, features] in float64, computed in numpy so that no device context (e.g.
+        building under ``torch.device('meta')``) can reach them."""
+        s, theta = np.asarray(s, dtype=np.float64), np.asarray(theta, dtype=np.float64)
         cols = []
         for k, trig, parity in self._freqs:
-            f = torch.cos(k * theta) if trig == "cos" else torch.sin(k * theta)
+            f = np.cos(k * theta) if trig == "cos" else np.sin(k * theta)
             cols.append(f * (1 - 2 * s) if parity else f)
-        return torch.stack(cols, dim=-1).float()
+        return np.stack(cols, axis=-1)
+
+    def _fine_grid_features(self, device=None, dtype=None) -> torch.Tensor:
+        s, theta = self.group.grid(None if self.group.is_finite else FINE_GRID)
+        return torch.tensor(self._features(s, theta), dtype=dtype or torch.float32, device=device)
 
     @property
     def learnable(self) -> bool:
@@ -113,7 +151,7 @@ class GroupLikelihood(nn.Module):
 
     def _fine_log_density(self) -> torch.Tensor:
         """log λ on the fine grid (flip-major)."""
-        with torch.autocast(self.coefficients.device.type, enabled=False):
+        with autocast_off(self.coefficients.device):
             ell = self._fine_logits()
             return ell - torch.logsumexp(ell, 0) + math.log(ell.numel())
 
@@ -126,11 +164,11 @@ class GroupLikelihood(nn.Module):
         if elements is None:
             return self.grid_density()
         s, theta = zip(*[self.group.coords(g) for g in elements])
-        with torch.autocast(self.coefficients.device.type, enabled=False):
+        with autocast_off(self.coefficients.device):
             c = self._coefficients()
             # log λ(g) = ℓ(g) - log mean_grid exp ℓ
             log_z = torch.logsumexp(self._fine_logits(), 0) - math.log(self._fine_features.shape[0])
-            return (self._features(s, theta).to(c) @ c - log_z).exp()
+            return (torch.from_numpy(self._features(s, theta)).to(c) @ c - log_z).exp()
 
     def kernel_weights(self, n_rot: int | None = None) -> torch.Tensor:
         r"""Quadrature weights ``w_g`` (flip-major over :meth:`Group.grid`) with
@@ -138,7 +176,7 @@ class GroupLikelihood(nn.Module):
         They are non-negative and sum to 1; uniform λ gives ``1 / |grid|``."""
         G = self.group
         if self.out_bandlimit is None:  # λ itself on all of G: w_g = λ(g) / |G| = softmax of the logits
-            with torch.autocast(self.coefficients.device.type, enabled=False):
+            with autocast_off(self.coefficients.device):
                 return torch.softmax(self._fine_logits(), 0)
         lam = self.grid_density().view(G.n_flip, -1)  # [flip, rotations of the fine grid]
         m = lam.shape[1]

@@ -380,13 +380,25 @@ def test_learnt_likelihood_breaks_invariance(learn):
     (dict(share_likelihood="block"), r"share_likelihood.*'layer', 'stage', 'model'"),
     (dict(group="O2", global_pool="max"), r"global_pool 'max'.*accepted"),
     (dict(drop_block_rate=0.1), r"drop_block_rate"),
-    (dict(global_pool="", num_classes=4), r"num_classes=0"),
     (dict(bandlimit=-1), r"bandlimit"),
     (dict(head="linear"), r"head must be one of \('auto', 'plain', 'learnt', 'invariant'\)"),
 ])
 def test_bad_kwargs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         timm.create_model("pe_resnet18", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["pe_resnet18", "pe_wrn16_8"])
+def test_classifier_without_pooling_says_so(name):
+    """timm's contract lets a model without a global pool get a classifier (reset_classifier(n)
+    keeps the pool); the classifier needs pooled features, so the forward says what to do."""
+    model = timm.create_model(name, num_classes=4, global_pool="").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"global_pool='' leaves the features unpooled.*'avg'"):
+        model(x)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).dim() == 4
 
 
 def test_bad_wrn_depth():

@@ -2,6 +2,8 @@
 import re
 from pathlib import Path
 
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -30,3 +32,13 @@ def test_readme_starts_with_the_two_commands():
 def test_model_example_runs():
     scope = run_example("The models")
     assert type(scope["plain"]).__name__ == "ResNet" and scope["model"].num_classes == 10
+
+
+def test_deployment_example_runs():
+    scope = run_example("TorchScript, torch.export, ONNX")
+    model, x = scope["model"], scope["x"]
+    with torch.no_grad():
+        y = model(x)
+        outputs = [scope["program"].module()(x), scope["scripted"](x), scope["traced"](x), scope["skeleton"].eval()(x)]
+    for out in outputs:
+        assert torch.allclose(out, y, atol=1e-4)

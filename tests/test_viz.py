@@ -17,7 +17,8 @@ from eqzoo.viz import plot_likelihoods
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return timm.create_model("pe_resnet18", group="D4", num_classes=4).eval()
+    # a learnt head: invariant at uniform λ, like every other layer (the default head is a plain nn.Linear)
+    return timm.create_model("pe_resnet18", group="D4", num_classes=4, head="learnt").eval()
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,16 @@ tracing must not enter them; they are registered as timm's leaf ("notrace") modu
 feature extraction (``features_only=True, feature_cls='fx'``, ``timm.layers._fx``) uses. With
 torchvision's ``create_feature_extractor`` directly, pass ``tracer_kwargs=eqzoo.models.fx_tracer_kwargs()``.
 """
-from timm.layers import get_notrace_functions, get_notrace_modules, register_notrace_module
+from timm.layers import get_notrace_functions, get_notrace_modules, register_notrace_function, register_notrace_module
 
 from ..nn import FieldBatchNorm2d, FourierReLU, PEConv2d, PELinear
+from ._layers import check_pooled
 from .pe_resnet import PEBasicBlock, PEBottleneck, PEResNet
 from .pe_wrn import PEWideResNet, WideResNet
 
 for _leaf in (PEConv2d, PELinear, FieldBatchNorm2d, FourierReLU):
     register_notrace_module(_leaf)
+register_notrace_function(check_pooled)
 
 
 def fx_tracer_kwargs() -> dict:

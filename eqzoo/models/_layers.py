@@ -8,6 +8,7 @@ plain counterpart an exported model loads into when timm has none (the CIFAR Wid
 """
 from __future__ import annotations
 
+import torch
 from timm.layers import SelectAdaptivePool2d
 from torch import nn
 
@@ -32,7 +33,10 @@ def resolved_head(head: str, learn_likelihood: bool) -> str:
 
 
 class PlainLayers:
-    """``torch.nn`` layers; a "type" is just a channel count."""
+    """``torch.nn`` layers; a "type" is just a channel count. ``device``/``dtype``: factory kwargs."""
+
+    def __init__(self, device=None, dtype=None):
+        self.dd = dict(device=device, dtype=dtype)
 
     def fields(self, channels: int) -> int:
         return int(channels)
@@ -48,10 +52,10 @@ class PlainLayers:
         pass
 
     def conv(self, in_type, out_type, kernel_size, stride=1, padding=0) -> nn.Module:
-        return nn.Conv2d(in_type, out_type, kernel_size, stride, padding, bias=False)
+        return nn.Conv2d(in_type, out_type, kernel_size, stride, padding, bias=False, **self.dd)
 
     def norm(self, type_) -> nn.Module:
-        return nn.BatchNorm2d(type_)
+        return nn.BatchNorm2d(type_, **self.dd)
 
     def act(self, type_, inplace: bool = True) -> nn.Module:
         return nn.ReLU(inplace=inplace)
@@ -64,7 +68,7 @@ class PlainLayers:
         return type_ * SelectAdaptivePool2d(pool_type=pool_type).feat_mult()
 
     def classifier(self, in_type, num_classes: int, likelihood=None) -> nn.Module:
-        return nn.Linear(in_type, num_classes) if num_classes > 0 else nn.Identity()
+        return nn.Linear(in_type, num_classes, **self.dd) if num_classes > 0 else nn.Identity()
 
 
 class FieldLayers:
@@ -80,15 +84,17 @@ class FieldLayers:
         head: the classifier, see :meth:`classifier`; ``"auto"``: ``"plain"`` with learnt
             likelihoods, ``"invariant"`` for the strict model.
         basis: the kernel basis of the convolutions, see :data:`eqzoo.kernels.BASES`.
+        device, dtype: factory kwargs of every layer (timm passes them to model constructors).
     """
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
-                 basis: str = "antialiased"):
+                 basis: str = "antialiased", device=None, dtype=None):
         for name, value in dict(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
                                 out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
                                 share_likelihood=share_likelihood, head=head, basis=basis).items():
             check_arg(name, value)
+        self.dd = dict(device=device, dtype=dtype)
         self.head = resolved_head(head, learn_likelihood)
         self.basis = basis
         self.group = get_group(group)
@@ -132,7 +138,7 @@ class FieldLayers:
     # -- likelihood sharing --------------------------------------------------------------------------
     def new_likelihood(self) -> GroupLikelihood:
         return GroupLikelihood(self.group, bandlimit=self.bandlimit, out_bandlimit=self.out_bandlimit,
-                               learnable=self.learn_likelihood)
+                               learnable=self.learn_likelihood, **self.dd)
 
     def begin_stage(self) -> None:
         """Start a new stage: with ``share_likelihood="stage"`` its layers share a fresh likelihood."""
@@ -154,13 +160,13 @@ class FieldLayers:
     # -- layers ----------------------------------------------------------------------------------------
     def conv(self, in_type, out_type, kernel_size, stride=1, padding=0) -> PEConv2d:
         return PEConv2d(in_type, out_type, kernel_size, stride, padding, bias=False, likelihood=self.likelihood(),
-                        basis=self.basis)
+                        basis=self.basis, **self.dd)
 
     def norm(self, type_) -> nn.Module:
-        return FieldBatchNorm2d(type_)
+        return FieldBatchNorm2d(type_, **self.dd)
 
     def act(self, type_, inplace: bool = True) -> nn.Module:
-        return field_relu(type_, inplace=inplace)
+        return field_relu(type_, inplace=inplace, **self.dd)
 
     def max_pool(self, type_, kernel_size, stride, padding) -> nn.Module:
         return field_max_pool(type_, kernel_size, stride, padding)
@@ -191,13 +197,13 @@ class FieldLayers:
         if num_classes <= 0:
             return nn.Identity()
         if self.head == "plain":
-            return nn.Linear(in_type.size, num_classes)
+            return nn.Linear(in_type.size, num_classes, **self.dd)
         if self.head == "invariant":
             likelihood = GroupLikelihood(self.group, bandlimit=self.bandlimit, out_bandlimit=self.out_bandlimit,
-                                         learnable=False)
+                                         learnable=False, **self.dd)
         elif likelihood is None:
             likelihood = self.likelihood()
-        return PELinear(in_type, self.group.trivial_type(num_classes), likelihood=likelihood)
+        return PELinear(in_type, self.group.trivial_type(num_classes), likelihood=likelihood, **self.dd)
 
 
 def head_likelihood(model: nn.Module, share_likelihood: str, new_likelihood) -> GroupLikelihood:
@@ -212,12 +218,37 @@ def head_likelihood(model: nn.Module, share_likelihood: str, new_likelihood) -> 
     return last if last is not None else new_likelihood()
 
 
+def factory_kwargs(model: nn.Module) -> dict:
+    """``device``/``dtype`` of a built model's parameters, for layers added to it later (a new
+    head); empty before it has any (the layers then follow the factory kwargs or defaults)."""
+    ref = next(model.parameters(), None)
+    return {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
+
+
+def reset_layers(model: nn.Module) -> None:
+    """Initialise every layer as a fresh model has it, e.g. after ``to_empty()`` of a model built
+    on the meta device: ``init_non_persistent_buffers()`` and ``reset_parameters()`` of every
+    module that has them (each module once, however often it is shared)."""
+    for m in model.modules():
+        if hasattr(m, "init_non_persistent_buffers"):
+            m.init_non_persistent_buffers()
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def check_pooled(x: torch.Tensor, has_classifier: bool) -> None:
+    """A clear error for a classifier on unpooled features: with ``global_pool=''`` the head gives
+    ``[B, C, H, W]`` features, which only ``num_classes=0`` (no classifier) passes on. A leaf
+    function for FX (registered with timm in ``eqzoo.models``): it branches on the input."""
+    if has_classifier and x.dim() != 2:
+        raise ValueError("global_pool='' leaves the features unpooled ([B, C, H, W]) and the classifier needs "
+                         "pooled ones: reset_classifier(num_classes, 'avg'), or num_classes=0 for the features")
+
+
 def install_head(model: nn.Module, fc: nn.Module, num_classes: int, global_pool: str, hidden_size: int) -> None:
     """Put a new pooling + classifier on ``model`` (timm's attribute names), on the model's device
     and dtype and in its train/eval mode."""
-    ref = next(model.parameters(), None)
-    if ref is not None:
-        fc = fc.to(device=ref.device, dtype=ref.dtype)
+    fc = fc.to(**factory_kwargs(model))
     model.num_classes = num_classes
     model.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
     model.fc = fc

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -29,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from ..hub import build_pe_model, register_architectures
 from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import FieldLayers, head_likelihood, install_head
+from ._layers import FieldLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
 
@@ -168,6 +169,8 @@ class PEResNet(ResNet):
         basis: the convolutions' kernel basis: ``"antialiased"`` (escnn's, default) or
             ``"complete"`` (every k x k kernel); see :data:`eqzoo.kernels.BASES`.
         counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
+        device, dtype: factory kwargs, as timm's models take them (``device='meta'`` builds without
+            memory; then ``to_empty()`` and :meth:`init_weights`, or ``load_state_dict``).
     """
 
     @checked_args(_check_resnet_args)  # types and ranges first: before any escnn or tensor work
@@ -194,6 +197,8 @@ class PEResNet(ResNet):
             head: str = "auto",
             basis: str = "antialiased",
             counterpart: Optional[str] = None,
+            device=None,
+            dtype=None,
     ):
         nn.Module.__init__(self)  # timm's ResNet.__init__ builds nn.Conv2d layers: not called
         if drop_block_rate:
@@ -202,7 +207,7 @@ class PEResNet(ResNet):
         self.pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
                               field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
                               learn_likelihood=learn_likelihood, head=head, basis=basis)
-        factory = FieldLayers(**self.pe_config)
+        factory = FieldLayers(**self.pe_config, device=device, dtype=dtype)
         self.group = factory.group
         factory.check_pool(global_pool)
         factory.check_widths([stem_width] + [c * block.expansion for c in channels]
@@ -212,6 +217,7 @@ class PEResNet(ResNet):
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
         self.counterpart = counterpart
+        self._zero_init_last = zero_init_last  # (blocks have a zero_init_last() method)
         self._arch = dict(block=block, layers=tuple(layers), base_width=base_width, stem_width=stem_width,
                           channels=tuple(channels), drop_path_rate=drop_path_rate)
 
@@ -252,12 +258,18 @@ class PEResNet(ResNet):
         # Head
         self.feature_type = prev_type
         self.num_features = prev_type.size
-        self.reset_classifier(num_classes, global_pool)
-        self.init_weights(zero_init_last=zero_init_last)
+        self._set_head(factory, num_classes, global_pool)
+        # every layer initialised itself (PEConv2d: He variance at uniform λ); timm's zero-init remains
+        self.init_weights(zero_init_last=zero_init_last, needs_reset=False)
 
     @torch.jit.ignore
-    def init_weights(self, zero_init_last: bool = True) -> None:
-        # PEConv2d initialises itself (He variance at uniform λ); only timm's zero-init remains
+    def init_weights(self, zero_init_last: Optional[bool] = None, needs_reset: bool = True) -> None:
+        """Initialise the weights as a new model has them (e.g. after ``to_empty()`` of a model built
+        on the meta device); ``zero_init_last`` defaults to the constructor's."""
+        if zero_init_last is None:
+            zero_init_last = self._zero_init_last
+        if needs_reset:
+            reset_layers(self)
         if zero_init_last:
             for m in self.modules():
                 if hasattr(m, "zero_init_last"):
@@ -268,16 +280,24 @@ class PEResNet(ResNet):
         likelihood is a fresh one with ``share_likelihood="layer"``, else the last stage's / the model's."""
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        if not global_pool and num_classes > 0:
-            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the PELinear classifier "
-                             "acts on pooled features")
-        factory = FieldLayers(**self.pe_config)
+        self._set_head(FieldLayers(**self.pe_config, **factory_kwargs(self)), num_classes, global_pool)
+
+    def _set_head(self, factory: FieldLayers, num_classes: int, global_pool: str) -> None:
         pooled_type = factory.pooled_type(self.feature_type, global_pool)
         likelihood = None
         if num_classes > 0 and factory.head == "learnt":
             likelihood = head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
         fc = factory.classifier(pooled_type, num_classes, likelihood)
         install_head(self, fc, num_classes, global_pool, pooled_type.size)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        if pre_logits:
+            return x
+        check_pooled(x, self.num_classes > 0)
+        return self.fc(x)
 
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         _, max_index = feature_take_indices(5, indices)

@@ -22,7 +22,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..hub import build_pe_model, register_architectures
 from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import FieldLayers, PlainLayers, head_likelihood, install_head
+from ._layers import (FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head,
+                      reset_layers)
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
 
@@ -67,15 +68,18 @@ class WideResNet(nn.Module):
         num_classes, in_chans, global_pool, drop_rate (before the classifier), drop_path_rate: as timm.
         block_drop_rate: the WRN dropout between the two convolutions of a block.
         channels: (stem, stage1, stage2, stage3) widths; default (16, 16k, 32k, 64k).
+        device, dtype: factory kwargs, as timm's models take them.
+        layers: the layer factory (default :class:`PlainLayers` with ``device``/``dtype``).
     """
 
     def __init__(self, depth: int = 16, widen_factor: int = 8, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None, layers=None):
+                 block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None, layers=None,
+                 device=None, dtype=None):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        layers = PlainLayers() if layers is None else layers
+        layers = PlainLayers(device, dtype) if layers is None else layers
         channels = _wrn_widths(depth, widen_factor, channels)
         if len(channels) != 4:
             raise ValueError(f"channels must be 4 widths (stem, stage1, stage2, stage3), got {channels}")
@@ -120,7 +124,13 @@ class WideResNet(nn.Module):
     # -- timm's model interface ------------------------------------------------------------------------
     def _head_layers(self):
         """The layer factory for a new head and the likelihood it should use (none for plain)."""
-        return PlainLayers(), None
+        return PlainLayers(**factory_kwargs(self)), None
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Initialise the weights as a new model has them (e.g. after ``to_empty()`` of a model
+        built on the meta device)."""
+        reset_layers(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
@@ -143,8 +153,6 @@ class WideResNet(nn.Module):
     def _set_head(self, layers, num_classes: int, global_pool: Optional[str], likelihood=None) -> None:
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        if not global_pool and num_classes > 0:
-            raise ValueError("global_pool='' (no pooling) needs num_classes=0: the classifier acts on pooled features")
         pooled_type = layers.pooled_type(self._out_type, global_pool)
         fc = layers.classifier(pooled_type, num_classes, likelihood)
         install_head(self, fc, num_classes, global_pool, layers.channels(pooled_type))
@@ -200,7 +208,10 @@ class WideResNet(nn.Module):
         x = self.global_pool(x)
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
+        if pre_logits:
+            return x
+        check_pooled(x, self.num_classes > 0)
+        return self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -240,11 +251,12 @@ class PEWideResNet(WideResNet):
                  block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None,
                  group: str = "D4", bandlimit: Optional[int] = None, out_bandlimit: Optional[int] = -1,
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
-                 learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased"):
+                 learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased",
+                 device=None, dtype=None):
         pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
                          field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
                          learn_likelihood=learn_likelihood, head=head, basis=basis)
-        factory = FieldLayers(**pe_config)
+        factory = FieldLayers(**pe_config, device=device, dtype=dtype)
         factory.check_pool(global_pool)
         factory.check_widths(_wrn_widths(depth, widen_factor, channels))
         super().__init__(depth, widen_factor, num_classes, in_chans, global_pool, drop_rate, drop_path_rate,
@@ -253,7 +265,7 @@ class PEWideResNet(WideResNet):
         self.group = factory.group
 
     def _head_layers(self):
-        factory = FieldLayers(**self.pe_config)
+        factory = FieldLayers(**self.pe_config, **factory_kwargs(self))
         return factory, head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
 
     @property

@@ -18,7 +18,7 @@ from .fields import is_permutation, single_repr
 
 
 class FourierReLU(nn.Module):
-    def __init__(self, field_type, n_rot: int = 16, inplace: bool = False):
+    def __init__(self, field_type, n_rot: int = 16, inplace: bool = False, device=None, dtype=None):
         super().__init__()
         rep = single_repr(field_type)
         G = group_of(field_type)
@@ -31,8 +31,25 @@ class FourierReLU(nn.Module):
             raise ValueError(f"{len(elements)} samples cannot represent fields of size {rep.size}: raise n_rot")
         self.num_features = field_type.size
         self.field_size = rep.size
-        self.register_buffer("_sample", torch.tensor(A, dtype=torch.float32), persistent=False)
-        self.register_buffer("_project", torch.tensor(np.linalg.pinv(A), dtype=torch.float32), persistent=False)
+        # kept in numpy (small) to rebuild the buffers, which no device context can then reach
+        self._operator_values = (A, np.linalg.pinv(A))
+        sample, project = self._operators(device, dtype)
+        self.register_buffer("_sample", sample, persistent=False)
+        self.register_buffer("_project", project, persistent=False)
+
+    def _operators(self, device=None, dtype=None):
+        """The sampling matrix [N, d] and its pseudo-inverse as tensors."""
+        dd = dict(dtype=dtype or torch.float32, device=device)
+        return tuple(torch.tensor(v, **dd) for v in self._operator_values)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the sampling operators (constants: after ``to_empty()`` their memory is garbage)."""
+        self._sample, self._project = self._operators(self._sample.device, self._sample.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # to_empty() + load_state_dict() must give a working layer: the constants are rebuilt first
+        self.init_non_persistent_buffers()
+        super()._load_from_state_dict(*args, **kwargs)
 
     @staticmethod
     def _probe(rep) -> np.ndarray:
@@ -62,11 +79,11 @@ class FourierReLU(nn.Module):
         return f"{self.num_features} channels, fields of size {self.field_size}, {self._sample.shape[0]} samples"
 
 
-def field_relu(field_type, inplace: bool = False) -> nn.Module:
+def field_relu(field_type, inplace: bool = False, device=None, dtype=None) -> nn.Module:
     """The ReLU for a field type: channel-wise for permutation fields, Fourier-sampled otherwise."""
     if is_permutation(single_repr(field_type)):
         return nn.ReLU(inplace=inplace)
-    return FourierReLU(field_type)
+    return FourierReLU(field_type, device=device, dtype=dtype)
 
 
 def field_max_pool(field_type, kernel_size: int, stride: int, padding: int = 0) -> nn.Module:

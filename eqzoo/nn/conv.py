@@ -10,6 +10,7 @@ else is precomputed when the layer is built. In eval mode the filter is cached u
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ..groups import group_of
 from ..kernels import TwirlOperators, quadrature_size, ring_harmonics, twirl_operators
-from ..likelihood import GroupLikelihood
+from ..likelihood import GroupLikelihood, autocast_enabled, autocast_off
 from .fields import single_repr
 
 
@@ -88,6 +89,17 @@ class _TwirledCoefficients(torch.autograd.Function):
         return dW, dq, None, None, None, None, None, None, None, None
 
 
+@contextlib.contextmanager
+def _tracing_paused():
+    """Suspend TorchScript tracing: what is computed inside is recorded as a constant."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
 # The twirl's gathers and row dot products run several times slower on rows that start off a
 # 64-byte boundary (measured: 6.6 ms against 1.3 ms for 1176 rows of 1369 vs 1376 floats), so rows
 # of F_o * F_i coefficients are padded to a multiple of this many floats when they need it.
@@ -151,15 +163,16 @@ class _Twirled(nn.Module):
     """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
 
     def __init__(self, in_type, out_type, kernel_size: int, dilation: int, bias: bool,
-                 likelihood: GroupLikelihood | None, basis: str = "antialiased"):
+                 likelihood: GroupLikelihood | None, basis: str = "antialiased", device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         rep_in, rep_out = single_repr(in_type, "in_type"), single_repr(out_type, "out_type")
         if in_type.gspace != out_type.gspace:
             raise ValueError(f"in_type and out_type live on different gspaces: {in_type.gspace.name} "
                              f"vs {out_type.gspace.name}")
         self.group = group_of(in_type)
         if likelihood is None:
-            likelihood = GroupLikelihood(self.group)
+            likelihood = GroupLikelihood(self.group, **dd)
         elif not isinstance(likelihood, GroupLikelihood):
             raise TypeError(f"likelihood must be a GroupLikelihood or None, got {type(likelihood).__name__}")
         elif likelihood.group != self.group:
@@ -168,10 +181,13 @@ class _Twirled(nn.Module):
         self.in_type, self.out_type = in_type, out_type
         self.in_channels, self.out_channels = in_type.size, out_type.size
         self.kernel_size, self.dilation = kernel_size, dilation
-        harm = ring_harmonics(kernel_size, dilation, basis)
         self.basis = basis
-        self.n_rot = quadrature_size(self.group, rep_in, rep_out, harm, likelihood.out_bandlimit)
-        ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot, basis)
+        # the operators are host-side constants (numpy, and escnn's torch code for the rings): built
+        # on the CPU whatever device context the layer is built under, e.g. torch.device('meta')
+        with torch.device("cpu"):
+            harm = ring_harmonics(kernel_size, dilation, basis)
+            self.n_rot = quadrature_size(self.group, rep_in, rep_out, harm, likelihood.out_bandlimit)
+            ops = twirl_operators(self.group, rep_in, rep_out, kernel_size, dilation, self.n_rot, basis)
         self.basis_fingerprint = ops.fingerprint
         self._ops = ops  # its tensors: see _constants
         d_in, d_out = rep_in.size, rep_out.size
@@ -180,9 +196,9 @@ class _Twirled(nn.Module):
         # field): the layout in which the twirl moves whole contiguous rows, and from which the
         # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
         # has no spatial layout, so channels_last conversions leave it alone.
-        self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type)))
+        self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type), **dd))
         if bias and ops.invariant_out.shape[1] > 0:
-            self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1]))
+            self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1], **dd))
         else:
             self.register_parameter("bias", None)
         self._cache = None
@@ -191,6 +207,11 @@ class _Twirled(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy)."""
+        self._cache = None
+        if self.bias is not None:
+            self.bias.zero_()
+        if self.weight.is_meta:  # no values to scale: to_empty() then reset_parameters() will
+            return
         nn.init.normal_(self.weight)
         m = self._ops.sparse.values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
@@ -201,9 +222,6 @@ class _Twirled(nn.Module):
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
-        if self.bias is not None:
-            self.bias.zero_()
-        self._cache = None
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
@@ -226,7 +244,7 @@ class _Twirled(nn.Module):
 
     def _coefficients_and_bias(self, layout: str = "pixels"):
         """The twirled coefficients in ``layout`` (see :meth:`_twirled`) and the bias, in full precision."""
-        with torch.autocast(self.weight.device.type, enabled=False):
+        with autocast_off(self.weight.device):
             return self._twirled(layout, self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
 
     def filter_and_bias(self):
@@ -238,11 +256,21 @@ class _Twirled(nn.Module):
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
 
     def _current(self):
+        if not self.training and torch.jit.is_tracing():
+            # TorchScript tracing (torch.jit.trace, the legacy ONNX exporter) of an eval-mode layer
+            # records the filter as a constant, computed with the tracer paused: the twirl's custom
+            # autograd function cannot be traced, and an inference graph needs only the filter
+            with _tracing_paused():
+                return self._cached()
         needs_grad = torch.is_grad_enabled() and any(
             p.requires_grad for p in (self.weight, self.bias, self.likelihood.coefficients) if p is not None)
-        if self.training or needs_grad or torch.compiler.is_compiling():
+        if self.training or needs_grad or torch.compiler.is_compiling() or self.weight.is_meta:
             self._cache = None
             return self.filter_and_bias()
+        return self._cached()
+
+    def _cached(self):
+        """The filter and bias from the eval cache, recomputed when the weights or λ changed."""
         key = self._cache_key()
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
@@ -250,6 +278,8 @@ class _Twirled(nn.Module):
         return self._cache[1], self._cache[2]
 
     def _check_input(self, x: torch.Tensor, spatial: bool):
+        if torch.jit.is_tracing():  # a trace fixes the shapes: the check would only warn there
+            return
         want = 4 if spatial else 2
         if x.dim() != want or x.shape[1] != self.in_channels:
             shape = "[B, C, H, W]" if spatial else "[B, C]"
@@ -257,7 +287,7 @@ class _Twirled(nn.Module):
                              f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
         # as nn.Conv2d: the input's dtype must be the weights' (outside autocast, which casts);
         # casting the filter to the input would silently run a float32 model in float16
-        autocast = torch.is_autocast_enabled(x.device.type)
+        autocast = autocast_enabled(x.device)
         if (x.dtype != self.weight.dtype and not autocast) or not x.is_floating_point():
             hint = " (images as uint8: convert with x.float() / 255)" if x.dtype == torch.uint8 else ""
             raise RuntimeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the weights' "
@@ -267,6 +297,15 @@ class _Twirled(nn.Module):
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
         return super()._apply(fn, recurse)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module first: fail here, with what to do instead,
+        # rather than deep in the compiler
+        raise RuntimeError(
+            f"{type(self).__name__} does not compile to TorchScript: its filter comes from a custom autograd "
+            "function (the twirl) and a Python-side cache. Script the exported model, which computes the same "
+            "function in eval mode: torch.jit.script(eqzoo.export(model)); or trace the model in eval mode: "
+            "torch.jit.trace(model.eval(), example_input) records the current filters as constants.")
 
 
 class PEConv2d(_Twirled):
@@ -285,10 +324,11 @@ class PEConv2d(_Twirled):
 
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, bias: bool = True, likelihood: GroupLikelihood | None = None,
-                 basis: str = "antialiased"):
+                 basis: str = "antialiased", device=None, dtype=None):
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
-        super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood, basis)
+        super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood, basis,
+                         device=device, dtype=dtype)
         self.stride, self.padding = stride, padding
         self._patch_projections = {}  # input size, dtype, device -> see _patch_projection
 
@@ -297,7 +337,7 @@ class PEConv2d(_Twirled):
         if self.training and self._harmonic_domain_pays(x):
             return self._conv_in_harmonics(x)
         filt, bias = self._current()
-        filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
+        filt = filt.to(x.dtype) if not autocast_enabled(x.device) else filt
         bias = bias.to(filt.dtype) if bias is not None else None
         return F.conv2d(x, filt, bias, self.stride, self.padding, self.dilation)
 
@@ -321,7 +361,7 @@ class PEConv2d(_Twirled):
         key = (x.shape[2], x.shape[3], x.dtype, x.device)
         if self._patch_projections.get(key) is None:
             P = x.shape[2] * x.shape[3]
-            one_hot = torch.eye(P, dtype=torch.float64).view(P, 1, *x.shape[2:])
+            one_hot = torch.eye(P, dtype=torch.float64, device="cpu").view(P, 1, *x.shape[2:])
             patches = F.unfold(one_hot, self.kernel_size, self.dilation, self.padding, self.stride)
             basis = torch.from_numpy(self._ops.basis).reshape(self._ops.basis.shape[0], -1)
             proj = torch.einsum("hx,pxl->phl", basis, patches).reshape(P, -1).to(x.device, x.dtype)
@@ -341,7 +381,7 @@ class PEConv2d(_Twirled):
         the convolution itself.
         """
         coeff, bias = self._coefficients_and_bias("harmonics")  # [(a o), (b h i)]
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device):
             coeff = coeff.to(x.dtype)
         d_o, d_i, H, F_o, F_i = self._dims
         B = x.shape[0]
@@ -379,8 +419,9 @@ class PELinear(_Twirled):
     """Linear map between fields (``[B, C]`` tensors) with a learnt degree of equivariance, e.g.
     a head from the last fields to trivial class logits (invariant while λ is uniform)."""
 
-    def __init__(self, in_type, out_type, bias: bool = True, likelihood: GroupLikelihood | None = None):
-        super().__init__(in_type, out_type, 1, 1, bias, likelihood)
+    def __init__(self, in_type, out_type, bias: bool = True, likelihood: GroupLikelihood | None = None,
+                 device=None, dtype=None):
+        super().__init__(in_type, out_type, 1, 1, bias, likelihood, device=device, dtype=dtype)
 
     @property
     def in_features(self) -> int:
@@ -393,7 +434,7 @@ class PELinear(_Twirled):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x, spatial=False)
         filt, bias = self._current()
-        filt = filt.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else filt
+        filt = filt.to(x.dtype) if not autocast_enabled(x.device) else filt
         bias = bias.to(filt.dtype) if bias is not None else None
         return F.linear(x, filt[:, :, 0, 0], bias)
 

@@ -23,8 +23,9 @@ class FieldBatchNorm2d(nn.Module):
     """Batch norm of a FieldType's fields; the arguments are ``nn.BatchNorm2d``'s."""
 
     def __init__(self, field_type, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True):
+                 track_running_stats: bool = True, device=None, dtype=None):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         rep = single_repr(field_type)
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0 <= momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1] or None (cumulative average), got {momentum!r}")
@@ -34,22 +35,33 @@ class FieldBatchNorm2d(nn.Module):
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.track_running_stats = track_running_stats
         self.permutation = is_permutation(rep)
-        E = torch.tensor(invariant_basis(rep), dtype=torch.float32)
-        self.register_buffer("_invariant", E, persistent=False)
-        t = 1 if self.permutation else E.shape[1]
+        self.register_buffer("_invariant", self._invariant_basis(**dd), persistent=False)
+        t = 1 if self.permutation else self._invariant.shape[1]
         if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(self.num_fields, t))
-            self.register_buffer("running_var", torch.ones(self.num_fields))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+            self.register_buffer("running_mean", torch.zeros(self.num_fields, t, **dd))
+            self.register_buffer("running_var", torch.ones(self.num_fields, **dd))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
         else:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, None)
         if affine:
-            self.weight = nn.Parameter(torch.ones(self.num_fields))
-            self.bias = nn.Parameter(torch.zeros(self.num_fields, t))
+            self.weight = nn.Parameter(torch.ones(self.num_fields, **dd))
+            self.bias = nn.Parameter(torch.zeros(self.num_fields, t, **dd))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+
+    def _invariant_basis(self, device=None, dtype=None) -> torch.Tensor:
+        return torch.tensor(invariant_basis(single_repr(self.field_type)), dtype=dtype or torch.float32, device=device)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the invariant basis (a constant: after ``to_empty()`` its memory is garbage)."""
+        self._invariant = self._invariant_basis(self._invariant.device, self._invariant.dtype)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # to_empty() + load_state_dict() must give a working layer: the constant is rebuilt first
+        self.init_non_persistent_buffers()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -64,6 +76,8 @@ class FieldBatchNorm2d(nn.Module):
             nn.init.zeros_(self.bias)
 
     def _check(self, x):
+        if torch.jit.is_tracing():  # a trace fixes the shapes: the check would only warn there
+            return
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"FieldBatchNorm2d expects [B, {self.num_features}, H, W] "
                              f"({self.num_fields} fields of size {self.field_size}), got {tuple(x.shape)}")
@@ -90,6 +104,8 @@ class FieldBatchNorm2d(nn.Module):
             y = F.batch_norm(x.reshape(B, self.num_fields, -1), running_mean, running_var, self.weight,
                              None if self.bias is None else self.bias.view(-1),
                              self._use_batch_stats(), momentum, self.eps)
+            if torch.jit.is_tracing():  # (torch.jit.trace, the legacy ONNX exporter: no _unsafe_view)
+                return y.reshape(B, C, H, W)
             # not a view of y: an in-place activation on a view would make autograd copy the
             # whole activation twice in backward (CopySlices); y is a temporary, so this is safe
             return torch.ops.aten._unsafe_view(y, (B, C, H, W))
