@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -117,31 +118,36 @@ def _mean_std(xs):
     return m, s
 
 
-def _head_symmetry(run: Path) -> dict:
-    """The plain head's invariance per element (see eqzoo.head_invariance) of a finished run."""
+@functools.lru_cache(maxsize=None)
+def _saved_model(run: Path):
+    """The model a finished run saved (its best-on-validation weights), loaded once per report."""
     import timm
 
-    import eqzoo
-
-    return eqzoo.head_invariance(timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True))
+    return timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
 
 
-def _mode_gap(run: Path, cfg: dict):
-    """Test accuracy of the saved model in eval mode and in train mode (batch statistics)."""
-    import timm
+@functools.lru_cache(maxsize=None)
+def _test_set(data: str, root: str):
+    """(images, labels) of a data set's test split: the same for every model and seed (the data
+    seed is fixed), so built once per report."""
     import torch
 
     import eqzoo.config
     from eqzoo.data import build_datasets
 
-    model = timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
-    d = eqzoo.config.load_config(cfg)["data"]
-    test = build_datasets(d).test
-    x = torch.stack([test[i][0] for i in range(len(test))])
-    y = torch.as_tensor([test[i][1] for i in range(len(test))])
+    test = build_datasets(eqzoo.config.load_config(run_config(data, "cnn", 0, root, Path(".")))["data"]).test
+    return (torch.stack([test[i][0] for i in range(len(test))]),
+            torch.as_tensor([test[i][1] for i in range(len(test))]))
+
+
+def _mode_gap(run: Path, data: str, root: str):
+    """Test accuracy of the saved model in eval mode and in train mode (batch statistics)."""
+    import torch
+
+    x, y = _test_set(data, root)
     accs = []
     for train_mode in (False, True):
-        m = copy.deepcopy(model).train(train_mode)
+        m = copy.deepcopy(_saved_model(run)).train(train_mode)
         with torch.no_grad():
             pred = torch.cat([m(x[i:i + 250]).argmax(1) for i in range(0, len(x), 250)])
         accs.append(float((pred == y).float().mean()))
@@ -165,13 +171,13 @@ def cmd_report(args) -> None:
                        per_seed=" / ".join(f"{r['test_acc']:.3f}" for r in res),
                        best_epoch=" / ".join(str(r["best_epoch"]) for r in res))
             if args.mode_gap == "all" or (args.mode_gap == "pe" and model != "cnn"):
-                gaps = [_mode_gap(r, run_config(data, model, int(r.name[4:]), args.root, out)) for r in done]
+                gaps = [_mode_gap(r, data, args.root) for r in done]
                 row["eval_vs_train_mode"] = " / ".join(f"{e:.3f}|{t:.3f}" for e, t in gaps)
             rows.append(row)
             hist = [json.loads((r / "metrics.json").read_text()) for r in done]
             curves[(data, model)] = [[h["val_acc"] for h in hs] for hs in hist]
             if MODELS[model]["model_args"].get("head", "auto") == "auto" and model.startswith("learnt"):
-                heads = [_head_symmetry(r) for r in done if (r / "hub").is_dir()]
+                heads = [eqzoo.head_invariance(_saved_model(r)) for r in done if (r / "hub").is_dir()]
                 if heads:
                     row["head"] = heads
             if model.startswith("learnt") and (done[0] / "hub").is_dir():

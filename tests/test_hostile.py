@@ -30,12 +30,7 @@ TINY = ROOT / "configs" / "digits_c4.yaml"
 SMALL = dict(group="D4", layers=[1, 1, 1, 1], stem_width=16, channels=[16, 16, 32, 32], num_classes=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

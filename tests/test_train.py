@@ -15,13 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits_c4.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: one thread is faster, and far faster on a busy machine (no spinning thread pools)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(out, **over):
