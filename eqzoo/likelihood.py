@@ -8,7 +8,9 @@ r"""The learnt likelihood λ over a group G: how equivariant a layer is.
 
 (the ``b, d`` terms only where G has reflections). These functions span the matrix coefficients of
 the irreps of G up to frequency L, so θ = (a, b, c, d) are the Fourier coefficients of the logits.
-All start at 0: every layer starts *fully equivariant*. For a finite group with L = N/2 every
+A learnable λ starts slightly peaked at the identity (:data:`INIT_PEAK`), a frozen one uniform;
+either way every layer starts *exactly equivariant*, because its kernel starts equivariant (see
+:meth:`~eqzoo.nn.PEConv2d.reset_parameters`). For a finite group with L = N/2 every
 positive function on G is reachable; the normalisation is then an exact mean over G. For O(2)/SO(2)
 it is a quadrature on a fine grid (:data:`FINE_GRID` rotations), exact to float precision for the
 smooth ``exp ℓ``.
@@ -48,6 +50,12 @@ def autocast_enabled(device: torch.device) -> bool:
 
 
 FINE_GRID = 256  # rotations used to normalise and integrate λ on O(2)/SO(2)
+# log λ(e) - log λ(g) for g away from the identity, for a learnable λ at init. At exactly uniform λ
+# the twirl is a projection: the kernel's non-equivariant part gets no gradient, so λ gets none
+# either (a saddle it never leaves). A small peak lets both move, in the direction the data asks
+# for, while the layer is still exactly equivariant (its kernel starts equivariant). 0.3 keeps the
+# read-out at the whole group (λ(g) ≥ 0.74 λ(e)).
+INIT_PEAK = 0.3
 DEFAULT_BANDLIMIT = 4  # L and L_out for O(2)/SO(2), the reference defaults
 
 
@@ -91,11 +99,28 @@ class GroupLikelihood(nn.Module):
         self.coefficients = nn.Parameter(torch.zeros(len(self._freqs), device=device, dtype=dtype),
                                          requires_grad=learnable)
         self.register_buffer("_fine_features", self._fine_grid_features(device, dtype), persistent=False)
+        self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Uniform λ: the layer is fully equivariant (every coefficient 0)."""
-        with torch.no_grad():
+        r"""λ at init: uniform when frozen; when learnable, logits :data:`INIT_PEAK` at the identity
+        and 0 elsewhere (finite groups), or :data:`INIT_PEAK` times the Fejér kernel
+        :math:`F_L(θ)/F_L(0)` on the rotations (O(2)/SO(2), where λ is band-limited)."""
+        if not self.learnable:
             self.coefficients.zero_()
+            return
+        G = self.group
+        s, theta = G.grid(None if G.is_finite else FINE_GRID)
+        theta = np.angle(np.exp(1j * theta))  # in (-π, π]
+        if G.is_finite:
+            peak = (s == 0) & (np.abs(theta) < 1e-9)
+        else:
+            k = np.arange(1, self.bandlimit + 1)[:, None]
+            fejer = 1 + 2 * ((1 - k / (self.bandlimit + 1)) * np.cos(k * theta)).sum(0)
+            peak = (s == 0) * fejer / (self.bandlimit + 1)
+        # least squares on the features, in numpy: no device context (e.g. meta) reaches it
+        sol = np.linalg.lstsq(self._features(s, theta), INIT_PEAK * peak.astype(np.float64), rcond=None)[0]
+        self.coefficients.copy_(torch.from_numpy(sol).to(self.coefficients))
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the features of the fine grid (a constant, not state: after ``to_empty()``

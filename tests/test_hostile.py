@@ -24,6 +24,7 @@ from eqzoo._io import atomic_write, locked, save_tensors, write_json
 from eqzoo.config import ConfigError, load_config
 from eqzoo.hub import CheckpointError, HubConfigError
 from eqzoo.train import RunDir, TrainingError, cmd_finetune, cmd_train, train
+from trained import trained_looking
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits_c4.yaml"
@@ -37,10 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def small():
     torch.manual_seed(0)
     m = timm.create_model("pe_resnet18", **SMALL)
-    with torch.no_grad():  # distinct, learnt-looking λ per layer: sharing them would change the outputs
-        for lam in eqzoo.likelihoods(m).values():
-            lam.coefficients.normal_(0, 0.5)
-    return m.eval()
+    # distinct, learnt-looking λ per layer: sharing them would change the outputs
+    return trained_looking(m, 0.5).eval()
 
 
 @pytest.fixture(scope="module")

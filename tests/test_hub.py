@@ -16,6 +16,7 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 
 import eqzoo
+from trained import trained_looking
 import eqzoo.hub as hub
 from eqzoo.hub import CheckpointError, HubConfigError, PushError
 from hub_server import offline, serve_hub
@@ -34,10 +35,7 @@ def _lambdas(model):
 def model():
     torch.manual_seed(0)
     m = timm.create_model("pe_resnet18", group="C4", num_classes=10)
-    with torch.no_grad():  # a learnt-looking, non-uniform λ in every layer
-        for lam in eqzoo.likelihoods(m).values():
-            lam.coefficients.normal_(0, 0.5)
-    return m.eval()
+    return trained_looking(m, 0.5).eval()  # a learnt-looking, non-uniform λ in every layer
 
 
 @pytest.fixture(scope="module")

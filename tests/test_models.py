@@ -19,6 +19,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 import eqzoo
 from eqzoo.models import PEResNet, PEWideResNet, WideResNet
 from eqzoo.nn import FieldBatchNorm2d, PEConv2d, PELinear
+from trained import trained_looking
 
 RESNETS = ["pe_resnet18", "pe_resnet34", "pe_resnet50", "pe_resnet101", "pe_wide_resnet50_2", "pe_wide_resnet101_2"]
 WRNS = ["pe_wrn16_8", "pe_wrn28_10"]
@@ -40,9 +41,7 @@ def rel_err(a, b):
 def built(request):
     torch.manual_seed(0)
     model = timm.create_model(request.param, num_classes=NUM_CLASSES, in_chans=IN_CHANS)
-    with torch.no_grad():  # non-uniform likelihoods, so that export has something to carry
-        for lam in eqzoo.likelihoods(model).values():
-            lam.coefficients.normal_(0, 0.3)
+    trained_looking(model, 0.3)  # non-uniform likelihoods, so that export has something to carry
     return request.param, model
 
 

@@ -15,6 +15,7 @@ from timm.data import create_transform, resolve_data_config, resolve_model_data_
 
 import eqzoo
 from eqzoo.nn import FieldBatchNorm2d, PEConv2d
+from trained import trained_looking
 
 # small but complete: one block per stage, every layer kind of a pe ResNet
 SMALL = dict(layers=(1, 1, 1, 1), num_classes=3)
@@ -22,13 +23,6 @@ SMALL = dict(layers=(1, 1, 1, 1), num_classes=3)
 
 def _small(group="D4", **kwargs):
     return timm.create_model("pe_resnet18", group=group, **SMALL, **kwargs)
-
-
-def _randomise_likelihoods(model):
-    with torch.no_grad():
-        for lam in eqzoo.likelihoods(model).values():
-            lam.coefficients.normal_(0, 0.3)
-    return model
 
 
 def _close(a, b, tol=1e-5):
@@ -40,7 +34,7 @@ def _close(a, b, tol=1e-5):
 @pytest.mark.parametrize("group", ["D4", "O2"])
 def test_meta_build_then_load_or_init(group):
     torch.manual_seed(0)
-    real = _randomise_likelihoods(_small(group)).eval()
+    real = trained_looking(_small(group)).eval()
     with torch.device("meta"):
         model = _small(group, device="meta", dtype=torch.float32)
     tensors = [*model.named_parameters(), *model.named_buffers()]
@@ -55,13 +49,15 @@ def test_meta_build_then_load_or_init(group):
     with torch.no_grad():
         assert _close(model(x), real(x))
 
-    # to_empty() + init_weights(): a fresh model's initialisation (He at uniform λ, zero-init last norms)
+    # to_empty() + init_weights(): a fresh model's initialisation (He at uniform λ, equivariant
+    # kernels, λ at its initial peak, zero-init last norms)
     model.to_empty(device="cpu")
     model.init_weights()
-    assert all(float(lam.coefficients.abs().max()) == 0 for lam in eqzoo.likelihoods(model).values())
+    fresh = _small(group)
+    for (name, lam), want in zip(eqzoo.likelihoods(model).items(), eqzoo.likelihoods(fresh).values()):
+        assert torch.allclose(lam.coefficients, want.coefficients), name
     assert float(model.layer1[0].bn2.weight.abs().max()) == 0 and float(model.bn1.weight.min()) == 1
     with torch.no_grad():
-        fresh = _small(group)
         for name in ("conv1", "layer2.0.conv1"):
             got, want = (m.get_submodule(name).filter_and_bias()[0].std() for m in (model, fresh))
             assert 0.7 < float(got / want) < 1.4, (name, float(got), float(want))
@@ -84,7 +80,7 @@ def test_factory_device_dtype():
 @pytest.mark.parametrize("group", ["D4", "O2"])
 def test_torchscript(group):
     torch.manual_seed(0)
-    model = _randomise_likelihoods(_small(group)).eval()
+    model = trained_looking(_small(group)).eval()
     x = torch.randn(2, 3, 33, 33)
     with torch.no_grad():
         y = model(x)
@@ -106,7 +102,7 @@ def test_torchscript(group):
 @pytest.mark.parametrize("group", ["D4", "O2"])
 def test_torch_export(group):
     torch.manual_seed(0)
-    model = _randomise_likelihoods(_small(group)).eval()
+    model = trained_looking(_small(group)).eval()
     x = torch.randn(2, 3, 33, 33)
     with torch.no_grad():
         y = model(x)
@@ -125,7 +121,7 @@ def test_onnx_export(dynamo):
     except ImportError as e:
         pytest.fail(f"{e.name} is missing: it comes with eqzoo's test extra (pip install -e '.[test]')")
     torch.manual_seed(0)
-    model = _randomise_likelihoods(_small("D4")).eval()
+    model = trained_looking(_small("D4")).eval()
     x = torch.randn(2, 3, 33, 33)
     with torch.no_grad():
         y = model(x)
@@ -165,7 +161,7 @@ def test_checkpoint_path_optimizer_and_ema(tmp_path):
     a weights file; timm's optimizer factory (layer decay, from group_matcher) and ModelEmaV3 take a
     pe model."""
     torch.manual_seed(0)
-    model = _randomise_likelihoods(_small()).eval()
+    model = trained_looking(_small()).eval()
     path = tmp_path / "checkpoint.pth.tar"
     torch.save({"epoch": 0, "arch": "pe_resnet18", "state_dict": model.state_dict()}, path)
     loaded = timm.create_model("pe_resnet18", **SMALL, checkpoint_path=str(path)).eval()
@@ -206,8 +202,8 @@ def test_checkpoint_path_optimizer_and_ema(tmp_path):
 def test_wrn_saves_and_loads(tmp_path):
     """The WRNs' builder argument feature_cfg, and the factory kwargs, are not model_args."""
     torch.manual_seed(0)
-    model = _randomise_likelihoods(timm.create_model("pe_wrn16_8", channels=(8, 8, 8, 8), num_classes=2,
-                                                     dtype=torch.float32)).eval()
+    model = trained_looking(timm.create_model("pe_wrn16_8", channels=(8, 8, 8, 8), num_classes=2,
+                                              dtype=torch.float32)).eval()
     eqzoo.save_pretrained(model, tmp_path / "wrn", export=False, plot=False)
     args = json.loads((tmp_path / "wrn" / "config.json").read_text())["model_args"]
     assert not {"feature_cfg", "device", "dtype"} & set(args) and args["channels"] == [8, 8, 8, 8]

@@ -58,11 +58,12 @@ def test_degree_of_equivariance_table(model):
     rows = degree_of_equivariance(model)
     assert len(rows) == len(eqzoo.likelihoods(model))
     assert rows[0]["layer"] == "conv1" and rows[0]["group"] == "D4"
-    assert all(r["kl_uniform"] == pytest.approx(0, abs=1e-6) and r["closest_subgroup"] == "D4" for r in rows)
+    # at init every λ is the same small peak at the identity: close to uniform, read as all of D4
+    assert all(0 < r["kl_uniform"] < 0.01 and r["closest_subgroup"] == "D4" for r in rows)
     table = format_table(rows)
     lines = table.splitlines()
     assert lines[0] == "| layer | group | kl_uniform | mass_near_identity | closest_subgroup |"
-    assert len(lines) == len(rows) + 2 and lines[2].startswith("| conv1 | D4 | 0.000 |")
+    assert len(lines) == len(rows) + 2 and lines[2].startswith("| conv1 | D4 | 0.00")
     shared = {"l": eqzoo.likelihoods(model)["conv1.likelihood"]}
     shared["l"].layers = ["a", "b", "c"]
     assert degree_of_equivariance(shared)[0]["layer"] == "a … c (3 layers)"
@@ -81,20 +82,26 @@ def test_pixel_elements():
 def test_equivariance_error_follows_lambda(model, x):
     rows = equivariance_error(model, x)
     out = [r for r in rows if r["layer"] == "output"]
-    assert len(out) == 7 and all(r["error"] < 1e-4 for r in rows)  # uniform λ: exactly equivariant
+    # a fresh model is exactly equivariant: its kernels start equivariant, whatever λ is
+    assert len(out) == 7 and all(r["error"] < 1e-4 for r in rows)
     conv1 = [r for r in rows if r["layer"] == "conv1"]
-    assert len(conv1) == 7 and all(r["likelihood"] == pytest.approx(1.0) for r in conv1)
+    init = conv1[0]["likelihood"]
+    assert len(conv1) == 7 and 0.9 < init < 1 and all(r["likelihood"] == pytest.approx(init) for r in conv1)
     lam = eqzoo.likelihoods(model)["conv1.likelihood"]
+    saved = [t.detach().clone() for t in (lam.coefficients, model.conv1.weight)]
     try:
+        with torch.no_grad():  # a kernel with a non-equivariant part, as training leaves it
+            model.conv1.weight.normal_(0, float(model.conv1.weight.std()))
         lam.set_density(lambda s, t: 1e-3 + 20.0 * ((s == 0) & (t == 0)))  # conv1: (almost) no symmetry
         broken = equivariance_error(model, x, elements=["rot90"])
     finally:
         with torch.no_grad():
-            lam.coefficients.zero_()
+            lam.coefficients.copy_(saved[0])
+            model.conv1.weight.copy_(saved[1])
     err = {r["layer"]: r for r in broken}
     assert err["conv1"]["likelihood"] < 0.01 and err["conv1"]["error"] > 0.1
     assert err["output"]["error"] > 1e-3
-    assert err["layer1.0.conv1"]["likelihood"] == pytest.approx(1.0)  # its own λ is uniform...
+    assert err["layer1.0.conv1"]["likelihood"] == pytest.approx(init)  # its own λ is as at init...
     assert model.training is False
     with pytest.raises(ValueError, match="do not act exactly"):
         equivariance_error(model, x, elements=["rot45"])

@@ -206,7 +206,12 @@ class _Twirled(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy)."""
+        """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy), with
+        κ_0 itself equivariant: its non-equivariant part starts at 0 and grows only where the
+        data asks for it. Then the twirl gives κ_0 for any λ, so the layer starts exactly
+        equivariant even though a learnable λ starts off uniform (see
+        :data:`eqzoo.likelihood.INIT_PEAK`); with a random non-equivariant part, λ's gradient
+        would be a random projection of it, and λ would drift towards arbitrary subgroups."""
         self._cache = None
         if self.bias is not None:
             self.bias.zero_()
@@ -222,6 +227,14 @@ class _Twirled(nn.Module):
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
+        self.weight.copy_(self._equivariant_part(self.weight))
+
+    def _equivariant_part(self, w: torch.Tensor) -> torch.Tensor:
+        """The twirl at uniform λ (an orthogonal projection) of coefficients ``w``, in their own layout."""
+        m = self._ops.sparse.values.shape[0]
+        d_o, d_i, H = self._dims[:3]
+        out = self._twirled("harmonics", torch.full((m,), 1.0 / m, device=w.device), w)
+        return out.view(d_o, w.shape[1], d_i, H, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
