@@ -15,7 +15,7 @@ __all__ = ["GroupLikelihood", "get_group", "likelihoods", "regularization", "mod
 # Hub, plots and equivariance analysis (issue 4)
 from .hub import load_likelihoods, push_to_hub, save_pretrained
 from .viz import plot_likelihoods
-from .analysis import degree_of_equivariance, equivariance_error, format_table, head_invariance
+from .analysis import degree_of_equivariance, equivariance_error, format_table, head_invariance, kernel_invariance
 
 __all__ += ["save_pretrained", "push_to_hub", "load_likelihoods", "plot_likelihoods", "degree_of_equivariance",
-            "equivariance_error", "format_table", "head_invariance"]
+            "equivariance_error", "format_table", "head_invariance", "kernel_invariance"]

@@ -208,21 +208,58 @@ def head_invariance(model: nn.Module, threshold: float = 0.5) -> dict:
     G = group_of(ftype)
     copies = fc.in_features // ftype.size  # catavgmax pools the fields twice
     W = fc.weight.detach().double().cpu()
-    n_rot = G.n_rot if G.is_finite else 8
 
-    def score(s: int, theta: float) -> float:
-        rho = torch.as_tensor(ftype.representation(G.element(s, theta)), dtype=torch.float64)
+    def score(s: int, k: int, n_rot: int) -> float:
+        rho = torch.as_tensor(ftype.representation(G.element(s, 2 * math.pi * k / n_rot)), dtype=torch.float64)
         return float((W @ torch.block_diag(*[rho] * copies) * W).sum() / W.square().sum())
 
+    return _invariance(G, score, G.n_rot if G.is_finite else 8, threshold)
+
+
+def kernel_invariance(model: nn.Module, threshold: float = 0.5) -> dict[str, dict]:
+    r"""The symmetry each layer's kernel has, read off the kernel itself rather than off λ.
+
+    λ and the free kernel κ_0 share the work: a kernel invariant to a subgroup K comes out of λ
+    uniform on K, or of λ at the identity with a K-invariant κ_0, so λ alone can understate the
+    symmetry a layer keeps. With :math:`c` the twirled coefficients and :math:`T_g` the group's
+    (orthogonal) action on them, the score
+
+    .. math:: s(g) = \langle T_g c, c \rangle / \|c\|^2 \;∈ [-1, 1]
+
+    is 1 iff the layer is equivariant to g. Returns ``{layer: {"scores", "closest_subgroup"}}``
+    for every :class:`~eqzoo.nn.PEConv2d` over a finite group, as :func:`head_invariance` does."""
+    from .nn import PEConv2d
+
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, PEConv2d) or not m.group.is_finite:
+            continue
+        with torch.no_grad():
+            c = m.twirled_coefficients().double()
+            eye = torch.eye(m.n_rot * m.group.n_flip, dtype=torch.float64)
+
+            def score(s: int, k: int, n_rot: int, m=m, c=c, eye=eye) -> float:
+                j = s * m.n_rot + k * m.n_rot // n_rot  # flip-major, as the quadrature grid
+                return float((m.twirled_coefficients(eye[j], c) * c).sum() / c.square().sum())
+
+            out[name] = _invariance(m.group, score, m.n_rot, threshold)
+    if not out:
+        raise ValueError("kernel_invariance needs a model with PEConv2d layers over a finite group")
+    return out
+
+
+def _invariance(G, score, n_rot: int, threshold: float) -> dict:
+    """Scores of the elements (rotation k of n_rot, flip s) and the largest subgroup whose every
+    element scores at least ``threshold``."""
     scores = {}
     for s in range(G.n_flip):
         for k in range(n_rot):
-            scores[("flip∘" if s else "") + f"rot{round(360 * k / n_rot)}"] = score(s, 2 * math.pi * k / n_rot)
+            scores[("flip∘" if s else "") + f"rot{round(360 * k / n_rot)}"] = score(s, k, n_rot)
     best, best_size = "C1", 1
     for name, k, flip in G.subgroups():
-        if k == 0 or (not G.is_finite and n_rot % k):
+        if k == 0 or n_rot % k:
             continue  # continuous subgroups are not probed
-        vals = [score(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)]
+        vals = [scores[("flip∘" if s else "") + f"rot{round(360 * j / k)}"] for s in range(1 + flip) for j in range(k)]
         if min(vals) >= threshold and k * (1 + flip) > best_size:
             best, best_size = name, k * (1 + flip)
     return {"scores": scores, "closest_subgroup": best}

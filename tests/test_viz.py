@@ -129,3 +129,29 @@ def test_head_invariance_names_the_symmetry_of_a_plain_head():
         assert torch.allclose(model(torch.rot90(x, 1, (2, 3))), model(x), atol=1e-8)
     with pytest.raises(ValueError, match="plain nn.Linear head"):
         eqzoo.head_invariance(timm.create_model("pe_resnet18", head="learnt", num_classes=3))
+
+
+def test_kernel_invariance_reads_the_kernel_not_lambda():
+    """A fresh model's kernels are D4-invariant whatever λ is; a generic kernel under λ uniform on
+    the rotations reads C4; one under λ at the identity reads C1."""
+    import numpy as np
+    from trained import generic_kernels
+
+    torch.manual_seed(0)
+    model = timm.create_model("pe_resnet18", layers=[1, 1, 1, 1], channels=[16, 16, 32, 32], stem_width=16,
+                              num_classes=3)
+    fresh = eqzoo.kernel_invariance(model)
+    assert set(fresh) >= {"conv1", "layer1.0.conv1", "layer4.0.conv2"}
+    assert all(r["closest_subgroup"] == "D4" and min(r["scores"].values()) > 1 - 1e-5 for r in fresh.values())
+    for name, density in (("layer1.0.conv1", lambda s, t: np.where(s == 0, 1.0, 1e-9)),
+                          ("layer2.0.conv1", lambda s, t: np.where((s == 0) & np.isclose(t, 0), 1.0, 1e-9))):
+        conv = model.get_submodule(name)
+        generic_kernels(conv)
+        conv.likelihood.set_density(density)
+    read = eqzoo.kernel_invariance(model)
+    c4 = read["layer1.0.conv1"]["scores"]
+    assert read["layer1.0.conv1"]["closest_subgroup"] == "C4" and c4["rot90"] > 1 - 1e-5 and c4["flip∘rot0"] < 0.5
+    assert read["layer2.0.conv1"]["closest_subgroup"] == "C1"
+    assert read["layer3.0.conv1"]["closest_subgroup"] == "D4"
+    with pytest.raises(ValueError, match="finite group"):
+        eqzoo.kernel_invariance(timm.create_model("resnet18", num_classes=3))

@@ -227,13 +227,17 @@ class _Twirled(nn.Module):
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
-        self.weight.copy_(self._equivariant_part(self.weight))
+        m = self._ops.sparse.values.shape[0]  # the twirl at uniform λ: an orthogonal projection
+        self.weight.copy_(self.twirled_coefficients(torch.full((m,), 1.0 / m, device=self.weight.device)))
 
-    def _equivariant_part(self, w: torch.Tensor) -> torch.Tensor:
-        """The twirl at uniform λ (an orthogonal projection) of coefficients ``w``, in their own layout."""
-        m = self._ops.sparse.values.shape[0]
+    def twirled_coefficients(self, q: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``
+        (default: λ's), in the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot
+        ``q`` at element g gives g's action on the coefficients, an orthogonal map."""
+        w = self.weight if w is None else w
+        q = self.likelihood.kernel_weights(self.n_rot) if q is None else q
         d_o, d_i, H = self._dims[:3]
-        out = self._twirled("harmonics", torch.full((m,), 1.0 / m, device=w.device), w)
+        out = self._twirled("harmonics", q, w)
         return out.view(d_o, w.shape[1], d_i, H, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
