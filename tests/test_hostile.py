@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import eqzoo
 from eqzoo import hub
-from eqzoo._io import atomic_write, locked, save_tensors, write_json
+from eqzoo._io import atomic_write, locked, save_tensors, sha256, write_json
 from eqzoo.config import ConfigError, load_config
 from eqzoo.hub import CheckpointError, HubConfigError
 from eqzoo.train import RunDir, TrainingError, cmd_finetune, cmd_train, train
@@ -273,7 +273,7 @@ def test_integer_weights_are_not_cast(saved, small, tmp_path):
     sd = {k: v.clone() for k, v in small.state_dict().items()}
     sd["conv1.weight"] = sd["conv1.weight"].to(torch.int32)
     save_file(sd, str(folder / "model.safetensors"))
-    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=hub._sha256(folder / "model.safetensors")))
+    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=sha256(folder / "model.safetensors")))
     with pytest.raises(CheckpointError, match=r"tensor 'conv1.weight' is torch.int32 where the model has torch.float32"):
         _load(folder)
 
@@ -348,7 +348,7 @@ def test_concurrent_saves_leave_one_whole_folder(small, tmp_path):
         t.join()
     assert not errors
     cfg = json.loads((target / "config.json").read_text())
-    assert cfg["eqzoo"]["weights_sha256"] == hub._sha256(target / "model.safetensors")
+    assert cfg["eqzoo"]["weights_sha256"] == sha256(target / "model.safetensors")
     assert load_file(str(target / "model.safetensors"))["fc.weight"].shape[0] == cfg["num_classes"]
     assert _load(target).num_classes == cfg["num_classes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no temporary folders left
