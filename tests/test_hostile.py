@@ -23,7 +23,8 @@ from eqzoo import hub
 from eqzoo._io import atomic_write, locked, save_tensors, sha256, write_json
 from eqzoo.config import ConfigError, load_config
 from eqzoo.hub import CheckpointError, HubConfigError
-from eqzoo.train import RunDir, TrainingError, cmd_finetune, cmd_train, train
+from eqzoo.cli import main
+from eqzoo.train import RunDir, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits_c4.yaml"
@@ -429,7 +430,7 @@ def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path, capsys, d
     run = Path(shutil.copytree(stopped, tmp_path / "run"))
     damage(run)
     capsys.readouterr()
-    assert cmd_train(["--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and re.search(problem, warnings[0]), out
@@ -443,13 +444,13 @@ def test_no_usable_checkpoint(reference_run, tmp_path, capsys):
     run = Path(shutil.copytree(stopped, tmp_path / "run"))
     for folder in RunDir(run).checkpoints():
         (folder / "model.safetensors").write_bytes(b"")
-    assert cmd_train(["--resume", str(run)]) == 2
+    assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "no usable checkpoint" in err and "Traceback" not in err
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    import eqzoo.train as engine
+    import eqzoo.train.loop as engine  # the epoch loop, which calls lambda_kl
 
     calls, real = [], engine.lambda_kl
 
@@ -462,12 +463,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
     monkeypatch.setattr(engine, "lambda_kl", interrupt_in_epoch_2)
-    assert cmd_train(["--config", str(cfg)]) == 130
+    assert main(["train", "--config", str(cfg)]) == 130
     err = capsys.readouterr().err
     assert f"resume from epoch-0001 with: eqzoo train --resume {tmp_path / 'run'}" in err
     assert "Traceback" not in err
     monkeypatch.setattr(engine, "lambda_kl", real)
-    assert cmd_train(["--resume", str(tmp_path / "run")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
 
 
 # -- configs and the CLI -------------------------------------------------------------------------------------
@@ -476,7 +477,7 @@ def test_string_boolean_override_fails_before_training(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"'model_args.learn_likelihood' must be true or false \(a bool\), got 'false'"):
         load_config(cfg, ['model_args.learn_likelihood="false"'])
-    assert cmd_train(["--config", str(cfg), 'model_args.learn_likelihood="false"']) == 2
+    assert main(["train", "--config", str(cfg), 'model_args.learn_likelihood="false"']) == 2
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"'model_args.group'.*D1000000 has order 2000000"):
         load_config(cfg, ["model_args.group=D1000000"])
@@ -531,16 +532,12 @@ def test_duplicate_yaml_key(tmp_path):
     (["train", "--config", str(TINY), "model_args.group=D1000"], "D1000 has order 2000"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys):
-    from eqzoo.cli import main
-
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_cli_debug_shows_the_traceback(capsys):
-    from eqzoo.cli import main
-
     assert main(["--debug", "inspect", "runs/no-such-run"]) == 2
     assert "Traceback" in capsys.readouterr().err
     assert main(["inspect", "runs/no-such-run", "--debug"]) == 2
@@ -555,7 +552,7 @@ def test_finetune_from_uses_the_source_architecture(reference_run, tmp_path, cap
     cnn["schedule"].update(epochs=1, warmup_epochs=0)
     cfg = tmp_path / "cnn.yaml"
     cfg.write_text(yaml.safe_dump(cnn))
-    assert cmd_finetune(["--config", str(cfg), "--from", str(full), "model_args.drop_rate=0.1"]) == 0
+    assert main(["finetune", "--config", str(cfg), "--from", str(full), "model_args.drop_rate=0.1"]) == 0
     note = capsys.readouterr().err
     assert "the config's model (resnet18) and model_args (" in note and "are not used" in note
     assert all(k in note for k in ("layers", "stem_width", "channels"))

@@ -16,7 +16,7 @@ from torch import nn
 from ..analysis import degree_of_equivariance, format_table
 from ..models._schema import EXPORT_DIR, PLOT_NAME
 
-__all__ = ["CARD_TEMPLATE", "CARD_DATA_KEYS", "render_model_card"]
+__all__ = ["CARD_TEMPLATE", "CARD_DATA_KEYS", "render_model_card", "run_card_data"]
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "MODEL_CARD.md"
 # what card_data may say about a model's training
@@ -80,3 +80,16 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
         versions=meta["versions"], basis_fingerprint=meta["basis_fingerprint"],
     )
     return ModelCard.from_template(data, template_path=str(template), **kwargs)
+
+
+def run_card_data(cfg: dict, results: dict | None = None) -> dict:
+    """What the card says about a model trained by ``eqzoo train`` with the resolved run config
+    ``cfg``: the data set, the training settings and the run's accuracies."""
+    d = cfg["data"]
+    card = {"dataset_name": d["name"], "split": "test",
+            "training": f"eqzoo train: {cfg['optim']['name']} lr {cfg['optim']['lr']}, "
+                        f"{cfg['schedule']['epochs']} epochs, batch {d['batch_size']}, regularisers "
+                        f"{cfg['regularizer']}, data {d['name']} (symmetry {d['symmetry']})"}
+    if results:
+        card["results"] = {k: v for k, v in results.items() if k in ("test_acc", "val_acc")}
+    return card
