@@ -25,13 +25,8 @@ from ..errors import CheckpointError, HubConfigError, ModelArgError
 from ..sources import fetch
 from ..validate import check_arg, is_json
 from ._checkpoint import checkpoint_filter
-from ._schema import (CONFIG_NAME, RUNTIME_ARGS, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
+from ._schema import (CONFIG_NAME, SAVED_CONFIG_ARG, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
                       register_architectures, validate_saved_config)
-
-# The parsed config.json of an eqzoo model travels from timm's reader to the entry function as
-# this extra model argument (timm hands a checkpoint's model_args to the entry function as kwargs).
-SAVED_CONFIG_ARG = "eqzoo_saved_config"
-RUNTIME_ARGS.add(SAVED_CONFIG_ARG)
 
 # Arguments that change the function a checkpoint's weights compute without changing their shapes
 # (or that the entry function fills in, for the architecture ones): a load may not override them.
