@@ -91,10 +91,15 @@ class FieldLayers:
             "head", "basis")
 
     @classmethod
+    def from_model_args(cls, model_args: dict, device=None, dtype=None) -> "FieldLayers":
+        """The factory a pe model's arguments ask for (the keys in :data:`ARGS`)."""
+        return cls(**{k: model_args[k] for k in cls.ARGS}, device=device, dtype=dtype)
+
+    @classmethod
     def for_model(cls, model: nn.Module) -> "FieldLayers":
-        """The factory of a built pe model (from its ``model_args``), on its device and dtype: for
-        layers added later, such as a new classifier."""
-        return cls(**{k: model.model_args[k] for k in cls.ARGS}, **factory_kwargs(model))
+        """The factory of a built pe model, on its device and dtype: for layers added later, such
+        as a new classifier."""
+        return cls.from_model_args(model.model_args, **factory_kwargs(model))
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",

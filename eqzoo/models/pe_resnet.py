@@ -149,7 +149,9 @@ class PEResNet(ResNet):
     """A partially equivariant ResNet with timm's layout (7x7 stem, max-pool, four stages).
 
     Every argument is checked for its type and range before anything is built (see
-    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size).
+    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size), and
+    all of them are kept as ``model.model_args``: what a new head, the plain counterpart and a
+    saved config.json are made from.
 
     Args:
         block: :class:`PEBasicBlock` or :class:`PEBottleneck` (or ``"basic"`` / ``"bottleneck"``).
@@ -207,9 +209,7 @@ class PEResNet(ResNet):
         if drop_block_rate:
             raise ValueError("drop_block_rate is not supported by pe models (DropBlock masks channels "
                              "independently, which breaks the fields); use drop_path_rate")
-        factory = FieldLayers(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
-                              out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
-                              share_likelihood=share_likelihood, head=head, basis=basis, device=device, dtype=dtype)
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         self.group = factory.group
         factory.check_pool(global_pool)
         factory.check_widths([stem_width] + [c * block.expansion for c in channels]

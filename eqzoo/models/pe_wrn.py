@@ -241,7 +241,7 @@ class PEWideResNet(WideResNet):
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
     ``"model"``), ``learn_likelihood``, ``head`` and ``basis`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
     the escnn FieldType of ``forward_features``' output. Every argument is checked for its type
-    and range before anything is built (see :mod:`eqzoo.validate`).
+    and range before anything is built (see :mod:`eqzoo.validate`) and kept as ``model.model_args``.
     """
 
     @checked_args(_check_wrn_args)  # types and ranges first: before any escnn or tensor work
@@ -252,9 +252,7 @@ class PEWideResNet(WideResNet):
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
                  learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased",
                  device=None, dtype=None):
-        factory = FieldLayers(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
-                              out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
-                              share_likelihood=share_likelihood, head=head, basis=basis, device=device, dtype=dtype)
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         factory.check_pool(global_pool)
         factory.check_widths(_wrn_widths(depth, widen_factor, channels))
         super().__init__(depth, widen_factor, num_classes, in_chans, global_pool, drop_rate, drop_path_rate,
