@@ -34,20 +34,6 @@ def model_folder(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def parse_source(source: str | os.PathLike) -> tuple[str, str]:
-    """``"hf-hub:org/name[@rev]"`` -> ("hf-hub", "org/name[@rev]"); ``"local-dir:PATH"`` or an existing
-    folder -> ("local-dir", PATH)."""
-    text = os.fspath(source)
-    for prefix in ("hf-hub:", "local-dir:"):
-        if text.startswith(prefix):
-            return prefix[:-1], text[len(prefix):]
-    if Path(text).is_dir():
-        return "local-dir", text
-    if not Path(text).exists() and (os.sep in text or text.startswith(".")):
-        raise FileNotFoundError(f"{text}: no such folder (expected a saved model folder, {_PREFIXED})")
-    raise ValueError(f"expected {_PREFIXED} or a folder, got {text!r}")
-
-
 def resolve_model(name: str) -> str:
     """What ``timm.create_model`` takes for ``name``: a saved-model or run folder becomes
     ``local-dir:`` of its Hub-format folder; ``hf-hub:``, ``local-dir:`` and timm names pass.
@@ -65,6 +51,17 @@ def resolve_model(name: str) -> str:
     if _looks_like_path(name):
         raise FileNotFoundError(f"{name}: no such run or model folder")
     return name
+
+
+def parse_source(source: str | os.PathLike) -> tuple[str, str]:
+    """``(kind, location)`` of a saved model, as :func:`resolve_model` finds it:
+    ``"hf-hub:org/name[@rev]"`` -> ("hf-hub", "org/name[@rev]"); ``"local-dir:PATH"``, a saved-model
+    or a run folder -> ("local-dir", its Hub-format folder)."""
+    spec = resolve_model(os.fspath(source))
+    kind, prefixed, location = spec.partition(":")
+    if not prefixed:
+        raise ValueError(f"expected {_PREFIXED} or a folder, got {spec!r}")
+    return kind, location
 
 
 def fetch(kind: str, location: str, filename: str) -> Path:
