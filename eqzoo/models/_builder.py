@@ -25,7 +25,7 @@ from ..errors import CheckpointError, HubConfigError, ModelArgError
 from ..sources import fetch
 from ..validate import check_arg, is_json
 from ._checkpoint import checkpoint_filter
-from ._schema import (CONFIG_NAME, SAVED_CONFIG_ARG, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
+from ._schema import (CONFIG_NAME, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
                       register_architectures, validate_saved_config)
 
 # Arguments that change the function a checkpoint's weights compute without changing their shapes
@@ -34,14 +34,23 @@ _FUNCTION_ARGS = ("group", "bandlimit", "out_bandlimit", "field_bandlimit", "sha
 _ARCHITECTURE_ARGS = ("layers", "channels", "stem_width", "base_width", "block", "depth", "widen_factor")
 
 
+class _CarryingCfg(dict):
+    """The ``pretrained_cfg`` of an eqzoo model's config.json as timm passes it on (timm reads it as
+    the dict it is), carrying the whole parsed file to the entry function as ``saved_config``."""
+
+    saved_config: dict
+
+
 def read_timm_config(json_file) -> dict:
     """timm's ``load_cfg_from_json`` for every config.json it reads: a damaged file raises
-    :class:`HubConfigError` naming it (instead of a bare JSONDecodeError); an eqzoo model's config
-    is handed on whole to its entry function (see :data:`SAVED_CONFIG_ARG`)."""
+    :class:`HubConfigError` naming it (instead of a bare JSONDecodeError); an eqzoo model's
+    pretrained_cfg carries the parsed file on to :func:`build_pe_model`, which so needs no second
+    read."""
     cfg = load_config_file(json_file)
-    if is_pe_architecture(cfg["architecture"]):
-        saved = copy.deepcopy(cfg)
-        cfg.setdefault("model_args", {})[SAVED_CONFIG_ARG] = saved
+    if is_pe_architecture(cfg["architecture"]) and isinstance(cfg.get("pretrained_cfg"), dict):
+        carrying = _CarryingCfg(cfg["pretrained_cfg"])
+        carrying.saved_config = copy.deepcopy(cfg)
+        cfg["pretrained_cfg"] = carrying
     return cfg
 
 
@@ -134,12 +143,11 @@ def _saved_checkpoint(model_cls, variant: str, pretrained: bool, kwargs: dict) -
     None), its config validated and, with ``pretrained``, its weight file checked. Updates
     ``kwargs`` for timm (safetensors weights only, a tag's saved model_args)."""
     cfg_in = kwargs.get("pretrained_cfg")
-    saved = kwargs.pop(SAVED_CONFIG_ARG, None)
-    kwargs.get("pretrained_model_args", {}).pop(SAVED_CONFIG_ARG, None)
     kind = cfg_in.get("source") if isinstance(cfg_in, dict) else None
     if kind in ("hf-hub", "local-dir"):
         location = cfg_in["hf_hub_id"] if kind == "hf-hub" else cfg_in["file"]
-        if saved is None:  # config.json not read by eqzoo's reader (timm imported it by another name)
+        saved = getattr(cfg_in, "saved_config", None)
+        if saved is None:  # a pretrained_cfg timm rebuilt (its script helpers do): read the file
             saved = load_config_file(fetch(kind, location, CONFIG_NAME))
         if kind == "hf-hub":  # weights from model.safetensors only, never a pickle fallback
             kwargs["pretrained_cfg"] = dict(cfg_in, hf_hub_filename=WEIGHTS_NAME)

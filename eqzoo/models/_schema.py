@@ -41,14 +41,10 @@ COMMON_MODEL_ARGS: dict[str, tuple] = {
     "learn_likelihood": (bool,), "head": (str,), "basis": (str,), "num_classes": (int,), "in_chans": (int,),
     "global_pool": (str,), "drop_rate": (float, int), "drop_path_rate": (float, int),
 }
-# The parsed config.json of an eqzoo model travels from timm's config reader to the entry function
-# as this extra model argument (timm hands a checkpoint's model_args to the entry function as
-# kwargs); see eqzoo.models._builder.read_timm_config.
-SAVED_CONFIG_ARG = "eqzoo_saved_config"
 # create_model kwargs that describe a run, not the architecture: never saved as model_args
 RUNTIME_ARGS = {"features_only", "out_indices", "feature_cls", "pretrained_model_args", "device", "dtype",
                 "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict",
-                "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg", SAVED_CONFIG_ARG}
+                "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg"}
 
 
 def versions() -> dict[str, str]:
