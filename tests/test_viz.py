@@ -122,3 +122,15 @@ def test_head_invariance_names_the_symmetry_of_a_plain_head():
         assert torch.allclose(model(torch.rot90(x, 1, (2, 3))), model(x), atol=1e-8)
     with pytest.raises(ValueError, match="plain nn.Linear head"):
         eqzoo.head_invariance(timm.create_model("pe_resnet18", head="learnt", num_classes=3))
+
+
+def test_likelihood_record_round_trip():
+    lam = GroupLikelihood("D4")
+    lam.set_density(lambda s, t: 1.0 + 0.5 * (1 - s) * __import__("numpy").cos(t))
+    record = lam.to_record(["layer1.0.conv1", "layer1.0.conv2"])
+    again = GroupLikelihood.from_record(record)
+    assert torch.equal(again.coefficients, lam.coefficients.detach())
+    assert again.layers == record["layers"] and again.to_record(again.layers) == record
+    with pytest.raises(eqzoo.errors.HubConfigError, match="λ of conv1 has no 'group'"):
+        GroupLikelihood.from_record({k: v for k, v in record.items() if k != "group"}, "λ of conv1")
+
