@@ -35,7 +35,7 @@ from .errors import FAILURES, USAGE_ERRORS, CliError, ConfigError, TrainingError
 from .hub import load_likelihoods, publish, push_to_hub
 from .sources import model_folder, resolve_model
 from .train import evaluate, finetune_config
-from .train.run import run
+from .train.run import run_training
 from .viz import plot_likelihoods
 
 
@@ -173,7 +173,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.command == "finetune" and not resumed_dir:
         explicit = parse_overrides(args.overrides).get("model_args") or {}
         cfg = finetune_config(cfg, args.source, explicit)
-    run(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
+    run_training(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
     return 0
 
 

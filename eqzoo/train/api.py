@@ -14,7 +14,7 @@ from ..sources import resolve_model
 from .dist import init_dist, run_device
 from .loop import eval_loader, evaluate_loader
 from .model import lambda_kl, mixed_precision
-from .run import run
+from .run import run_training
 
 
 def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overrides=None,
@@ -26,7 +26,7 @@ def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overri
     ``resume`` continues the run in ``cfg.output`` from its last checkpoint; ``stop_after_epoch``
     stops (resumably) once that many epochs are done. A folder that holds another run is refused
     unless resuming, or with ``overwrite`` (which deletes that run's files)."""
-    return run(load_config(cfg, overrides), resume, stop_after_epoch, overwrite)
+    return run_training(load_config(cfg, overrides), resume, stop_after_epoch, overwrite)
 
 
 def finetune_config(cfg: dict, source: str | None, explicit_model_args: dict) -> dict:
@@ -57,7 +57,8 @@ def finetune(cfg, source: str | None = None, resume: bool = False, stop_after_ep
     if isinstance(overrides, (list, tuple)):
         overrides = parse_overrides(overrides)
     explicit = dict((overrides or {}).get("model_args") or {})
-    return run(finetune_config(load_config(cfg, overrides), source, explicit), resume, stop_after_epoch, overwrite)
+    return run_training(finetune_config(load_config(cfg, overrides), source, explicit), resume, stop_after_epoch,
+                        overwrite)
 
 
 def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:

@@ -229,7 +229,8 @@ def _finish(r: Run) -> tuple[dict, str | None]:
     return results, model_dir
 
 
-def run(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None, overwrite: bool = False) -> dict:
+def run_training(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None,
+                 overwrite: bool = False) -> dict:
     """Train with a config into ``cfg.output`` (see :func:`eqzoo.train.train`)."""
     cfg = validate_config(cfg)
     d = init_dist(cfg["device"])
