@@ -1,5 +1,5 @@
-"""Atomic writes and folder claims: a reader (or a killed process) never leaves or sees half a
-file or a folder mixed from two writers.
+"""Files: atomic writes and folder claims (a reader, or a killed process, never leaves or sees
+half a file or a folder mixed from two writers), and safetensors files written and read whole.
 
 Files and folders get the user's umask, as any file a program writes (``tempfile`` would make
 them 0600 / 0700, which leaves shared run folders and caches unreadable to the group): temporary
@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import secrets
 import shutil
+import struct
 from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
 
 
 def _unique_sibling(path: Path, kind: str) -> Path:
@@ -56,11 +62,50 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
 
 def save_tensors(tensors: dict, path: Path) -> None:
     """A safetensors file of ``tensors`` (e.g. a state_dict), written atomically."""
-    from safetensors.torch import save_file
-
     # clone: safetensors refuses tensors sharing storage (tied weights); contiguous: channels_last
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+
+
+def check_safetensors(path: str | os.PathLike, source: str = "") -> Path:
+    """Check that a file is a complete safetensors file (header parses, sizes add up) without
+    loading it. Raises :class:`CheckpointError` naming the file and what to do."""
+    path = Path(path)
+    fix = (f"download it again (delete {path} from the Hugging Face cache or pass force_download) or "
+           "re-publish it with eqzoo.push_to_hub") if source.startswith("hf-hub") else \
+        "save it again with eqzoo.save_pretrained"
+    name = f"{source}/{path.name}" if source else str(path)
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes but the file has {size}")
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{name} is not a valid safetensors file ({e}); {fix}") from None
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        state = "truncated" if size < expected else "corrupt (trailing bytes)"
+        raise CheckpointError(f"{name} is {state}: {size} bytes, expected {expected}; {fix}")
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    """A safetensors file, checked to be complete first (a damaged file names itself)."""
+    return load_file(str(check_safetensors(path)))
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -16,19 +16,11 @@ from __future__ import annotations
 import math
 
 import torch
+from escnn.nn import GeometricTensor
 from torch import nn
 
-from .likelihood import GroupLikelihood
-from .regularizers import likelihoods as _likelihoods
-
-
-def _users(model: nn.Module) -> dict[int, list[str]]:
-    out: dict[int, list[str]] = {}
-    for name, m in model.named_modules():
-        lam = getattr(m, "likelihood", None)
-        if isinstance(lam, GroupLikelihood):
-            out.setdefault(id(lam), []).append(name)
-    return out
+from .groups import get_group, group_of
+from .likelihood import as_likelihoods, likelihood_layers
 
 
 def _compact(layers: list[str]) -> str:
@@ -45,17 +37,11 @@ def degree_of_equivariance(model) -> list[dict]:
 
     ``model``: a model, or ``{name: GroupLikelihood}`` as :func:`eqzoo.load_likelihoods` returns
     (the layers then come from each likelihood's ``.layers``)."""
-    if isinstance(model, GroupLikelihood):
-        model = {"likelihood": model}
-    if isinstance(model, dict):
-        users = {id(lam): list(getattr(lam, "layers", [])) for lam in model.values()}
-        items = model.items()
-    else:
-        users, items = _users(model), _likelihoods(model).items()
+    users = likelihood_layers(model)
     rows = []
-    for key, lam in items:
+    for key, lam in as_likelihoods(model).items():
         s = lam.summary()
-        layers = users.get(id(lam), [])
+        layers = users[key]
         rows.append({"layer": _compact(layers) or key, "layers": layers, "likelihood": key, "group": s["group"],
                      "kl_uniform": s["kl_uniform"], "mass_near_identity": s["mass_near_identity"],
                      "closest_subgroup": s["closest_subgroup"]})
@@ -91,8 +77,6 @@ def format_table(rows: list[dict], columns=None, floatfmt: str = ".3f") -> str:
 def pixel_elements(group) -> list[tuple[str, int, float]]:
     """``(name, s, θ)`` of the non-identity elements of ``group`` that act exactly on a pixel grid:
     rotations by multiples of 90° it contains, and the reflections composed with them."""
-    from .groups import get_group
-
     G = get_group(group)
     if G.n_rot == 0 or G.n_rot % 4 == 0:
         degrees = [0, 90, 180, 270]
@@ -115,8 +99,6 @@ def _pe_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _transform(t: torch.Tensor, field_type, g) -> torch.Tensor:
-    from escnn.nn import GeometricTensor
-
     return GeometricTensor(t.detach().cpu(), field_type).transform(g).tensor.to(t.dtype)
 
 
@@ -203,8 +185,6 @@ def head_invariance(model: nn.Module, threshold: float = 0.5) -> dict:
     if not isinstance(fc, nn.Linear) or ftype is None or fc.in_features % ftype.size:
         raise ValueError("head_invariance needs a pe model with a plain nn.Linear head (head='plain') on its "
                          "pooled fields")
-    from .groups import group_of
-
     G = group_of(ftype)
     copies = fc.in_features // ftype.size  # catavgmax pools the fields twice
     W = fc.weight.detach().double().cpu()

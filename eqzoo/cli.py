@@ -3,25 +3,40 @@
     eqzoo inspect MODEL [--out PNG] [--equivariance SIZE]
     eqzoo push RUN_DIR_OR_MODEL REPO_ID [--revision REV] [--private] [--message MSG]
     eqzoo publish RUN_DIR REPO_ID [--revision REV] [--private] [--message MSG]
-    eqzoo train --config configs/NAME.yaml [key=value ...] | --resume RUN_DIR
+    eqzoo train --config configs/NAME.yaml [key=value ...] [--resume [RUN_DIR]] [--stop-after-epoch N]
     eqzoo finetune --config C.yaml --from MODEL [key=value ...]
-    eqzoo eval RUN_DIR_OR_MODEL [--config C.yaml] [--split test]
+    eqzoo eval RUN_DIR_OR_MODEL [--config C.yaml] [--split test] [--output FILE]
 
 MODEL / RUN_DIR_OR_MODEL: ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH``, a folder written by
 ``eqzoo.save_pretrained`` (or a run folder holding one in ``hub/``), or a timm model name.
 Tokens come from the standard Hugging Face login (``hf auth login``) or ``HF_TOKEN``.
 
 Subcommands live in :data:`SUBCOMMANDS` (name -> :class:`Subcommand`); add one with
-:func:`register` (e.g. train, finetune, eval).
+:func:`register`. ``python -m eqzoo.train`` runs :func:`main_train` (``train`` by default).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import timm
+import torch
+
+from ._io import write_json
+from .analysis import degree_of_equivariance, equivariance_error, format_table
+from .config import load_config, parse_overrides, read_yaml
+from .errors import FAILURES, USAGE_ERRORS, CliError, ConfigError, TrainingError
+from .hub import load_likelihoods, publish, push_to_hub
+from .sources import model_folder, resolve_model
+from .train import evaluate, finetune_config
+from .train.run import run_training
+from .viz import plot_likelihoods
 
 
 @dataclass
@@ -39,42 +54,8 @@ def register(name: str, help: str, configure, run) -> None:
     SUBCOMMANDS[name] = Subcommand(help, configure, run)
 
 
-def _hub_folder(path: str) -> Path | None:
-    """The Hub-format folder of a run/saved folder (config.json in it or in its hub/), else None."""
-    p = Path(path)
-    for candidate in (p, p / "hub"):
-        if (candidate / "config.json").is_file():
-            return candidate
-    return None
-
-
-class CliError(Exception):
-    """A usage mistake (a path that does not exist, a name that is no model): one line, exit 2."""
-
-
-def _model_spec(source: str) -> str:
-    from .train import _looks_like_path
-
-    if source.startswith("local-dir:") and not Path(source[len("local-dir:"):]).is_dir():
-        raise CliError(f"{source}: no such folder")
-    if source.startswith(("hf-hub:", "local-dir:")):
-        return source
-    folder = _hub_folder(source)
-    if folder is not None:
-        return f"local-dir:{folder}"
-    if Path(source).exists():
-        raise CliError(f"{source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
-    if _looks_like_path(source):
-        raise CliError(f"{source}: no such run or model folder")
-    return source  # a timm model name
-
-
 def _build(source: str, pretrained: bool = True):
-    import timm
-
-    import eqzoo  # noqa: F401  (registers the pe_* models)
-
-    spec = _model_spec(source)
+    spec = resolve_model(source)
     if ":" not in spec and not timm.is_model(spec):
         raise CliError(f"{source}: neither a run or model folder nor a timm model name (expected "
                        "hf-hub:ORG/NAME, local-dir:PATH, a folder written by eqzoo, or e.g. pe_resnet18)")
@@ -91,10 +72,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args) -> int:
-    from .analysis import degree_of_equivariance, equivariance_error, format_table
-    from .hub import load_likelihoods
-
-    spec = _model_spec(args.model)
+    spec = resolve_model(args.model)
     model = None
     if ":" in spec and args.equivariance is None:
         lams = load_likelihoods(spec)  # no need to build the model
@@ -103,13 +81,9 @@ def _inspect(args) -> int:
         lams = model
     print(format_table(degree_of_equivariance(lams)))
     if args.out:
-        from .viz import plot_likelihoods
-
         plot_likelihoods(lams, args.out, title=args.model)
         print(f"\nplot written to {args.out}")
     if args.equivariance:
-        import torch
-
         model = model or _build(args.model)
         in_chans = getattr(model, "in_chans", 3)
         x = torch.randn(2, in_chans, args.equivariance, args.equivariance, generator=torch.Generator().manual_seed(0))
@@ -129,8 +103,6 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push(args) -> int:
-    from .hub import push_to_hub
-
     model = _build(args.source)
     info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
     print(f"pushed to {args.repo_id} (commit {getattr(info, 'oid', '?')}); load with "
@@ -139,9 +111,7 @@ def _push(args) -> int:
 
 
 def _publish(args) -> int:
-    from .hub import publish
-
-    folder = _hub_folder(args.source)
+    folder = model_folder(args.source)
     if folder is None:
         raise CliError(f"{args.source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
     info = publish(folder, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
@@ -149,21 +119,90 @@ def _publish(args) -> int:
     return 0
 
 
+# -- train / finetune / eval --------------------------------------------------------------------------
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML run config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, dotted keys and YAML values: optim.lr=1e-3 data.symmetry=[C1,SO2]")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _common_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue a stopped or killed run from its last checkpoint (the config's output, or RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output folder that holds a run (deleting that run's files)")
+    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+                   help="stop (resumably) once N epochs are done")
+
+
+def _finetune_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
+    p.add_argument("--from", dest="source", metavar="SOURCE",
+                   help="pretrained model: hf-hub:org/name, local-dir:PATH, a run/model directory or arch.tag "
+                        "(default: the config's model); the config's model and model_args are then not used")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="run directory, model directory, hf-hub:org/name, local-dir:PATH or arch.tag")
+    _common_args(p)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--output", "-o", help="also write the metrics to this JSON file")
+
+
+def _resolve(args) -> dict:
+    """Config from --config, or from RUN_DIR/config.yaml when resuming a directory."""
+    source = args.config
+    resume_dir = args.resume if isinstance(getattr(args, "resume", None), str) else None
+    if resume_dir:
+        saved = Path(resume_dir) / "config.yaml"
+        if source is None:
+            if not saved.is_file():
+                raise TrainingError(f"cannot resume {resume_dir}: {saved} is missing")
+            source = read_yaml(saved)
+        return load_config(source, list(args.overrides) + [f"output={resume_dir}"])
+    if source is None:
+        raise ConfigError("--config is required (or --resume RUN_DIR)")
+    return load_config(source, list(args.overrides))
+
+
+def _train(args: argparse.Namespace) -> int:
+    """``eqzoo train`` and ``eqzoo finetune`` (which has ``--from``)."""
+    cfg = _resolve(args)
+    resumed_dir = args.resume and args.config is None  # its config.yaml is already the run's
+    if args.command == "finetune" and not resumed_dir:
+        explicit = parse_overrides(args.overrides).get("model_args") or {}
+        cfg = finetune_config(cfg, args.source, explicit)
+    run_training(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    resolve_model(args.source)  # a mistyped path is named as such, before the config is looked for
+    run_cfg = Path(args.source) / "config.yaml"
+    source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else None)
+    overrides = list(args.overrides)
+    if source is None:
+        overrides.append(f"model={args.source}")
+    out = evaluate(load_config(source, overrides), args.source, args.split)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(out, indent=1))
+        if args.output:
+            write_json(Path(args.output), out)
+    return 0
+
+
 register("inspect", "print the learnt degree of equivariance per layer (and plot it)", _inspect_args, _inspect)
 register("push", "save a model in the Hub layout (card, likelihoods, plot) and upload it", _push_args, _push)
 register("publish", "upload a folder written by eqzoo.save_pretrained, with its card", _push_args, _publish)
+register("train", "train a model from a YAML config (eqzoo train --config configs/NAME.yaml [KEY=VALUE ...])",
+         _train_args, _train)
+register("finetune", "fine-tune a pretrained model on a new data set with a new head", _finetune_args, _train)
+register("eval", "evaluate a trained model (run directory, model folder, hf-hub:, local-dir:) on a data split",
+         _eval_args, _eval)
 
 
-def _register_training() -> None:
-    from . import train
-
-    for name, (help_, configure, run) in train.SUBCOMMANDS.items():
-        register(name, help_, configure, run)
-
-
-_register_training()
-
-
+# -- running a command --------------------------------------------------------------------------------
 def add_debug_flag(p: argparse.ArgumentParser, default=False) -> None:
     p.add_argument("--debug", action="store_true", default=default,
                    help="show the full traceback of an error (by default: one line)")
@@ -172,15 +211,9 @@ def add_debug_flag(p: argparse.ArgumentParser, default=False) -> None:
 def _exit_code(e: BaseException) -> int | None:
     """2 for mistakes in what was asked (config, arguments, paths), 1 for other known failures
     (damaged checkpoints, failed uploads), None for the unexpected."""
-    from .config import ConfigError
-    from .hub import CheckpointError, HubConfigError, PushError
-    from .train import TrainingError
-    from .validate import ModelArgError
-
-    if isinstance(e, (CliError, ConfigError, HubConfigError, ModelArgError, TrainingError, FileNotFoundError,
-                      FileExistsError)):
+    if isinstance(e, USAGE_ERRORS):
         return 2
-    if isinstance(e, (CheckpointError, PushError)):
+    if isinstance(e, FAILURES):
         return 1
     return None
 
@@ -219,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return guarded(f"eqzoo {args.command}", lambda: SUBCOMMANDS[args.command].run(args), args.debug)
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    """``python -m eqzoo.train [train|finetune|eval] ...``: ``train`` when no subcommand is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("train", "finetune", "eval"):
+        argv = ["train", *argv]
+    return main(argv)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ from typing import Any
 
 import yaml
 
+from .data import DATASETS, check_data_config
+from .errors import ConfigError, ModelArgError
+from .models._schema import is_pe_architecture, model_arg_problem
+from .validate import NONE as _NONE
+from .validate import check_arg, type_ok
+
 __all__ = ["ConfigError", "SCHEMA", "default_config", "load_config", "parse_overrides", "validate_config",
            "dump_config"]
 
-
-class ConfigError(ValueError):
-    """A config key is unknown, has the wrong type or a value outside its accepted set."""
-
-
-_NONE = type(None)
 _NUM = (int, float)
 
 
@@ -140,11 +140,7 @@ def _type_names(types) -> str:
 
 def _check_value(path: str, key: Key, value) -> None:
     types = key.types
-    ok = isinstance(value, types)
-    # YAML reads `true` as bool, which is also an int in Python: refuse bools for numbers
-    if isinstance(value, bool) and bool not in types:
-        ok = False
-    if not ok:
+    if not type_ok(value, types):  # YAML reads `true` as a bool, never a number
         raise ConfigError(f"config key {path!r} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
     if key.choices is not None and value not in key.choices:
         raise ConfigError(f"config key {path!r} must be one of {', '.join(map(str, key.choices))}, got {value!r}")
@@ -191,12 +187,8 @@ def validate_config(cfg: dict) -> dict:
     if not out["model"]:
         raise ConfigError("config key 'model' is required: a timm model name such as 'pe_resnet18' or 'resnet18'")
     if not out["data"]["name"]:
-        from .data import DATASETS
-
         raise ConfigError(f"config key 'data.name' is required; accepted: {', '.join(DATASETS)}")
-    from .data import check_data_config
-
-    check_data_config(out["data"])  # names, symmetries, sizes (not the files: see eqzoo.data.check_files)
+    check_data_config(out["data"])  # names, symmetries, sizes (the files: eqzoo.data.data_info, when a run starts)
     betas = out["optim"]["betas"]
     if len(betas) != 2 or not all(isinstance(b, _NUM) and 0 <= b < 1 for b in betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {betas!r}")
@@ -222,10 +214,6 @@ def check_model_args(model: str, model_args: dict) -> None:
     keys the model takes, and each value's type and range (see :mod:`eqzoo.validate`; strings
     are never booleans). For a pretrained source (``hf-hub:``, ``local-dir:``, a folder) the
     architecture is only known once its config.json is read: the values are checked."""
-    from . import models  # noqa: F401  (registers the pe_* models, whose arguments are checked)
-    from .hub import is_pe_architecture, model_arg_problem
-    from .validate import ModelArgError, check_arg
-
     arch = model.split(".")[0]
     pe = ":" not in model and is_pe_architecture(arch)
     if not (pe or ":" in model or Path(model).is_dir()):

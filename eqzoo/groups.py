@@ -6,7 +6,7 @@ reflection escnn uses (``x -> -x``). Finite groups have ``θ ∈ {2πk/N}``; ``D
 reflection and ``C1`` only the identity.
 
 Accepted specs: ``"O2"``, ``"SO2"``, ``"D<N>"``, ``"C<N>"`` (N ≥ 1; ``"D1"`` are the flips and
-``"C1"`` the trivial group).
+``"C1"`` the trivial group), in any case, and ``"O(2)"`` / ``"SO(2)"`` for the continuous groups.
 """
 from __future__ import annotations
 
@@ -110,12 +110,6 @@ class Group:
     def elements(self, n_rot: int | None = None) -> list:
         return [self.element(s, t) for s, t in zip(*self.grid(n_rot))]
 
-    def plane_action(self, s: int, theta: float) -> np.ndarray:
-        """The 2x2 matrix by which ``(s, θ)`` acts on the plane (escnn's basespace action)."""
-        c, si = math.cos(theta), math.sin(theta)
-        R = np.array([[c, -si], [si, c]])
-        return R @ np.diag([-1.0, 1.0]) if s else R
-
     def subgroups(self) -> list[tuple[str, int, bool]]:
         """Candidate subgroups as ``(name, n_rot, has_flip)``, n_rot = 0 meaning all rotations.
         Reflection subgroups contain the reflection ``(1, 0)``."""
@@ -143,7 +137,7 @@ def get_group(spec) -> Group:
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"group must be a string, one of {ACCEPTED}; got {spec!r}")
-    key = spec.strip().upper()
+    key = spec.strip().upper().replace("(2)", "2")  # "SO(2)" and "O(2)" as written in papers
     m = _SPEC.match(key)
     if not m or (m.group(2) and int(m.group(2)) < 1) or (m.group(3) and int(m.group(3)) < 1):
         raise ValueError(f"unknown group {spec!r}: accepted are {ACCEPTED}")
@@ -164,7 +158,7 @@ def group_of(field_type) -> Group:
     gs = getattr(field_type, "gspace", field_type)
     name = gs.fibergroup.name
     if name in ("O(2)", "SO(2)"):
-        return get_group(name.replace("(", "").replace(")", ""))
+        return get_group(name)
     flips, n = getattr(gs, "flips_order", 0), getattr(gs, "rotations_order", None)
     if n is None or n < 1:
         raise ValueError(f"unsupported gspace {gs.name}: eqzoo supports subgroups of O(2): {ACCEPTED}")

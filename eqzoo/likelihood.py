@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import HubConfigError, ModelArgError
 from .groups import Group, get_group
+from .validate import check_arg
 
 
 def _has_autocast(device: torch.device) -> bool:
@@ -281,3 +283,98 @@ class GroupLikelihood(nn.Module):
 
     def extra_repr(self) -> str:
         return f"group={self.group.spec}, bandlimit={self.bandlimit}, out_bandlimit={self.out_bandlimit}, learnable={self.learnable}"
+
+    # -- the record (likelihoods.json) -------------------------------------------------------------
+    @torch.no_grad()
+    def to_record(self, layers=()) -> dict:
+        """λ as plain data: the ``layers`` using it, group, band-limits, coefficients, λ on a grid of
+        the group (flip-major, θ in radians) and its :meth:`summary`. :meth:`from_record` reads it."""
+        G = self.group
+        density = self.grid_density()
+        s, theta = G.grid(None if G.is_finite else density.numel() // G.n_flip)
+        return {
+            "layers": list(layers),
+            "group": G.spec,
+            "bandlimit": self.bandlimit,
+            "out_bandlimit": self.out_bandlimit,
+            "learnable": self.learnable,
+            "coefficients": [float(c) for c in self.coefficients.detach().cpu().double()],
+            "frequencies": [list(f) for f in self._freqs],
+            "grid": {"flip": [int(v) for v in s], "theta": [round(float(t), 8) for t in theta],
+                     "density": [float(v) for v in density.detach().cpu().double()]},
+            "summary": self.summary(),
+        }
+
+    @classmethod
+    def from_record(cls, record, where: str = "likelihood") -> "GroupLikelihood":
+        """The likelihood a :meth:`to_record` record describes, with ``.layers`` the module paths
+        using it. The record is untrusted (it may come from the Hub): its group and band-limits are
+        checked against eqzoo's caps before anything is built; :class:`HubConfigError` otherwise."""
+        if not isinstance(record, dict):
+            raise HubConfigError(f"{where} must be a JSON object, got {type(record).__name__}")
+        for key in ("group", "bandlimit", "out_bandlimit", "coefficients"):
+            if key not in record:
+                raise HubConfigError(f"{where} has no {key!r}")
+        try:
+            for key in ("group", "bandlimit", "out_bandlimit"):
+                check_arg(key, record[key])
+        except ModelArgError as err:
+            raise HubConfigError(f"{where}: {err}") from None
+        learnable, c, layers = record.get("learnable", True), record["coefficients"], record.get("layers", [])
+        if not isinstance(learnable, bool):
+            raise HubConfigError(f"{where}: 'learnable' must be true or false, got {learnable!r}")
+        if not (isinstance(c, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in c)):
+            raise HubConfigError(f"{where}: 'coefficients' must be a list of numbers")
+        if not (isinstance(layers, list) and all(isinstance(v, str) for v in layers)):
+            raise HubConfigError(f"{where}: 'layers' must be a list of module paths")
+        lam = cls(record["group"], record["bandlimit"], record["out_bandlimit"], learnable=learnable)
+        coeffs = torch.tensor(c, dtype=lam.coefficients.dtype)
+        if coeffs.shape != lam.coefficients.shape:
+            raise HubConfigError(f"{where} has {coeffs.numel()} coefficients, {lam.coefficients.numel()} expected "
+                                 f"for {record['group']} at band-limit {record['bandlimit']}")
+        with torch.no_grad():
+            lam.coefficients.copy_(coeffs)
+        lam.layers = list(layers)
+        return lam
+
+
+def likelihoods(model: nn.Module) -> dict[str, GroupLikelihood]:
+    """The model's distinct likelihoods, by the module path where each first appears."""
+    out, seen = {}, set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, GroupLikelihood) and id(module) not in seen:
+            seen.add(id(module))
+            out[name] = module
+    return out
+
+
+def likelihood_layers(model_or_likelihoods) -> dict[str, list[str]]:
+    """``{likelihood path: [module paths of the layers using it]}`` of a model, or of a
+    ``{name: GroupLikelihood}`` dict (each likelihood's ``.layers``, as :meth:`from_record` sets)."""
+    if isinstance(model_or_likelihoods, GroupLikelihood):
+        model_or_likelihoods = {"likelihood": model_or_likelihoods}
+    if not isinstance(model_or_likelihoods, nn.Module):
+        return {key: list(getattr(lam, "layers", [])) for key, lam in model_or_likelihoods.items()}
+    users: dict[int, list[str]] = {}
+    for name, m in model_or_likelihoods.named_modules():
+        lam = getattr(m, "likelihood", None)
+        if isinstance(lam, GroupLikelihood):
+            users.setdefault(id(lam), []).append(name)
+    return {key: users.get(id(lam), []) for key, lam in likelihoods(model_or_likelihoods).items()}
+
+
+def as_likelihoods(model_or_likelihoods) -> dict[str, GroupLikelihood]:
+    """A model's likelihoods, a ``{name: GroupLikelihood}`` dict as it is, or ``{"likelihood": λ}``."""
+    if isinstance(model_or_likelihoods, GroupLikelihood):
+        return {"likelihood": model_or_likelihoods}
+    if isinstance(model_or_likelihoods, nn.Module):
+        return likelihoods(model_or_likelihoods)
+    return dict(model_or_likelihoods)
+
+
+def likelihood_records(model_or_likelihoods) -> dict[str, dict]:
+    """``{name: record}`` (see :meth:`GroupLikelihood.to_record`) of every distinct likelihood of a
+    model, or of a ``{name: GroupLikelihood}`` dict."""
+    layers = likelihood_layers(model_or_likelihoods)
+    return {key: lam.to_record(layers[key]) for key, lam in as_likelihoods(model_or_likelihoods).items()}
+

@@ -1,4 +1,4 @@
-r"""The loss terms that shape the learnt likelihoods (DESIGN.md §1, reference weights).
+r"""The loss terms that shape the learnt likelihoods (with the reference code's weights).
 
 .. math::
     R = α \sum_l \log\frac{\max_g λ_l(g)}{λ_l(e)}
@@ -12,17 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .likelihood import GroupLikelihood
+from .likelihood import likelihoods
 
-
-def likelihoods(model: nn.Module) -> dict[str, GroupLikelihood]:
-    """The model's distinct likelihoods, by the module path where each first appears."""
-    out, seen = {}, set()
-    for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, GroupLikelihood) and id(module) not in seen:
-            seen.add(id(module))
-            out[name] = module
-    return out
+__all__ = ["likelihoods", "regularization"]
 
 
 def regularization(model: nn.Module, alignment: float = 5.0, kl_chain: float = 3.0,

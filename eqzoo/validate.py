@@ -14,8 +14,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import numbers
+
+from .errors import ModelArgError
+from .groups import Group, get_group
+from .kernels import BASES
 
 # Caps: far above the models eqzoo ships (the widest is wide_resnet101_2, 2048 channels, 127M
 # weights), low enough that a model within them builds on a workstation.
@@ -30,21 +35,36 @@ MAX_IN_CHANS = 1024
 MAX_WEIGHTS = 10**9         # weights of the model's plain-convolution equivalent (its filters' size)
 
 
-class ModelArgError(ValueError):
-    """A model argument has the wrong type or is out of range. ``arg`` names it, ``problem`` says
-    what is wrong (``str(e)`` is ``"{where}{arg} {problem}"``)."""
-
-    def __init__(self, arg: str, problem: str, where: str = ""):
-        self.arg, self.problem, self.where = arg, problem, where
-        super().__init__(f"{where}{arg} {problem}")
-
-
 class _Bad(Exception):
     """Raised by a rule with the problem; :func:`check_arg` names the argument."""
 
 
 def _cap_note(name: str) -> str:
     return f"eqzoo's cap {name} in eqzoo/validate.py"
+
+
+NONE = type(None)
+
+
+def is_json(value) -> bool:
+    """Whether ``value`` is plain JSON data (what a config.json can hold)."""
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def type_ok(value, types: tuple | None) -> bool:
+    """Whether ``value`` has one of the JSON ``types`` (None: any JSON value). Booleans are never
+    numbers, as in JSON and YAML; a list is accepted for ``list`` or ``tuple``."""
+    if types is None:
+        return is_json(value)
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, (list, tuple)) and (list in types or tuple in types):
+        return is_json(value)
+    return isinstance(value, types)
 
 
 def _is_int(v) -> bool:
@@ -98,8 +118,6 @@ def _str_rule(optional: bool = False):
 
 
 def _group_rule(v) -> None:
-    from .groups import Group, get_group
-
     if not isinstance(v, (str, Group)):
         raise _Bad(f"must be a group spec string such as 'D4', 'C8' or 'O2', got {v!r} ({type(v).__name__})")
     try:
@@ -129,8 +147,6 @@ def _block_rule(v) -> None:
 
 
 def _basis_rule(v) -> None:
-    from .kernels import BASES
-
     if not isinstance(v, str) or v not in BASES:
         raise _Bad(f"must be one of {tuple(BASES)}, got {v!r}")
 
@@ -197,8 +213,6 @@ def check_widths(group, widths) -> None:
     """Finite groups: every width must be a whole number of regular fields (|G| channels), so
     that the model has exactly the widths (and the compute) of its plain counterpart. Arithmetic
     only: no representation is built."""
-    from .groups import get_group
-
     G = get_group(group)
     if not G.is_finite:
         return
@@ -224,7 +238,11 @@ def check_size(n_weights: int) -> None:
 def checked_args(family_check=None):
     """Decorator for a model constructor: binds its arguments (defaults filled in), checks each
     by :data:`RULES`, then calls ``family_check(arguments)`` (cross-key checks; it may replace
-    values, e.g. a block name by its class) before the constructor runs."""
+    values, e.g. a block name by its class) before the constructor runs.
+
+    The bound arguments, as given (before such replacements) and without the factory kwargs
+    ``device``/``dtype``, become ``self.model_args``: the model's one record of how it was built,
+    which its new heads, its plain counterpart and a saved config.json are made from."""
     def wrap(init):
         sig = inspect.signature(init)
 
@@ -235,6 +253,7 @@ def checked_args(family_check=None):
             where = f"{type(self).__name__}: "
             arguments = {k: v for k, v in bound.arguments.items() if k != "self"}
             check_args(arguments, where)
+            self.model_args = {k: v for k, v in arguments.items() if k not in ("device", "dtype")}
             if family_check is not None:
                 try:
                     family_check(arguments)

@@ -11,20 +11,22 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
+
+from .likelihood import likelihood_records
 
 ROT_COLOR, FLIP_COLOR = "#1f77b4", "#d62728"
 
 
 def _records(obj) -> dict:
-    """Normalise a model / {name: GroupLikelihood} / load_likelihoods(raw=True) record / a single
-    GroupLikelihood to likelihoods.json's ``{"likelihoods": {name: entry}}`` entries."""
-    from .hub import likelihood_record
-
+    """Normalise a model / {name: GroupLikelihood} / parsed likelihoods.json to its records
+    (see :meth:`~eqzoo.GroupLikelihood.to_record`)."""
     if isinstance(obj, dict) and "likelihoods" in obj and isinstance(obj["likelihoods"], dict):
         return obj["likelihoods"]
     if isinstance(obj, (nn.Module, dict)):
-        return likelihood_record(obj)["likelihoods"]
+        return likelihood_records(obj)
     raise TypeError(f"expected a model, a dict of GroupLikelihoods or a likelihoods.json record, got {type(obj).__name__}")
 
 
@@ -41,9 +43,6 @@ def plot_likelihoods(model_or_likelihoods, path: str | os.PathLike | None = None
 
     ``model_or_likelihoods``: a model, ``{name: GroupLikelihood}`` (e.g. :func:`eqzoo.load_likelihoods`)
     or a parsed likelihoods.json."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     entries = _records(model_or_likelihoods)
     n = max(len(entries), 1)
     ncols = max(1, min(ncols or (4 if n <= 12 else 6), n))

@@ -33,6 +33,16 @@ def test_parse_group():
         parse_group("E3")
 
 
+def test_one_group_parser():
+    """The data's groups and the models' groups are read by the same parser."""
+    from eqzoo.groups import get_group
+
+    assert parse_group("SO(2)") == (None, False) and parse_group("o(2)") == (None, True)
+    assert get_group("SO(2)") is get_group("so2") and get_group("O(2)").spec == "O2"
+    with pytest.raises(ValueError, match="accepted"):
+        get_group("E3")
+
+
 def test_sample_elements_stay_in_their_group():
     rng = np.random.default_rng(0)
     f, a = sample_elements("C4", 200, rng)

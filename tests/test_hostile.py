@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import eqzoo
 from eqzoo import hub
-from eqzoo._io import atomic_write, locked, save_tensors, write_json
+from eqzoo._io import atomic_write, locked, save_tensors, sha256, write_json
 from eqzoo.config import ConfigError, load_config
 from eqzoo.hub import CheckpointError, HubConfigError
-from eqzoo.train import RunDir, TrainingError, cmd_finetune, cmd_train, train
+from eqzoo.cli import main
+from eqzoo.train import RunDir, TrainingError, train
 from trained import trained_looking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,7 +273,7 @@ def test_integer_weights_are_not_cast(saved, small, tmp_path):
     sd = {k: v.clone() for k, v in small.state_dict().items()}
     sd["conv1.weight"] = sd["conv1.weight"].to(torch.int32)
     save_file(sd, str(folder / "model.safetensors"))
-    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=hub._sha256(folder / "model.safetensors")))
+    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=sha256(folder / "model.safetensors")))
     with pytest.raises(CheckpointError, match=r"tensor 'conv1.weight' is torch.int32 where the model has torch.float32"):
         _load(folder)
 
@@ -347,7 +348,7 @@ def test_concurrent_saves_leave_one_whole_folder(small, tmp_path):
         t.join()
     assert not errors
     cfg = json.loads((target / "config.json").read_text())
-    assert cfg["eqzoo"]["weights_sha256"] == hub._sha256(target / "model.safetensors")
+    assert cfg["eqzoo"]["weights_sha256"] == sha256(target / "model.safetensors")
     assert load_file(str(target / "model.safetensors"))["fc.weight"].shape[0] == cfg["num_classes"]
     assert _load(target).num_classes == cfg["num_classes"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # no temporary folders left
@@ -428,7 +429,7 @@ def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path, capsys, d
     run = Path(shutil.copytree(stopped, tmp_path / "run"))
     damage(run)
     capsys.readouterr()
-    assert cmd_train(["--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and re.search(problem, warnings[0]), out
@@ -442,13 +443,13 @@ def test_no_usable_checkpoint(reference_run, tmp_path, capsys):
     run = Path(shutil.copytree(stopped, tmp_path / "run"))
     for folder in RunDir(run).checkpoints():
         (folder / "model.safetensors").write_bytes(b"")
-    assert cmd_train(["--resume", str(run)]) == 2
+    assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "nothing to resume" in err and "no usable checkpoint" in err and "Traceback" not in err
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
-    import eqzoo.train as engine
+    import eqzoo.train.loop as engine  # the epoch loop, which calls lambda_kl
 
     calls, real = [], engine.lambda_kl
 
@@ -461,12 +462,12 @@ def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch, capsys):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
     monkeypatch.setattr(engine, "lambda_kl", interrupt_in_epoch_2)
-    assert cmd_train(["--config", str(cfg)]) == 130
+    assert main(["train", "--config", str(cfg)]) == 130
     err = capsys.readouterr().err
     assert f"resume from epoch-0001 with: eqzoo train --resume {tmp_path / 'run'}" in err
     assert "Traceback" not in err
     monkeypatch.setattr(engine, "lambda_kl", real)
-    assert cmd_train(["--resume", str(tmp_path / "run")]) == 0
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
 
 
 # -- configs and the CLI -------------------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def test_string_boolean_override_fails_before_training(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(tiny(tmp_path / "run")))
     with pytest.raises(ConfigError, match=r"'model_args.learn_likelihood' must be true or false \(a bool\), got 'false'"):
         load_config(cfg, ['model_args.learn_likelihood="false"'])
-    assert cmd_train(["--config", str(cfg), 'model_args.learn_likelihood="false"']) == 2
+    assert main(["train", "--config", str(cfg), 'model_args.learn_likelihood="false"']) == 2
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"'model_args.group'.*D1000000 has order 2000000"):
         load_config(cfg, ["model_args.group=D1000000"])
@@ -530,16 +531,12 @@ def test_duplicate_yaml_key(tmp_path):
     (["train", "--config", str(TINY), "model_args.group=D1000"], "D1000 has order 2000"),
 ])
 def test_cli_errors_are_one_line(argv, match, capsys):
-    from eqzoo.cli import main
-
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert match in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_cli_debug_shows_the_traceback(capsys):
-    from eqzoo.cli import main
-
     assert main(["--debug", "inspect", "runs/no-such-run"]) == 2
     assert "Traceback" in capsys.readouterr().err
     assert main(["inspect", "runs/no-such-run", "--debug"]) == 2
@@ -554,7 +551,7 @@ def test_finetune_from_uses_the_source_architecture(reference_run, tmp_path, cap
     cnn["schedule"].update(epochs=1, warmup_epochs=0)
     cfg = tmp_path / "cnn.yaml"
     cfg.write_text(yaml.safe_dump(cnn))
-    assert cmd_finetune(["--config", str(cfg), "--from", str(full), "model_args.drop_rate=0.1"]) == 0
+    assert main(["finetune", "--config", str(cfg), "--from", str(full), "model_args.drop_rate=0.1"]) == 0
     note = capsys.readouterr().err
     assert "the config's model (resnet18) and model_args (" in note and "are not used" in note
     assert all(k in note for k in ("layers", "stem_width", "channels"))

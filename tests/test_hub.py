@@ -1,4 +1,4 @@
-"""Publishing to and loading from the Hub (issue 4), with the real huggingface_hub client over HTTP
+"""Publishing to and loading from the Hub, with the real huggingface_hub client over HTTP
 against tests/hub_server.py's LocalHub. One pe_resnet18 (C4, 10 classes, random λ) is built, saved
 and pushed once per module; every load goes through timm.create_model."""
 
@@ -9,6 +9,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -163,6 +164,39 @@ def test_local_dir_round_trip(saved, model, x, y, no_unpickling):
     m = _load(f"local-dir:{saved}")
     assert torch.equal(m(x), y)
     assert all(torch.equal(a, b) for a, b in zip(_lambdas(m).values(), _lambdas(model).values()))
+
+
+def _hub_code_run_by(fn) -> set:
+    """Names of the eqzoo.hub functions that run while ``fn()`` runs."""
+    ran = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_globals.get("__name__", "").startswith("eqzoo.hub"):
+            ran.add(frame.f_code.co_name)
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return ran
+
+
+def test_building_and_loading_run_no_hub_code(saved):
+    assert not _hub_code_run_by(lambda: timm.create_model("pe_resnet18", group="C4", num_classes=10))
+    assert not _hub_code_run_by(lambda: _load(f"local-dir:{saved}"))
+
+
+def test_config_json_is_read_once(saved, monkeypatch):
+    reads, read_text = [], Path.read_text
+
+    def counting(path, *args, **kwargs):
+        reads.extend([path] if path.name == "config.json" else [])
+        return read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    _load(f"local-dir:{saved}")
+    assert len(reads) == 1, reads
 
 
 def test_exported_loads_in_plain_timm_without_eqzoo(saved, x, y, tmp_path):

@@ -444,7 +444,7 @@ def _dense_twirl_filter(conv, q):
     ops = twirl_operators(G, conv.in_type.representations[0], conv.out_type.representations[0],
                           conv.kernel_size, conv.dilation, conv.n_rot)
     T, r_in, r_out, basis = (torch.tensor(a) for a in (ops.harmonic_action, ops.rho_in, ops.rho_out, ops.basis))
-    w = conv.weight.view(conv._dims)  # [c, e, h, o, i]
+    w = conv.weight.view(conv._dims.shape)  # [c, e, h, o, i]
     twirled = torch.einsum("g,ghk,gac,gbe,cehoi->oaibk", q, T, r_out, r_in, w)
     filt = torch.einsum("oaibk,kxy->oaibxy", twirled, basis)
     return filt.reshape(conv.out_channels, conv.in_channels, conv.kernel_size, conv.kernel_size)

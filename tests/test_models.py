@@ -8,7 +8,9 @@ centred on the image, so that rotating / flipping the image permutes the samplin
 """
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import timm
@@ -20,6 +22,8 @@ import eqzoo
 from eqzoo.models import PEResNet, PEWideResNet, WideResNet
 from eqzoo.nn import FieldBatchNorm2d, PEConv2d, PELinear
 from trained import trained_looking
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESNETS = ["pe_resnet18", "pe_resnet34", "pe_resnet50", "pe_resnet101", "pe_wide_resnet50_2", "pe_wide_resnet101_2"]
 WRNS = ["pe_wrn16_8", "pe_wrn28_10"]
@@ -403,3 +407,12 @@ def test_classifier_without_pooling_says_so(name):
 def test_bad_wrn_depth():
     with pytest.raises(ValueError, match="6n \\+ 4"):
         PEWideResNet(depth=15, widen_factor=1)
+
+
+def test_the_models_never_import_the_hub():
+    """The models build (and load) through eqzoo.models._builder; eqzoo.hub is for publishing."""
+    for path in sorted((ROOT / "eqzoo" / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any("hub" in m.split(".") for m in modules), f"{path.name} imports {modules}"

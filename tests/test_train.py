@@ -9,7 +9,8 @@ import yaml
 from safetensors.torch import load_file
 
 from eqzoo.config import ConfigError, load_config, parse_overrides
-from eqzoo.train import TrainingError, cmd_eval, cmd_train, evaluate, finetune, lr_at, train
+from eqzoo.cli import main
+from eqzoo.train import TrainingError, evaluate, finetune, lr_at, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "digits_c4.yaml"
@@ -65,12 +66,12 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     out = tmp_path / "interrupted"
     cfg_file = tmp_path / "tiny.yaml"
     cfg_file.write_text(yaml.safe_dump(tiny(out)))
-    assert cmd_train(["--config", str(cfg_file), "--stop-after-epoch", "1"]) == 0
+    assert main(["train", "--config", str(cfg_file), "--stop-after-epoch", "1"]) == 0
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     assert not (out / "hub").exists()
     with pytest.raises(TrainingError, match="--resume"):
         train(str(cfg_file))  # a fresh start into a run directory is refused
-    assert cmd_train(["--resume", str(out)]) == 0
+    assert main(["train", "--resume", str(out)]) == 0
     a = load_file(str(full / "checkpoints" / "epoch-0003" / "model.safetensors"))
     b = load_file(str(out / "checkpoints" / "epoch-0003" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -129,7 +130,7 @@ def test_plain_cnn_baseline_and_eval_cli(tmp_path):
     m = timm.create_model(f"local-dir:{tmp_path / 'cnn' / 'hub'}", pretrained=True)
     assert m.num_classes == 10 and m.conv1.in_channels == 1
     out = tmp_path / "eval.json"
-    assert cmd_eval([str(tmp_path / "cnn"), "--split", "val", "--output", str(out)]) == 0
+    assert main(["eval", str(tmp_path / "cnn"), "--split", "val", "--output", str(out)]) == 0
     ev = json.loads(out.read_text())
     assert ev["split"] == "val" and ev["n"] == 32
     assert ev["acc"] == pytest.approx(res["history"][-1]["val_acc"])
@@ -179,4 +180,4 @@ def test_bad_runtime_configs_fail_before_training(tmp_path):
     with pytest.raises(ConfigError, match="unknown model 'pe_resnet999'"):
         train(tiny(tmp_path / "bad", model="pe_resnet999"))
     assert not (tmp_path / "bad").exists()
-    assert cmd_train(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2

@@ -131,6 +131,17 @@ def test_head_invariance_names_the_symmetry_of_a_plain_head():
         eqzoo.head_invariance(timm.create_model("pe_resnet18", head="learnt", num_classes=3))
 
 
+def test_likelihood_record_round_trip():
+    lam = GroupLikelihood("D4")
+    lam.set_density(lambda s, t: 1.0 + 0.5 * (1 - s) * __import__("numpy").cos(t))
+    record = lam.to_record(["layer1.0.conv1", "layer1.0.conv2"])
+    again = GroupLikelihood.from_record(record)
+    assert torch.equal(again.coefficients, lam.coefficients.detach())
+    assert again.layers == record["layers"] and again.to_record(again.layers) == record
+    with pytest.raises(eqzoo.errors.HubConfigError, match="λ of conv1 has no 'group'"):
+        GroupLikelihood.from_record({k: v for k, v in record.items() if k != "group"}, "λ of conv1")
+
+
 def test_kernel_invariance_reads_the_kernel_not_lambda():
     """A fresh model's kernels are D4-invariant whatever λ is; a generic kernel under λ uniform on
     the rotations reads C4; one under λ at the identity reads C1."""

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .mnist import (MNIST_FILES, DataNotFoundError, ImageTensorDataset, Splits, build_ddmnist, build_digits,
+from ..errors import ConfigError, DataNotFoundError
+from .mnist import (MNIST_FILES, ImageTensorDataset, Splits, build_ddmnist, build_digits,
                     build_mnist, make_ddmnist, make_transformed, mnist_missing_message)
 from .natural import build_natural, check_natural, natural_num_classes
 from .symmetry import GROUP_HELP, parse_group, sample_elements, transform_images
@@ -42,9 +43,7 @@ MAX_DDMNIST_BYTES = 4 * 2**30  # DDMNIST's images in memory (the paper's 17,000 
 
 
 def check_data_config(d: dict) -> None:
-    """Static checks of a resolved ``data`` section (raises eqzoo.config.ConfigError)."""
-    from ..config import ConfigError
-
+    """Static checks of a resolved ``data`` section (raises :class:`~eqzoo.errors.ConfigError`)."""
     name = d["name"]
     if name not in DATASETS:
         raise ConfigError(f"config key 'data.name' must be one of {', '.join(DATASETS)}, got {name!r}")

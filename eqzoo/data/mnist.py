@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import DataNotFoundError
 from .symmetry import sample_elements, transform_images
 
 __all__ = ["ImageTensorDataset", "make_transformed", "make_ddmnist", "load_mnist_arrays", "load_digits_arrays",
@@ -34,9 +35,6 @@ __all__ = ["ImageTensorDataset", "make_transformed", "make_ddmnist", "load_mnist
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                "t10k-labels-idx1-ubyte"]
 
-
-class DataNotFoundError(FileNotFoundError):
-    """A data set's files are not where the config says; the message says how to get them."""
 
 
 class ImageTensorDataset(Dataset):

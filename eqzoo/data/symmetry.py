@@ -8,11 +8,12 @@ other angles resample bilinearly.
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ..groups import get_group
 
 __all__ = ["parse_group", "sample_elements", "transform_images", "GROUP_HELP"]
 
@@ -21,16 +22,13 @@ GROUP_HELP = "C1 (none), CN (N rotations, e.g. C4), DN (N rotations and flips, e
 
 def parse_group(spec: str) -> tuple[int | None, bool]:
     """``"D4"`` -> ``(4, True)``, ``"SO2"`` -> ``(None, False)``: (number of rotations or None for
-    all angles, whether flips are included). Raises ValueError naming the accepted specs."""
-    s = str(spec).strip().upper()
-    if s in ("SO2", "SO(2)"):
-        return None, False
-    if s in ("O2", "O(2)"):
-        return None, True
-    m = re.fullmatch(r"([CD])(\d+)", s)
-    if not m or int(m.group(2)) < 1:
-        raise ValueError(f"unknown symmetry group {spec!r}; accepted: {GROUP_HELP}")
-    return int(m.group(2)), m.group(1) == "D"
+    all angles, whether flips are included), as :func:`eqzoo.groups.get_group` parses it. Raises
+    ValueError naming the accepted specs."""
+    try:
+        G = get_group(str(spec))
+    except ValueError:
+        raise ValueError(f"unknown symmetry group {spec!r}; accepted: {GROUP_HELP}") from None
+    return (G.n_rot if G.is_finite else None), G.has_flip
 
 
 def sample_elements(spec: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

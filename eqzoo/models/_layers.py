@@ -64,7 +64,6 @@ class PlainLayers:
         return nn.MaxPool2d(kernel_size, stride, padding)
 
     def pooled_type(self, type_, pool_type: str):
-        from timm.layers import SelectAdaptivePool2d
         return type_ * SelectAdaptivePool2d(pool_type=pool_type).feat_mult()
 
     def classifier(self, in_type, num_classes: int, likelihood=None) -> nn.Module:
@@ -87,6 +86,21 @@ class FieldLayers:
         device, dtype: factory kwargs of every layer (timm passes them to model constructors).
     """
 
+    # the model arguments that configure the factory (a pe model passes them on unchanged)
+    ARGS = ("group", "field_bandlimit", "bandlimit", "out_bandlimit", "learn_likelihood", "share_likelihood",
+            "head", "basis")
+
+    @classmethod
+    def from_model_args(cls, model_args: dict, device=None, dtype=None) -> "FieldLayers":
+        """The factory a pe model's arguments ask for (the keys in :data:`ARGS`)."""
+        return cls(**{k: model_args[k] for k in cls.ARGS}, device=device, dtype=dtype)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> "FieldLayers":
+        """The factory of a built pe model, on its device and dtype: for layers added later, such
+        as a new classifier."""
+        return cls.from_model_args(model.model_args, **factory_kwargs(model))
+
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
                  basis: str = "antialiased", device=None, dtype=None):
@@ -105,7 +119,6 @@ class FieldLayers:
         self.new_likelihood()  # validates the band-limits now, with GroupLikelihood's message
         self._model_likelihood = self.new_likelihood() if share_likelihood == "model" else None
         self._stage_likelihood = None
-        self.last_likelihood = None  # the likelihood of the most recent convolution
 
     # -- widths -> field types ---------------------------------------------------------------------
     @property
@@ -154,7 +167,6 @@ class FieldLayers:
             lam = self._stage_likelihood
         else:
             lam = self.new_likelihood()
-        self.last_likelihood = lam
         return lam
 
     # -- layers ----------------------------------------------------------------------------------------
@@ -206,16 +218,16 @@ class FieldLayers:
         return PELinear(in_type, self.group.trivial_type(num_classes), likelihood=likelihood, **self.dd)
 
 
-def head_likelihood(model: nn.Module, share_likelihood: str, new_likelihood) -> GroupLikelihood:
+def head_likelihood(model: nn.Module, factory: FieldLayers) -> GroupLikelihood:
     """The likelihood a new classifier of ``model`` should use: a fresh one per layer, else the one
     of the model's last convolution (the last stage's, or the model's single one)."""
-    if share_likelihood == "layer":
-        return new_likelihood()
+    if factory.share_likelihood == "layer":
+        return factory.new_likelihood()
     last = None
     for m in model.modules():
         if isinstance(m, PEConv2d):
             last = m.likelihood
-    return last if last is not None else new_likelihood()
+    return last if last is not None else factory.new_likelihood()
 
 
 def factory_kwargs(model: nn.Module) -> dict:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +29,11 @@ from timm.layers import DropPath
 from timm.models import ResNet, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..hub import build_pe_model, register_architectures
-from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import FieldLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
+from ..errors import ModelArgError
+from ..validate import check_size, check_widths, checked_args
+from ._builder import build_pe_model
+from ._layers import FieldLayers, check_pooled, head_likelihood, install_head, reset_layers
+from ._schema import register_architectures
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
 
@@ -40,20 +43,20 @@ class PEBasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, layers: FieldLayers, in_type, planes: int, stride: int = 1,
+    def __init__(self, factory: FieldLayers, in_type, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, base_width: int = 64,
                  drop_path: Optional[nn.Module] = None):
         super().__init__()
         if base_width != 64:
             raise ValueError(f"PEBasicBlock supports only base_width=64 (as timm's BasicBlock), got {base_width}")
-        mid_type = layers.fields(planes)
-        out_type = layers.fields(planes * self.expansion)
-        self.conv1 = layers.conv(in_type, mid_type, 3, stride, 1)
-        self.bn1 = layers.norm(mid_type)
-        self.act1 = layers.act(mid_type)
-        self.conv2 = layers.conv(mid_type, out_type, 3, 1, 1)
-        self.bn2 = layers.norm(out_type)
-        self.act2 = layers.act(out_type)
+        mid_type = factory.fields(planes)
+        out_type = factory.fields(planes * self.expansion)
+        self.conv1 = factory.conv(in_type, mid_type, 3, stride, 1)
+        self.bn1 = factory.norm(mid_type)
+        self.act1 = factory.act(mid_type)
+        self.conv2 = factory.conv(mid_type, out_type, 3, 1, 1)
+        self.bn2 = factory.norm(out_type)
+        self.act2 = factory.act(out_type)
         self.downsample = downsample
         self.drop_path = drop_path
 
@@ -77,21 +80,21 @@ class PEBottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, layers: FieldLayers, in_type, planes: int, stride: int = 1,
+    def __init__(self, factory: FieldLayers, in_type, planes: int, stride: int = 1,
                  downsample: Optional[nn.Module] = None, base_width: int = 64,
                  drop_path: Optional[nn.Module] = None):
         super().__init__()
-        mid_type = layers.fields(int(planes * base_width / 64))
-        out_type = layers.fields(planes * self.expansion)
-        self.conv1 = layers.conv(in_type, mid_type, 1)
-        self.bn1 = layers.norm(mid_type)
-        self.act1 = layers.act(mid_type)
-        self.conv2 = layers.conv(mid_type, mid_type, 3, stride, 1)
-        self.bn2 = layers.norm(mid_type)
-        self.act2 = layers.act(mid_type)
-        self.conv3 = layers.conv(mid_type, out_type, 1)
-        self.bn3 = layers.norm(out_type)
-        self.act3 = layers.act(out_type)
+        mid_type = factory.fields(int(planes * base_width / 64))
+        out_type = factory.fields(planes * self.expansion)
+        self.conv1 = factory.conv(in_type, mid_type, 1)
+        self.bn1 = factory.norm(mid_type)
+        self.act1 = factory.act(mid_type)
+        self.conv2 = factory.conv(mid_type, mid_type, 3, stride, 1)
+        self.bn2 = factory.norm(mid_type)
+        self.act2 = factory.act(mid_type)
+        self.conv3 = factory.conv(mid_type, out_type, 1)
+        self.bn3 = factory.norm(out_type)
+        self.act3 = factory.act(out_type)
         self.downsample = downsample
         self.drop_path = drop_path
 
@@ -146,7 +149,9 @@ class PEResNet(ResNet):
     """A partially equivariant ResNet with timm's layout (7x7 stem, max-pool, four stages).
 
     Every argument is checked for its type and range before anything is built (see
-    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size).
+    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size), and
+    all of them are kept as ``model.model_args``: what a new head, the plain counterpart and a
+    saved config.json are made from.
 
     Args:
         block: :class:`PEBasicBlock` or :class:`PEBottleneck` (or ``"basic"`` / ``"bottleneck"``).
@@ -204,10 +209,7 @@ class PEResNet(ResNet):
         if drop_block_rate:
             raise ValueError("drop_block_rate is not supported by pe models (DropBlock masks channels "
                              "independently, which breaks the fields); use drop_path_rate")
-        self.pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
-                              field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
-                              learn_likelihood=learn_likelihood, head=head, basis=basis)
-        factory = FieldLayers(**self.pe_config, device=device, dtype=dtype)
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         self.group = factory.group
         factory.check_pool(global_pool)
         factory.check_widths([stem_width] + [c * block.expansion for c in channels]
@@ -216,10 +218,6 @@ class PEResNet(ResNet):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.counterpart = counterpart
-        self._zero_init_last = zero_init_last  # (blocks have a zero_init_last() method)
-        self._arch = dict(block=block, layers=tuple(layers), base_width=base_width, stem_width=stem_width,
-                          channels=tuple(channels), drop_path_rate=drop_path_rate)
 
         # Stem: in_chans trivial fields -> regular fields (its own "stage" for likelihood sharing)
         factory.begin_stage()
@@ -267,7 +265,7 @@ class PEResNet(ResNet):
         """Initialise the weights as a new model has them (e.g. after ``to_empty()`` of a model built
         on the meta device); ``zero_init_last`` defaults to the constructor's."""
         if zero_init_last is None:
-            zero_init_last = self._zero_init_last
+            zero_init_last = self.model_args["zero_init_last"]
         if needs_reset:
             reset_layers(self)
         if zero_init_last:
@@ -280,13 +278,13 @@ class PEResNet(ResNet):
         likelihood is a fresh one with ``share_likelihood="layer"``, else the last stage's / the model's."""
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        self._set_head(FieldLayers(**self.pe_config, **factory_kwargs(self)), num_classes, global_pool)
+        self._set_head(FieldLayers.for_model(self), num_classes, global_pool)
 
     def _set_head(self, factory: FieldLayers, num_classes: int, global_pool: str) -> None:
         pooled_type = factory.pooled_type(self.feature_type, global_pool)
         likelihood = None
         if num_classes > 0 and factory.head == "learnt":
-            likelihood = head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
+            likelihood = head_likelihood(self, factory)
         fc = factory.classifier(pooled_type, num_classes, likelihood)
         install_head(self, fc, num_classes, global_pool, pooled_type.size)
 
@@ -307,18 +305,16 @@ class PEResNet(ResNet):
     def plain_counterpart(self) -> Optional[nn.Module]:
         """timm's own model with this architecture and widths (only for finite groups, whose regular
         fields give exactly timm's widths), untrained: :func:`eqzoo.export` loads into it."""
-        a = self._arch
-        if self.counterpart is None or not self.group.is_finite or a["stem_width"] != 64:
+        a = self.model_args
+        if a["counterpart"] is None or not self.group.is_finite or a["stem_width"] != 64:
             return None
-        import timm
-        return timm.create_model(self.counterpart, num_classes=self.num_classes, in_chans=self.in_chans,
+        return timm.create_model(a["counterpart"], num_classes=self.num_classes, in_chans=self.in_chans,
                                  global_pool=self.global_pool.pool_type, drop_rate=self.drop_rate,
-                                 drop_path_rate=a["drop_path_rate"], channels=a["channels"],
-                                 base_width=a["base_width"], layers=a["layers"])
+                                 drop_path_rate=a["drop_path_rate"], channels=tuple(a["channels"]),
+                                 base_width=a["base_width"], layers=tuple(a["layers"]))
 
 
 def _create_pe_resnet(variant: str, pretrained: bool = False, **kwargs) -> PEResNet:
-    # eqzoo's builder: validates Hub configs and checkpoints, records model.model_args
     return build_pe_model(PEResNet, variant, pretrained, **kwargs)
 
 

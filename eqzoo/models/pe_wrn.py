@@ -20,10 +20,11 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ..hub import build_pe_model, register_architectures
-from ..validate import ModelArgError, check_size, check_widths, checked_args
-from ._layers import (FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head,
-                      reset_layers)
+from ..errors import ModelArgError
+from ..validate import check_size, check_widths, checked_args
+from ._builder import build_pe_model
+from ._layers import FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
+from ._schema import register_architectures
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
 
@@ -35,18 +36,18 @@ class WideBasicBlock(nn.Module):
     """Pre-activation block: BN-ReLU-conv3x3(stride)-BN-ReLU-dropout-conv3x3, plus a 1x1 projection
     of the activated input when the shape changes (as the original WRN)."""
 
-    def __init__(self, layers, in_type, out_type, stride: int = 1, block_drop_rate: float = 0.0,
+    def __init__(self, factory, in_type, out_type, stride: int = 1, block_drop_rate: float = 0.0,
                  drop_path: Optional[nn.Module] = None):
         super().__init__()
-        self.bn1 = layers.norm(in_type)
-        self.act1 = layers.act(in_type)
-        self.conv1 = layers.conv(in_type, out_type, 3, stride, 1)
-        self.bn2 = layers.norm(out_type)
-        self.act2 = layers.act(out_type)
+        self.bn1 = factory.norm(in_type)
+        self.act1 = factory.act(in_type)
+        self.conv1 = factory.conv(in_type, out_type, 3, stride, 1)
+        self.bn2 = factory.norm(out_type)
+        self.act2 = factory.act(out_type)
         self.drop = nn.Dropout(block_drop_rate) if block_drop_rate > 0 else nn.Identity()
-        self.conv2 = layers.conv(out_type, out_type, 3, 1, 1)
-        needs_projection = stride != 1 or layers.channels(in_type) != layers.channels(out_type)
-        self.shortcut = layers.conv(in_type, out_type, 1, stride, 0) if needs_projection else None
+        self.conv2 = factory.conv(out_type, out_type, 3, 1, 1)
+        needs_projection = stride != 1 or factory.channels(in_type) != factory.channels(out_type)
+        self.shortcut = factory.conv(in_type, out_type, 1, stride, 0) if needs_projection else None
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,60 +70,58 @@ class WideResNet(nn.Module):
         block_drop_rate: the WRN dropout between the two convolutions of a block.
         channels: (stem, stage1, stage2, stage3) widths; default (16, 16k, 32k, 64k).
         device, dtype: factory kwargs, as timm's models take them.
-        layers: the layer factory (default :class:`PlainLayers` with ``device``/``dtype``).
+        factory: the layer factory (default :class:`PlainLayers` with ``device``/``dtype``).
     """
 
     def __init__(self, depth: int = 16, widen_factor: int = 8, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
-                 block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None, layers=None,
+                 block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None, factory=None,
                  device=None, dtype=None):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
-        layers = PlainLayers(device, dtype) if layers is None else layers
+        factory = PlainLayers(device, dtype) if factory is None else factory
         channels = _wrn_widths(depth, widen_factor, channels)
         if len(channels) != 4:
             raise ValueError(f"channels must be 4 widths (stem, stage1, stage2, stage3), got {channels}")
         blocks_per_stage = (depth - 4) // 6
-        self._arch = dict(depth=depth, widen_factor=widen_factor, channels=channels,
-                          drop_path_rate=drop_path_rate, block_drop_rate=block_drop_rate)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
 
-        layers.begin_stage()
-        stem_type = layers.fields(channels[0])
-        self.conv1 = layers.conv(layers.input_type(in_chans), stem_type, 3, 1, 1)
-        self.feature_info = [dict(num_chs=layers.channels(stem_type), reduction=1, module="conv1")]
+        factory.begin_stage()
+        stem_type = factory.fields(channels[0])
+        self.conv1 = factory.conv(factory.input_type(in_chans), stem_type, 3, 1, 1)
+        self.feature_info = [dict(num_chs=factory.channels(stem_type), reduction=1, module="conv1")]
         self._types = [stem_type]
 
         prev_type, block_idx, num_blocks = stem_type, 0, 3 * blocks_per_stage
         for stage_idx, width in enumerate(channels[1:]):
-            layers.begin_stage()
-            out_type = layers.fields(width)
+            factory.begin_stage()
+            out_type = factory.fields(width)
             stride = 1 if stage_idx == 0 else 2
             blocks = []
             for i in range(blocks_per_stage):
                 dpr = drop_path_rate * block_idx / max(num_blocks - 1, 1)  # timm's linear decay rule
-                blocks.append(WideBasicBlock(layers, prev_type, out_type, stride if i == 0 else 1,
+                blocks.append(WideBasicBlock(factory, prev_type, out_type, stride if i == 0 else 1,
                                              block_drop_rate, DropPath(dpr) if dpr > 0 else None))
                 prev_type = out_type
                 block_idx += 1
             self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(dict(num_chs=layers.channels(out_type), reduction=2**stage_idx,
+            self.feature_info.append(dict(num_chs=factory.channels(out_type), reduction=2**stage_idx,
                                           module=f"layer{stage_idx + 1}"))
             self._types.append(out_type)
 
         # final pre-activation norm of the last stage (timm's ResNetV2 calls it `norm`)
-        self.norm = layers.norm(prev_type)
-        self.act = layers.act(prev_type)
+        self.norm = factory.norm(prev_type)
+        self.act = factory.act(prev_type)
         self._out_type = prev_type
-        self.num_features = layers.channels(prev_type)
-        self._set_head(layers, num_classes, global_pool)  # the factory's sharing picks the likelihood
+        self.num_features = factory.channels(prev_type)
+        self._set_head(factory, num_classes, global_pool)  # the factory's sharing picks the likelihood
 
     # -- timm's model interface ------------------------------------------------------------------------
-    def _head_layers(self):
+    def _head_factory(self):
         """The layer factory for a new head and the likelihood it should use (none for plain)."""
         return PlainLayers(**factory_kwargs(self)), None
 
@@ -147,15 +146,15 @@ class WideResNet(nn.Module):
         return "fc" if name_only else self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        layers, likelihood = self._head_layers()
-        self._set_head(layers, num_classes, global_pool, likelihood)
+        factory, likelihood = self._head_factory()
+        self._set_head(factory, num_classes, global_pool, likelihood)
 
-    def _set_head(self, layers, num_classes: int, global_pool: Optional[str], likelihood=None) -> None:
+    def _set_head(self, factory, num_classes: int, global_pool: Optional[str], likelihood=None) -> None:
         if global_pool is None:
             global_pool = self.global_pool.pool_type
-        pooled_type = layers.pooled_type(self._out_type, global_pool)
-        fc = layers.classifier(pooled_type, num_classes, likelihood)
-        install_head(self, fc, num_classes, global_pool, layers.channels(pooled_type))
+        pooled_type = factory.pooled_type(self._out_type, global_pool)
+        fc = factory.classifier(pooled_type, num_classes, likelihood)
+        install_head(self, fc, num_classes, global_pool, factory.channels(pooled_type))
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -242,7 +241,7 @@ class PEWideResNet(WideResNet):
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
     ``"model"``), ``learn_likelihood``, ``head`` and ``basis`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
     the escnn FieldType of ``forward_features``' output. Every argument is checked for its type
-    and range before anything is built (see :mod:`eqzoo.validate`).
+    and range before anything is built (see :mod:`eqzoo.validate`) and kept as ``model.model_args``.
     """
 
     @checked_args(_check_wrn_args)  # types and ranges first: before any escnn or tensor work
@@ -253,20 +252,16 @@ class PEWideResNet(WideResNet):
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
                  learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased",
                  device=None, dtype=None):
-        pe_config = dict(group=group, bandlimit=bandlimit, out_bandlimit=out_bandlimit,
-                         field_bandlimit=field_bandlimit, share_likelihood=share_likelihood,
-                         learn_likelihood=learn_likelihood, head=head, basis=basis)
-        factory = FieldLayers(**pe_config, device=device, dtype=dtype)
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         factory.check_pool(global_pool)
         factory.check_widths(_wrn_widths(depth, widen_factor, channels))
         super().__init__(depth, widen_factor, num_classes, in_chans, global_pool, drop_rate, drop_path_rate,
-                         block_drop_rate, channels, layers=factory)
-        self.pe_config = pe_config
+                         block_drop_rate, channels, factory=factory)
         self.group = factory.group
 
-    def _head_layers(self):
-        factory = FieldLayers(**self.pe_config, **factory_kwargs(self))
-        return factory, head_likelihood(self, self.pe_config["share_likelihood"], factory.new_likelihood)
+    def _head_factory(self):
+        factory = FieldLayers.for_model(self)
+        return factory, head_likelihood(self, factory)
 
     @property
     def feature_type(self):
@@ -281,7 +276,7 @@ class PEWideResNet(WideResNet):
         permutation fields, so the nn layers compute the same function)."""
         if not self.group.is_finite:
             return None  # O(2)/SO(2) use FourierReLU / average max-pool: not a plain WRN
-        a = self._arch
+        a = self.model_args
         return WideResNet(a["depth"], a["widen_factor"], self.num_classes, self.in_chans,
                           self.global_pool.pool_type, self.drop_rate, a["drop_path_rate"],
                           a["block_drop_rate"], tuple(t.size for t in self._types))

@@ -26,67 +26,114 @@ from ..likelihood import GroupLikelihood, autocast_enabled, autocast_off
 from .fields import single_repr
 
 
+@dataclass(frozen=True)
+class _Dims:
+    """The sizes of a layer's coefficients ``W [d_out * d_in * H, F_out, F_in]``: components of one
+    out / in field, ring harmonics, out / in fields."""
+
+    d_out: int
+    d_in: int
+    harmonics: int
+    fields_out: int
+    fields_in: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """``(d_out, d_in, H, F_out, F_in)``: the coefficients viewed per component and field."""
+        return self.d_out, self.d_in, self.harmonics, self.fields_out, self.fields_in
+
+    @property
+    def rows(self) -> int:
+        return self.d_out * self.d_in * self.harmonics
+
+    @property
+    def pairs(self) -> int:
+        return self.fields_out * self.fields_in
+
+
+@dataclass(frozen=True)
+class _PixelFilter:
+    """The twirled coefficients as the pixel filter ``[(o a), (i b), x, y] = Σ_h (A W)[a b h, o i]
+    ψ_h(x, y)``, channels grouped per field as escnn's (field, component)."""
+
+    dims: _Dims
+
+    def from_rows(self, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        d, k = self.dims, basis.shape[-1]
+        filt = basis.view(d.harmonics, k * k).T @ rows.view(d.d_out * d.d_in, d.harmonics, -1)  # [(a b), xy, (o i)]
+        filt = filt[:, :, :d.pairs].view(d.d_out, d.d_in, k, k, d.fields_out, d.fields_in)
+        return filt.permute(4, 0, 5, 1, 2, 3).reshape(d.fields_out * d.d_out, d.fields_in * d.d_in, k, k)
+
+    def to_rows(self, grad: torch.Tensor, basis: torch.Tensor, width: int) -> torch.Tensor:
+        d, k = self.dims, basis.shape[-1]
+        grad = grad.view(d.fields_out, d.d_out, d.fields_in, d.d_in, k, k).permute(1, 3, 4, 5, 0, 2)
+        rows = _rows_of(grad, d.d_out * d.d_in * k * k, width).view(d.d_out * d.d_in, k * k, -1)
+        return (basis.view(d.harmonics, k * k) @ rows).view(d.rows, -1)
+
+
+@dataclass(frozen=True)
+class _HarmonicMatrix:
+    """The twirled coefficients as the matrix ``[(a o), (b h i)]`` that
+    :meth:`PEConv2d._conv_in_harmonics` multiplies the harmonic responses of the input with."""
+
+    dims: _Dims
+
+    def from_rows(self, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        d = self.dims
+        out = rows[:, :d.pairs].view(d.d_out, d.d_in, d.harmonics, d.fields_out, d.fields_in)
+        return out.permute(0, 3, 1, 2, 4).reshape(d.d_out * d.fields_out, d.d_in * d.harmonics * d.fields_in)
+
+    def to_rows(self, grad: torch.Tensor, basis: torch.Tensor, width: int) -> torch.Tensor:
+        d = self.dims
+        grad = grad.view(d.d_out, d.fields_out, d.d_in, d.harmonics, d.fields_in).permute(0, 2, 3, 1, 4)
+        return _rows_of(grad, d.rows, width)
+
+
 class _TwirledCoefficients(torch.autograd.Function):
-    r"""The twirled coefficients ``A(q) W``, handed over in the layout the convolution consumes.
+    r"""The twirled coefficients ``A(q) W`` of a layer, handed over in the layout the convolution
+    consumes (a :class:`_PixelFilter` or a :class:`_HarmonicMatrix`).
 
     ``W`` is ``[R, F_o, F_i]``: the R coefficients (a, b, h) of a field pair (rows) for the
     N = F_o * F_i field pairs (o, i) (columns), so every product moves whole contiguous rows. The
     twirl's values are ``vals = q @ values`` (A's then Aᵀ's), and row r of ``A W`` is
-    ``Σ_k vals[r, k] W[cols[r, k]]``: an ``embedding_bag`` sum with per-sample weights. The result
-    leaves as
-
-    - ``"pixels"``: the filter ``[(o a), (i b), x, y] = Σ_h (A W)[a b h, o i] ψ_h(x, y)``;
-    - ``"harmonics"``: ``A W`` reordered to ``[(a o), (b h i)]`` for :meth:`PEConv2d._conv_in_harmonics`.
+    ``Σ_k vals[r, k] W[cols[r, k]]``: an ``embedding_bag`` sum with per-sample weights.
 
     One autograd node per layer instead of some thirty views, slices and products: per step their
-    bookkeeping cost more than the gathers. Backward reverses the layout, gathers ``dW = Aᵀ dout``
-    (Aᵀ is as sparse as A; autograd's own backward would scatter-add), and takes the λ gradient
-    from the row-wise dot products ``dvals[r, k] = ⟨dout[r], W[cols[r, k]]⟩`` (``offsets`` and
-    ``offset2bag``, the bag of each of the R * K entries, describe the bags of ``cols`` for that).
+    bookkeeping cost more than the gathers. Backward takes the gradient back to rows (the layout's
+    ``to_rows``), gathers ``dW = Aᵀ dout`` (Aᵀ is as sparse as A; autograd's own backward would
+    scatter-add), and takes the λ gradient from the row-wise dot products
+    ``dvals[r, k] = ⟨dout[r], W[cols[r, k]]⟩`` (the bags of ``cols``, ``offsets`` and ``offset2bag``
+    of :class:`_Constants`, describe them for that).
     """
 
     @staticmethod
-    def forward(ctx, W, q, values, cols, rows_t, offsets, offset2bag, basis, layout, dims):
-        d_o, d_i, H, F_o, F_i = dims
-        R, N = W.shape[0], F_o * F_i
+    def forward(ctx, W: torch.Tensor, q: torch.Tensor, c: "_Constants", layout: "_PixelFilter | _HarmonicMatrix"):
+        R, N = W.shape[0], layout.dims.pairs
         W = W.reshape(R, N)
         if N % _ROW_ALIGN:  # O(2)'s odd field counts: pad, see _ROW_ALIGN
             W = F.pad(W, (0, _padded(N) - N))
-        vals = q @ values
-        n = cols.numel()
-        vals_t = vals[n:].view(rows_t.shape)
-        ctx.save_for_backward(W, values, vals_t, cols, rows_t, offsets, offset2bag, basis)
-        ctx.layout, ctx.dims = layout, dims
-        out = F.embedding_bag(cols, W, per_sample_weights=vals[:n].view(cols.shape), mode="sum")
-        if layout == "harmonics":
-            out = out[:, :N].view(d_o, d_i, H, F_o, F_i)
-            return out.permute(0, 3, 1, 2, 4).reshape(d_o * F_o, d_i * H * F_i)
-        k = basis.shape[-1]
-        filt = basis.view(H, k * k).T @ out.view(d_o * d_i, H, -1)  # [(a b), xy, (o i)]
-        filt = filt[:, :, :N].view(d_o, d_i, k, k, F_o, F_i)
-        return filt.permute(4, 0, 5, 1, 2, 3).reshape(F_o * d_o, F_i * d_i, k, k)
+        vals = q @ c.values
+        n = c.cols.numel()
+        ctx.save_for_backward(W, vals[n:].view(c.rows_t.shape))
+        ctx.constants, ctx.layout = c, layout
+        rows = F.embedding_bag(c.cols, W, per_sample_weights=vals[:n].view(c.cols.shape), mode="sum")
+        return layout.from_rows(rows, c.basis)
 
     @staticmethod
     @once_differentiable  # a clear error for double backward, which the gathers don't support
     def backward(ctx, grad):
-        W, values, vals_t, cols, rows_t, offsets, offset2bag, basis = ctx.saved_tensors
-        d_o, d_i, H, F_o, F_i = ctx.dims
-        R, N = W.shape[0], F_o * F_i
-        if ctx.layout == "harmonics":
-            dout = _rows_of(grad.view(d_o, F_o, d_i, H, F_i).permute(0, 2, 3, 1, 4), R, W.shape[1])
-        else:
-            k = basis.shape[-1]
-            grad = grad.view(F_o, d_o, F_i, d_i, k, k).permute(1, 3, 4, 5, 0, 2)
-            dout = (basis.view(H, k * k) @ _rows_of(grad, d_o * d_i * k * k, W.shape[1]).view(d_o * d_i, k * k, -1))
-            dout = dout.view(R, -1)
+        W, vals_t = ctx.saved_tensors
+        c, layout = ctx.constants, ctx.layout
+        dout = layout.to_rows(grad, c.basis, W.shape[1])
         dW = dq = None
         if ctx.needs_input_grad[0]:
-            dW = F.embedding_bag(rows_t, dout, per_sample_weights=vals_t, mode="sum")[:, :N].reshape(R, F_o, F_i)
+            dW = F.embedding_bag(c.rows_t, dout, per_sample_weights=vals_t, mode="sum")[:, :layout.dims.pairs]
+            dW = dW.reshape(W.shape[0], layout.dims.fields_out, layout.dims.fields_in)
         if ctx.needs_input_grad[1]:
             dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                dout, W, cols.view(-1), offsets, offset2bag, 0)
-            dq = values[:, :cols.numel()] @ dvals
-        return dW, dq, None, None, None, None, None, None, None, None
+                dout, W, c.cols.view(-1), c.offsets, c.offset2bag, 0)
+            dq = c.values[:, :c.cols.numel()] @ dvals
+        return dW, dq, None, None
 
 
 @contextlib.contextmanager
@@ -191,7 +238,7 @@ class _Twirled(nn.Module):
         self.basis_fingerprint = ops.fingerprint
         self._ops = ops  # its tensors: see _constants
         d_in, d_out = rep_in.size, rep_out.size
-        self._dims = (d_out, d_in, harm.size, len(out_type), len(in_type))
+        self._dims = _Dims(d_out, d_in, harm.size, len(out_type), len(in_type))
         # Coefficients: rows (out component, in component, ring harmonic), then (out field, in
         # field): the layout in which the twirl moves whole contiguous rows, and from which the
         # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
@@ -222,13 +269,12 @@ class _Twirled(nn.Module):
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._twirled("pixels", uniform, self.weight[:, :8, :8])
+        filt = self._twirled(_PixelFilter, uniform, self.weight[:, :8, :8])
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
-        m = self._ops.sparse.values.shape[0]  # the twirl at uniform λ: an orthogonal projection
-        self.weight.copy_(self.twirled_coefficients(torch.full((m,), 1.0 / m, device=self.weight.device)))
+        self.weight.copy_(self.twirled_coefficients(uniform))  # the twirl at uniform λ: an orthogonal projection
 
     def twirled_coefficients(self, q: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
         """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``
@@ -236,37 +282,36 @@ class _Twirled(nn.Module):
         ``q`` at element g gives g's action on the coefficients, an orthogonal map."""
         w = self.weight if w is None else w
         q = self.likelihood.kernel_weights(self.n_rot) if q is None else q
-        d_o, d_i, H = self._dims[:3]
-        out = self._twirled("harmonics", q, w)
-        return out.view(d_o, w.shape[1], d_i, H, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
+        d = self._dims
+        out = self._twirled(_HarmonicMatrix, q, w)  # [(a o), (b h i)]
+        return out.view(d.d_out, w.shape[1], d.d_in, d.harmonics, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
         return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
-    def _twirled(self, layout: str, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+    def _twirled(self, layout, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)
-        twirled with quadrature weights q [m], as the pixel filter [C_out, C_in, k, k] (``layout
-        "pixels"``, channels grouped per field as escnn's (field, component)) or as the matrix
-        [(out component, out field), (in component, harmonic, in field)] (``"harmonics"``)."""
+        twirled with quadrature weights q [m], in ``layout``: :class:`_PixelFilter` gives the
+        filter [C_out, C_in, k, k], :class:`_HarmonicMatrix` the matrix [(out component, out
+        field), (in component, harmonic, in field)]."""
         w = self.weight if w is None else w
-        c = self._constants(w.dtype)
-        return _TwirledCoefficients.apply(w, q.to(w.dtype), c.values, c.cols, c.rows_t,
-                                          c.offsets, c.offset2bag, c.basis, layout, self._dims[:3] + tuple(w.shape[1:]))
+        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        return _TwirledCoefficients.apply(w, q.to(w.dtype), self._constants(w.dtype), layout(dims))
 
     def _expanded_bias(self):
         if self.bias is None:
             return None
         return (self.bias @ self._constants(self.bias.dtype).bias_basis.T).reshape(-1)
 
-    def _coefficients_and_bias(self, layout: str = "pixels"):
+    def _coefficients_and_bias(self, layout=_PixelFilter):
         """The twirled coefficients in ``layout`` (see :meth:`_twirled`) and the bias, in full precision."""
         with autocast_off(self.weight.device):
             return self._twirled(layout, self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
 
     def filter_and_bias(self):
         """The current filter and bias as plain tensors (recomputed, with gradients)."""
-        return self._coefficients_and_bias("pixels")
+        return self._coefficients_and_bias(_PixelFilter)
 
     def _cache_key(self):
         ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
@@ -301,7 +346,7 @@ class _Twirled(nn.Module):
         if x.dim() != want or x.shape[1] != self.in_channels:
             shape = "[B, C, H, W]" if spatial else "[B, C]"
             raise ValueError(f"{type(self).__name__} expects {shape} with C = {self.in_channels} "
-                             f"({len(self.in_type)} fields of size {self._dims[1]}), got shape {tuple(x.shape)}")
+                             f"({len(self.in_type)} fields of size {self._dims.d_in}), got shape {tuple(x.shape)}")
         # as nn.Conv2d: the input's dtype must be the weights' (outside autocast, which casts);
         # casting the filter to the input would silently run a float32 model in float16
         autocast = autocast_enabled(x.device)
@@ -397,10 +442,11 @@ class PEConv2d(_Twirled):
         images), where building the pixel filter and its gradient costs more memory traffic than
         the convolution itself.
         """
-        coeff, bias = self._coefficients_and_bias("harmonics")  # [(a o), (b h i)]
+        coeff, bias = self._coefficients_and_bias(_HarmonicMatrix)  # [(a o), (b h i)]
         if not autocast_enabled(x.device):
             coeff = coeff.to(x.dtype)
-        d_o, d_i, H, F_o, F_i = self._dims
+        d = self._dims
+        d_o, d_i, H, F_o, F_i = d.d_out, d.d_in, d.harmonics, d.fields_out, d.fields_in
         B = x.shape[0]
         proj = self._patch_projection(x)
         L = proj.shape[1] // H

@@ -1,0 +1,89 @@
+"""The engine's functions: ``train``, ``finetune`` and ``evaluate`` (what ``eqzoo train | finetune |
+eval`` run)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import timm
+
+from ..config import load_config, parse_overrides, validate_config
+from ..data import build_datasets, data_info
+from ..errors import ConfigError, TrainingError
+from ..sources import resolve_model
+from .dist import init_dist, run_device
+from .loop import eval_loader, evaluate_loader
+from .model import lambda_kl, mixed_precision
+from .run import run_training
+
+
+def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overrides=None,
+          overwrite: bool = False) -> dict:
+    """Train from a config (path, dict or resolved config) into ``cfg.output``; returns a summary:
+    ``status`` ("finished" / "stopped"), ``run_dir``, ``history`` (one dict per epoch), ``results``
+    (best epoch, val/test accuracy), ``model_dir`` (the Hub-format folder, RUN/hub).
+
+    ``resume`` continues the run in ``cfg.output`` from its last checkpoint; ``stop_after_epoch``
+    stops (resumably) once that many epochs are done. A folder that holds another run is refused
+    unless resuming, or with ``overwrite`` (which deletes that run's files)."""
+    return run_training(load_config(cfg, overrides), resume, stop_after_epoch, overwrite)
+
+
+def finetune_config(cfg: dict, source: str | None, explicit_model_args: dict) -> dict:
+    """The config a fine-tuning run uses and records. With a ``source``, the model and its
+    architecture come from it: the config's own ``model`` and ``model_args`` describe another
+    model (e.g. the CNN baseline a data config was written for) and are replaced; only model_args
+    given as overrides (``model_args.drop_path_rate=0.1``) apply."""
+    cfg = dict(cfg)
+    if source is not None:
+        resolve_model(source)  # a mistyped path fails first
+        unused = [k for k in cfg["model_args"] if k not in explicit_model_args]
+        if (cfg["model"] != source or unused) and int(os.environ.get("RANK", "0")) == 0:
+            print(f"fine-tuning {source}: the config's model ({cfg['model']})"
+                  + (f" and model_args ({', '.join(unused)})" if unused else "")
+                  + " describe another model and are not used", file=sys.stderr)
+        cfg.update(model=source, model_args=dict(explicit_model_args))
+    cfg["model"], cfg["pretrained"] = resolve_model(cfg["model"]), True
+    return validate_config(cfg)
+
+
+def finetune(cfg, source: str | None = None, resume: bool = False, stop_after_epoch: int | None = None,
+             overrides=None, overwrite: bool = False) -> dict:
+    """Fine-tune a pretrained model (``source`` or ``cfg.model``: ``hf-hub:org/name``,
+    ``local-dir:PATH``, a run directory (its hub/) or model directory, or a registry ``arch.tag``)
+    on ``cfg.data`` with a new classifier for its classes. λ keeps learning unless
+    ``freeze_likelihood``. With ``source``, the config's model and model_args are not used (see
+    :func:`finetune_config`)."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    explicit = dict((overrides or {}).get("model_args") or {})
+    return run_training(finetune_config(load_config(cfg, overrides), source, explicit), resume, stop_after_epoch,
+                        overwrite)
+
+
+def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
+    """Accuracy and loss of a trained model on a split (``train``/``val``/``test``) of ``cfg.data``.
+
+    ``source``: a run directory (its ``hub/``), a model directory, ``local-dir:``/``hf-hub:`` or a
+    registry tag; default ``cfg.model``. Returns ``{"split", "loss", "acc", "n", "lambda_kl", "model"}``."""
+    cfg = load_config(cfg)
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"split must be train, val or test, got {split!r}")
+    src = resolve_model(source or cfg["model"])
+    info = data_info(cfg["data"])
+    d = init_dist(cfg["device"])
+    try:
+        device = run_device(cfg, d)
+        model = timm.create_model(src, pretrained=True)
+        if model.num_classes != info["num_classes"]:
+            raise TrainingError(f"{src} has {model.num_classes} classes, data set {cfg['data']['name']} has "
+                                f"{info['num_classes']}: evaluate it on the data it was trained for")
+        model.to(device)
+        ds = getattr(build_datasets(cfg["data"], model), split)
+        if ds is None:
+            raise ConfigError(f"the {split} split of {cfg['data']['name']} is empty (data.{split}_size)")
+        autocast, _ = mixed_precision(cfg, device)
+        out = evaluate_loader(model, eval_loader(ds, cfg, d), device, autocast, d)
+        return {"split": split, **out, "lambda_kl": lambda_kl(model), "model": src}
+    finally:
+        d.close()

@@ -1,0 +1,263 @@
+"""A training run from start to finish: set-up, epochs, and the end (test, results, saved model).
+
+Exact resume: the learning rate is a pure function of the step, the data order of epoch e is a
+function of (seed, e) (DistributedSampler.set_epoch, also with one process), and the RNG states are
+restored at the epoch boundary. A run stopped after epoch k and resumed ends with the same weights
+as an uninterrupted run.
+
+DDP: ``torchrun --nproc_per_node=N -m eqzoo.train --config C`` (gloo on CPU, NCCL on GPU).
+``data.batch_size`` is the global batch: each process takes batch_size / N, so a config gives the
+same optimisation on any number of processes. Metrics are summed over processes; rank 0 alone
+writes files.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._io import atomic_write, load_tensors, save_tensors, write_json
+from ..config import RESUME_SAFE, config_diff, dump_config, read_yaml, validate_config
+from ..data import build_datasets, data_info
+from ..errors import TrainingError
+from ..sources import HUB_DIR
+from . import loop
+from .checkpoint import RunDir, optimizer_from_files, rng_state, set_rng_state
+from .dist import Dist, init_dist, log, run_device
+from .model import build_model, build_optimizer, lambda_kl, mixed_precision
+from .output import record_input, save_model_dir
+
+
+@dataclass
+class Run:
+    """Everything one training process holds during a run."""
+
+    cfg: dict
+    d: Dist
+    device: torch.device
+    folder: RunDir
+    model: nn.Module
+    net: nn.Module  # what the batches go through: the model, or its DDP wrapper
+    opt: torch.optim.Optimizer
+    autocast: Callable
+    scaler: Any
+    splits: Any
+    train_loader: Any
+    sampler: Any
+    val_loader: Any
+    test_loader: Any
+    channels_last: bool
+    total_steps: int
+    warmup_steps: int
+    state: dict
+    writer: Any = None
+
+
+# -- set-up -------------------------------------------------------------------------------------------
+def _check_resume_config(cfg: dict, folder: RunDir) -> None:
+    saved_path = folder.path / "config.yaml"
+    if not saved_path.is_file():
+        raise TrainingError(f"cannot resume: {saved_path} is missing")
+    changed = [k for k in config_diff(validate_config(read_yaml(saved_path)), cfg) if k not in RESUME_SAFE]
+    if changed:
+        raise TrainingError(f"cannot resume {folder.path}: the config differs from the run's in {', '.join(changed)}; "
+                            f"only {', '.join(sorted(RESUME_SAFE))} may change when resuming")
+
+
+def _check_folder(cfg: dict, folder: RunDir, resume: bool, overwrite: bool) -> None:
+    """Read-only checks first, so that a mistake costs no build (the claim repeats them)."""
+    if resume and not folder.has_checkpoint():
+        raise TrainingError(f"nothing to resume in {folder.path}: no checkpoint (checkpoints/latest.json)"
+                            + ("; start the run again with --overwrite" if folder.holds_run() else ""))
+    if not resume and not overwrite and folder.holds_run():
+        raise TrainingError(folder.holds_message(folder.holds_run()))
+    if resume:
+        _check_resume_config(cfg, folder)
+
+
+def _claim(folder: RunDir, resume: bool, overwrite: bool, d: Dist, stack: ExitStack) -> None:
+    """Rank 0 claims the run folder (see :meth:`RunDir.claimed`) for the rest of the run; every
+    process learns whether it could."""
+    error = None
+    if d.main:
+        try:
+            stack.enter_context(folder.claimed(resume, overwrite))
+        except TrainingError as e:
+            error = str(e)
+    if d.on:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise TrainingError(error)
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _restore(r: Run) -> None:
+    """Continue from the run's last usable checkpoint: weights, optimiser, scaler, state, RNGs."""
+    latest, problems = r.folder.resume_point()
+    for problem in problems:  # a damaged newer checkpoint: say so, and which one is used
+        log(r.d, f"warning: {problem}; resuming from {latest.name} instead")
+    log(r.d, f"resuming {r.folder.path} from {latest.name}")
+    r.model.load_state_dict(load_tensors(latest / "model.safetensors"))
+    saved = json.loads((latest / "state.json").read_text())
+    optimizer_from_files(r.opt, load_tensors(latest / "optimizer.safetensors"), saved["optimizer"])
+    if r.scaler is not None and saved.get("scaler"):
+        r.scaler.load_state_dict(saved["scaler"])
+    r.state = {k: saved[k] for k in r.state}
+    r.folder.previous = latest
+    if len(saved["rng"]) == r.d.world:
+        set_rng_state(saved["rng"][r.d.rank])
+    else:
+        log(r.d, f"warning: checkpoint from {len(saved['rng'])} processes, now {r.d.world}: RNG streams restart")
+        torch.manual_seed(r.cfg["seed"] + 1000 * r.state["epoch"] + r.d.rank)
+
+
+def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
+    if not (d.main and cfg["tensorboard"]):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: CSV and JSON are always written
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder.path / "tb"))
+
+
+def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, stack: ExitStack) -> Run:
+    """Build everything a run needs (data files and folder checked before anything is built)."""
+    device = run_device(cfg, d)
+    _check_folder(cfg, folder, resume, overwrite)
+    info = data_info(cfg["data"])  # missing data files fail here, before anything is built
+    _seed(cfg["seed"])  # same initial weights on every process
+    model = build_model(cfg, info, pretrained=cfg["pretrained"] and not resume)
+    splits = build_datasets(cfg["data"], model)
+    if splits.num_classes != info["num_classes"]:
+        raise TrainingError(f"data set has {splits.num_classes} classes, expected {info['num_classes']}")
+    _claim(folder, resume, overwrite, d, stack)
+    if d.main and not resume:  # at once: the folder now holds this run
+        atomic_write(folder.path / "config.yaml", lambda p: p.write_text(dump_config(cfg), encoding="utf-8"))
+    channels_last = cfg["channels_last"] and device.type == "cuda"
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    autocast, scaler = mixed_precision(cfg, device)
+    train_loader, sampler, val_loader, test_loader = loop.make_loaders(cfg, splits, d, device)
+    steps = len(train_loader)
+    r = Run(cfg, d, device, folder, model, model, build_optimizer(cfg, model), autocast, scaler, splits,
+            train_loader, sampler, val_loader, test_loader, channels_last, cfg["schedule"]["epochs"] * steps,
+            round(cfg["schedule"]["warmup_epochs"] * steps),
+            {"epoch": 0, "step": 0, "best_epoch": None, "best_val_acc": None, "history": []})
+    if resume:
+        _restore(r)
+    else:  # after the identical init: give each process its own stream (dropout, augmentation)
+        torch.manual_seed(cfg["seed"] * 7919 + d.rank)
+    if d.on:
+        r.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    r.writer = _tensorboard(cfg, folder, d)
+    log(d, f"{cfg['model']} on {cfg['data']['name']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+           f"{len(splits.train)} training images, {steps} steps/epoch, {d.world} process(es), {device}")
+    return r
+
+
+# -- epochs and the end --------------------------------------------------------------------------------
+def _end_epoch(r: Run, epoch: int, row: dict, t0: float) -> None:
+    """Validate, keep the best weights, write the checkpoint and the metrics of ``epoch``."""
+    state = r.state
+    if r.val_loader is not None:
+        v = loop.evaluate_loader(r.net, r.val_loader, r.device, r.autocast, r.d, r.channels_last)
+        row.update(val_loss=v["loss"], val_acc=v["acc"])
+        if state["best_val_acc"] is None or v["acc"] > state["best_val_acc"]:
+            state["best_val_acc"], state["best_epoch"] = v["acc"], epoch + 1
+            if r.d.main:
+                save_tensors(r.model.state_dict(), r.folder.path / "best.safetensors")
+    row["time"] = time.time() - t0
+    state["history"].append(row)
+    state["epoch"] = epoch + 1
+    rng = [rng_state()]
+    if r.d.on:
+        rng = [None] * r.d.world
+        dist.all_gather_object(rng, rng_state())
+    if r.d.main:
+        r.folder.save_checkpoint(epoch + 1, r.model, r.opt, state, rng, r.scaler)
+        r.folder.write_metrics(state["history"])
+        if r.writer is not None:
+            for k, v in row.items():
+                if k != "epoch":
+                    r.writer.add_scalar(k, v, epoch + 1)
+            r.writer.flush()
+    log(r.d, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    if r.d.on:
+        dist.barrier()  # nobody runs ahead of rank 0's checkpoint
+
+
+def _finish(r: Run) -> tuple[dict, str | None]:
+    """Test the best-on-validation weights; write results.json and the Hub-format model."""
+    state, epochs = r.state, r.cfg["schedule"]["epochs"]
+    if state["best_epoch"] is not None and (r.folder.path / "best.safetensors").is_file():
+        r.model.load_state_dict(load_tensors(r.folder.path / "best.safetensors"))
+    results = {"best_epoch": state["best_epoch"] or epochs, "val_acc": state["best_val_acc"]}
+    if r.test_loader is not None:
+        t = loop.evaluate_loader(r.net, r.test_loader, r.device, r.autocast, r.d, r.channels_last)
+        results.update(test_acc=t["acc"], test_loss=t["loss"], test_n=t["n"])
+    results["lambda_kl"] = lambda_kl(r.model)
+    model_dir = None
+    record_input(r.model, r.splits.train, r.cfg)
+    if r.d.main:
+        write_json(r.folder.path / "results.json", results)
+        if r.cfg["save_model"]:
+            r.model.to(memory_format=torch.contiguous_format)
+            model_dir = str(save_model_dir(r.model, r.folder.path / HUB_DIR, r.cfg, results))
+        if r.writer is not None:
+            r.writer.close()
+        log(r.d, "results: " + json.dumps(results))
+    if r.d.on:
+        dist.barrier()
+    return results, model_dir
+
+
+def run_training(cfg: dict, resume: bool = False, stop_after_epoch: int | None = None,
+                 overwrite: bool = False) -> dict:
+    """Train with a config into ``cfg.output`` (see :func:`eqzoo.train.train`)."""
+    cfg = validate_config(cfg)
+    d = init_dist(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    stack, folder = ExitStack(), RunDir(cfg["output"])
+    try:
+        r = _start(cfg, folder, resume, overwrite, d, stack)
+        epochs = cfg["schedule"]["epochs"]
+        for epoch in range(r.state["epoch"], epochs if stop_after_epoch is None else min(epochs, stop_after_epoch)):
+            t0 = time.time()
+            _end_epoch(r, epoch, loop.train_epoch(r, epoch), t0)
+        result = {"run_dir": str(folder.path), "epochs_done": r.state["epoch"], "epochs": epochs,
+                  "best_epoch": r.state["best_epoch"], "best_val_acc": r.state["best_val_acc"],
+                  "history": r.state["history"]}
+        if r.state["epoch"] < epochs:
+            log(d, f"stopped after epoch {r.state['epoch']}/{epochs}; continue with --resume")
+            return dict(result, status="stopped")
+        results, model_dir = _finish(r)
+        return dict(result, status="finished", results=results, model_dir=model_dir)
+    except KeyboardInterrupt:
+        if d.main and folder.held:  # Ctrl-C while training: say how to go on
+            latest = folder.latest()
+            hint = (f"resume from {latest.name} with: eqzoo train --resume {folder.path}" if latest is not None else
+                    f"no epoch was completed: start again with --overwrite (output={folder.path})")
+            print(f"\ninterrupted; {hint}", file=sys.stderr)
+        raise
+    finally:
+        stack.close()
+        d.close()
