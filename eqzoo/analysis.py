@@ -199,9 +199,9 @@ def head_invariance(model: nn.Module, threshold: float = 0.5) -> dict:
 def kernel_invariance(model: nn.Module, threshold: float = 0.5) -> dict[str, dict]:
     r"""The symmetry each layer's kernel has, read off the kernel itself rather than off λ.
 
-    λ and the free kernel κ_0 share the work: a kernel invariant to a subgroup K comes out of λ
-    uniform on K, or of λ at the identity with a K-invariant κ_0, so λ alone can understate the
-    symmetry a layer keeps. With :math:`c` the twirled coefficients and :math:`T_g` the group's
+    λ and the free kernels share the work: a kernel invariant to a subgroup K comes out of λ
+    uniform on K, or of λ at the identity with K-invariant free kernels, so λ alone can understate
+    the symmetry a layer keeps. With :math:`c` the twirled coefficients and :math:`T_g` the group's
     (orthogonal) action on them, the score
 
     .. math:: s(g) = \langle T_g c, c \rangle / \|c\|^2 \;∈ [-1, 1]
@@ -215,7 +215,7 @@ def kernel_invariance(model: nn.Module, threshold: float = 0.5) -> dict[str, dic
         if not isinstance(m, PEConv2d) or not m.group.is_finite:
             continue
         with torch.no_grad():
-            c = m.twirled_coefficients().double()
+            c = m.kernel_coefficients().double()
             eye = torch.eye(m.n_rot * m.group.n_flip, dtype=torch.float64)
 
             def score(s: int, k: int, n_rot: int, m=m, c=c, eye=eye) -> float:

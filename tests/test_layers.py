@@ -304,7 +304,7 @@ def test_learns_the_symmetry_of_its_target(case):
     teacher_lam.set_density(lambda s, t: np.where(in_k(s, t), 1.0, 1e-9 if G.is_finite else 1e-3))
     teacher = generic_kernels(PEConv2d(fin, fout, 5, padding=2, likelihood=teacher_lam).eval())
     student = PEConv2d(fin, fout, 5, padding=2)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(student.parameters(), lr=0.03, momentum=0.9)
     x = torch.randn(2, fin.size, 12, 12)
     x = torch.cat([x] + [enn.GeometricTensor(x, fin).transform(g).tensor for g in pixel_elements(G)])
     with torch.no_grad():
@@ -585,3 +585,32 @@ def test_field_batch_norm_follows_torch_batch_norm(spec):
         free.export()
     with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\] or None"):
         FieldBatchNorm2d(ftype, momentum=2)
+
+
+def test_symmetry_breaking_part():
+    """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 exists only where λ is learnable, starts at 0, has no
+    effect at uniform λ, gets its own gradient, and a state dict without it (saved before it
+    existed) loads as κ_1 = 0."""
+    torch.manual_seed(0)
+    G = get_group("D4")
+    ftype = G.field_type(2)
+    assert PEConv2d(ftype, ftype, 3, likelihood=GroupLikelihood(G, learnable=False)).weight_breaking is None
+    conv = PEConv2d(ftype, ftype, 3, padding=1).double()
+    assert conv.weight_breaking.shape == conv.weight.shape and float(conv.weight_breaking.abs().max()) == 0
+    x = torch.randn(2, ftype.size, 9, 9, dtype=torch.float64)
+    generic_kernels(conv)
+    with torch.no_grad():
+        conv.likelihood.coefficients.zero_()  # uniform λ: κ_1 drops out
+        y_uniform = conv(x)
+        conv.weight_breaking.normal_()
+        assert torch.allclose(conv(x), y_uniform, atol=1e-10)
+    conv.likelihood.reset_parameters()
+    conv(x).square().sum().backward()
+    assert float(conv.weight_breaking.grad.abs().max()) > 0
+    old = {k: v for k, v in conv.state_dict().items() if k != "weight_breaking"}
+    fresh = PEConv2d(ftype, ftype, 3, padding=1).double()
+    fresh.load_state_dict(old)
+    assert float(fresh.weight_breaking.abs().max()) == 0
+    with torch.no_grad():
+        conv.weight_breaking.zero_()
+        assert torch.allclose(fresh(x), conv(x), atol=1e-10)

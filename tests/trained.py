@@ -10,11 +10,15 @@ from eqzoo.nn import PEConv2d, PELinear
 
 @torch.no_grad()
 def generic_kernels(module):
-    """Give every PEConv2d / PELinear in ``module`` (itself included) a kernel with a
-    non-equivariant part, at the scale of its init. Returns ``module``."""
+    """Give every PEConv2d / PELinear in ``module`` (itself included) kernels with a
+    non-equivariant part, at the scale of the init: κ_0 and, where λ is learnable, the
+    symmetry-breaking κ_1. Returns ``module``."""
     for m in module.modules():
         if isinstance(m, (PEConv2d, PELinear)):
-            m.weight.normal_(0, float(m.weight.std()))
+            std = float(m.weight.std())
+            m.weight.normal_(0, std)
+            if m.weight_breaking is not None:
+                m.weight_breaking.normal_(0, std)
     return module
 
 

@@ -49,30 +49,31 @@ def _adapt_stem(state_dict: dict, model: nn.Module) -> None:
     so it is adapted alike."""
     first = model.pretrained_cfg.get("first_conv")
     for name in (first,) if isinstance(first, str) else (first or ()):
-        key = f"{name}.weight"
         try:
             module = model.get_submodule(name)
         except AttributeError:
             continue
-        w, target = state_dict.get(key), getattr(module, "weight", None)
-        in_type = getattr(module, "in_type", None)
-        if w is None or target is None or in_type is None or in_type.size != len(in_type):
-            continue  # not an eqzoo stem on trivial fields (timm handles plain convs itself)
-        dims = [i for i, (a, b) in enumerate(zip(w.shape, target.shape)) if a != b]
-        if w.dim() != target.dim() or len(dims) != 1:
-            continue
-        d = dims[0]
-        c_old, c_new = w.shape[d], target.shape[d]
-        if c_new == 1:
-            w = w.sum(dim=d, keepdim=True)
-        else:
-            reps = [1] * w.dim()
-            reps[d] = -(-c_new // c_old)
-            w = w.repeat(*reps).narrow(d, 0, c_new) * (c_old / c_new)
-        state_dict[key] = w
-        input_size = model.pretrained_cfg.get("input_size") or (c_old, 224, 224)
-        model.pretrained_cfg["input_size"] = (c_new, *input_size[1:])
-        _logger.info("adapted the stem %s from %d to %d input channels", name, c_old, c_new)
+        for attr in ("weight", "weight_breaking"):  # both parts of the filter, alike
+            key = f"{name}.{attr}"
+            w, target = state_dict.get(key), getattr(module, attr, None)
+            in_type = getattr(module, "in_type", None)
+            if w is None or target is None or in_type is None or in_type.size != len(in_type):
+                continue  # not an eqzoo stem on trivial fields (timm handles plain convs itself)
+            dims = [i for i, (a, b) in enumerate(zip(w.shape, target.shape)) if a != b]
+            if w.dim() != target.dim() or len(dims) != 1:
+                continue
+            d = dims[0]
+            c_old, c_new = w.shape[d], target.shape[d]
+            if c_new == 1:
+                w = w.sum(dim=d, keepdim=True)
+            else:
+                reps = [1] * w.dim()
+                reps[d] = -(-c_new // c_old)
+                w = w.repeat(*reps).narrow(d, 0, c_new) * (c_old / c_new)
+            state_dict[key] = w
+            input_size = model.pretrained_cfg.get("input_size") or (c_old, 224, 224)
+            model.pretrained_cfg["input_size"] = (c_new, *input_size[1:])
+            _logger.info("adapted the stem %s from %d to %d input channels", key, c_old, c_new)
 
 
 def checkpoint_filter(state_dict: dict, model: nn.Module, checkpoint: dict | None = None,

@@ -1,11 +1,21 @@
 r"""Partially equivariant convolution and linear layers on plain tensors.
 
-The filter is the λ-twirl of an unconstrained band-limited kernel (see :mod:`eqzoo.kernels`):
+The filter is built from two unconstrained band-limited kernels κ_0, κ_1 (see :mod:`eqzoo.kernels`)
+with the λ-twirl and the uniform twirl P (the projection onto equivariant kernels):
 
-.. math:: κ_λ = \sum_g w_g(λ)\; ρ_{out}(g)\, κ_0(g^{-1}\,\cdot)\, ρ_{in}(g)^{T},
+.. math::
+    A_λ κ = \sum_g w_g(λ)\; ρ_{out}(g)\, κ(g^{-1}\,\cdot)\, ρ_{in}(g)^{T}, \qquad
+    κ_λ = A_λ κ_0 + (A_λ - P)\, κ_1 .
 
-computed on the coefficients as one sparse matrix (see :mod:`eqzoo.kernels`) per step; everything
-else is precomputed when the layer is built. In eval mode the filter is cached until the weights,
+A_λ κ_0 alone spans the same kernels (the λ-twirl of the paper). κ_1, the *symmetry-breaking*
+part, is there for the optimiser: in A_λ κ_0 the non-equivariant part of κ_0 gets a gradient of
+the size of λ's distance from uniform, and an adaptive optimiser cannot scale it up, because the
+same coordinates carry the equivariant part's far larger gradient. As a parameter of its own,
+κ_1 (``weight_breaking``, only where λ is learnable, starting at 0) learns at the optimiser's
+pace, and λ still decides how much of it the filter gets (none at uniform λ).
+
+Each twirl is one sparse matrix (see :mod:`eqzoo.kernels`) per step; everything else is
+precomputed when the layer is built. In eval mode the filter is cached until the weights,
 λ, the device or the dtype change.
 """
 from __future__ import annotations
@@ -244,6 +254,10 @@ class _Twirled(nn.Module):
         # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
         # has no spatial layout, so channels_last conversions leave it alone.
         self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type), **dd))
+        if likelihood.learnable:  # κ_1 of the module docstring; a frozen λ gives A_λ κ_0 only
+            self.weight_breaking = nn.Parameter(torch.empty_like(self.weight))
+        else:
+            self.register_parameter("weight_breaking", None)
         if bias and ops.invariant_out.shape[1] > 0:
             self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1], **dd))
         else:
@@ -262,6 +276,8 @@ class _Twirled(nn.Module):
         self._cache = None
         if self.bias is not None:
             self.bias.zero_()
+        if self.weight_breaking is not None:
+            self.weight_breaking.zero_()
         if self.weight.is_meta:  # no values to scale: to_empty() then reset_parameters() will
             return
         nn.init.normal_(self.weight)
@@ -276,15 +292,22 @@ class _Twirled(nn.Module):
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
         self.weight.copy_(self.twirled_coefficients(uniform))  # the twirl at uniform λ: an orthogonal projection
 
-    def twirled_coefficients(self, q: torch.Tensor | None = None, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``
-        (default: λ's), in the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot
-        ``q`` at element g gives g's action on the coefficients, an orthogonal map."""
+    def twirled_coefficients(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``, in
+        the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot ``q`` at element g
+        gives g's action on the coefficients, an orthogonal map."""
         w = self.weight if w is None else w
-        q = self.likelihood.kernel_weights(self.n_rot) if q is None else q
         d = self._dims
         out = self._twirled(_HarmonicMatrix, q, w)  # [(a o), (b h i)]
         return out.view(d.d_out, w.shape[1], d.d_in, d.harmonics, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
+
+    def kernel_coefficients(self) -> torch.Tensor:
+        """The coefficients of the layer's filter κ_λ, in the weight's layout (with gradients)."""
+        q = self.likelihood.kernel_weights(self.n_rot)
+        c = self.twirled_coefficients(q)
+        if self.weight_breaking is not None:
+            c = c + self.twirled_coefficients(q - 1.0 / q.numel(), self.weight_breaking)
+        return c
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
@@ -307,14 +330,18 @@ class _Twirled(nn.Module):
     def _coefficients_and_bias(self, layout=_PixelFilter):
         """The twirled coefficients in ``layout`` (see :meth:`_twirled`) and the bias, in full precision."""
         with autocast_off(self.weight.device):
-            return self._twirled(layout, self.likelihood.kernel_weights(self.n_rot)), self._expanded_bias()
+            q = self.likelihood.kernel_weights(self.n_rot)
+            out = self._twirled(layout, q)
+            if self.weight_breaking is not None:
+                out = out + self._twirled(layout, q - 1.0 / q.numel(), self.weight_breaking)
+            return out, self._expanded_bias()
 
     def filter_and_bias(self):
         """The current filter and bias as plain tensors (recomputed, with gradients)."""
         return self._coefficients_and_bias(_PixelFilter)
 
     def _cache_key(self):
-        ts = [self.weight, self.likelihood.coefficients] + ([self.bias] if self.bias is not None else [])
+        ts = [t for t in (self.weight, self.weight_breaking, self.likelihood.coefficients, self.bias) if t is not None]
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in ts)
 
     def _current(self):
@@ -325,7 +352,8 @@ class _Twirled(nn.Module):
             with _tracing_paused():
                 return self._cached()
         needs_grad = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (self.weight, self.bias, self.likelihood.coefficients) if p is not None)
+            p.requires_grad for p in (self.weight, self.weight_breaking, self.bias, self.likelihood.coefficients)
+            if p is not None)
         if self.training or needs_grad or torch.compiler.is_compiling() or self.weight.is_meta:
             self._cache = None
             return self.filter_and_bias()
@@ -355,6 +383,13 @@ class _Twirled(nn.Module):
             raise RuntimeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the weights' "
                                f"{self.weight.dtype}{hint}; cast the input (x.to({self.weight.dtype})) or the "
                                "model (model.to(dtype)), or run under torch.autocast")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # saved before κ_1 existed: that filter is A_λ κ_0, i.e. κ_1 = 0
+        key = prefix + "weight_breaking"
+        if self.weight_breaking is not None and key not in state_dict and prefix + "weight" in state_dict:
+            state_dict[key] = torch.zeros_like(self.weight_breaking)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
