@@ -83,6 +83,14 @@ def main(argv=None) -> int:
     else:
         print("-> on this run λ did not keep more mass on the rotations than on the reflections")
 
+    kernels = eqzoo.kernel_invariance(model)
+    print("\n## The symmetry each layer's filter kept (read off the filter itself)\n")
+    print("| layer | closest subgroup | invariance to the rotations | to the reflections |")
+    print("|---|---|---|---|")
+    for name, k in kernels.items():
+        sc = list(k["scores"].values())
+        print(f"| {name} | {k['closest_subgroup']} | {min(sc[1:4]):.3f} | {min(sc[4:]):.3f} |")
+
     head = eqzoo.head_invariance(model)
     print("\n## What the plain head learnt\n")
     print("invariance of the classifier to each element (1 = the logits ignore it): "

@@ -588,13 +588,14 @@ def test_field_batch_norm_follows_torch_batch_norm(spec):
 
 
 def test_symmetry_breaking_part():
-    """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 exists only where λ is learnable, starts at 0, has no
-    effect at uniform λ, gets its own gradient, and a state dict without it (saved before it
-    existed) loads as κ_1 = 0."""
+    """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 is a parameter where λ is learnable (a zero buffer where
+    it is frozen), starts at 0, has no effect at uniform λ, gets its own gradient, and a state
+    dict without it (saved before it existed) loads as κ_1 = 0."""
     torch.manual_seed(0)
     G = get_group("D4")
     ftype = G.field_type(2)
-    assert PEConv2d(ftype, ftype, 3, likelihood=GroupLikelihood(G, learnable=False)).weight_breaking is None
+    strict = PEConv2d(ftype, ftype, 3, likelihood=GroupLikelihood(G, learnable=False))
+    assert "weight_breaking" in dict(strict.named_buffers()) and not strict._uses_breaking()
     conv = PEConv2d(ftype, ftype, 3, padding=1).double()
     assert conv.weight_breaking.shape == conv.weight.shape and float(conv.weight_breaking.abs().max()) == 0
     x = torch.randn(2, ftype.size, 9, 9, dtype=torch.float64)
@@ -614,3 +615,8 @@ def test_symmetry_breaking_part():
     with torch.no_grad():
         conv.weight_breaking.zero_()
         assert torch.allclose(fresh(x), conv(x), atol=1e-10)
+        # a learnt layer's state loaded into a frozen-λ layer is the same function
+        conv.weight_breaking.normal_()
+        frozen = PEConv2d(ftype, ftype, 3, padding=1, likelihood=GroupLikelihood(G, learnable=False)).double()
+        frozen.load_state_dict(conv.state_dict())
+        assert frozen._uses_breaking() and torch.allclose(frozen(x), conv(x), atol=1e-10)

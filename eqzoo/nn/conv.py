@@ -254,10 +254,15 @@ class _Twirled(nn.Module):
         # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
         # has no spatial layout, so channels_last conversions leave it alone.
         self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type), **dd))
-        if likelihood.learnable:  # κ_1 of the module docstring; a frozen λ gives A_λ κ_0 only
-            self.weight_breaking = nn.Parameter(torch.empty_like(self.weight))
+        # κ_1 of the module docstring: a parameter where λ learns; a buffer (zero unless loaded)
+        # where it is frozen, so that strict and learnt models have the same state_dict and a
+        # learnt checkpoint loads into a frozen-λ model as the same function
+        breaking = torch.empty_like(self.weight)
+        if likelihood.learnable:
+            self.weight_breaking = nn.Parameter(breaking)
         else:
-            self.register_parameter("weight_breaking", None)
+            self.register_buffer("weight_breaking", breaking)
+        self._breaking_state = None  # (version key, κ_1 is non-zero): see _uses_breaking
         if bias and ops.invariant_out.shape[1] > 0:
             self.bias = nn.Parameter(torch.zeros(len(out_type), ops.invariant_out.shape[1], **dd))
         else:
@@ -276,8 +281,7 @@ class _Twirled(nn.Module):
         self._cache = None
         if self.bias is not None:
             self.bias.zero_()
-        if self.weight_breaking is not None:
-            self.weight_breaking.zero_()
+        self.weight_breaking.zero_()
         if self.weight.is_meta:  # no values to scale: to_empty() then reset_parameters() will
             return
         nn.init.normal_(self.weight)
@@ -305,9 +309,21 @@ class _Twirled(nn.Module):
         """The coefficients of the layer's filter κ_λ, in the weight's layout (with gradients)."""
         q = self.likelihood.kernel_weights(self.n_rot)
         c = self.twirled_coefficients(q)
-        if self.weight_breaking is not None:
+        if self._uses_breaking():
             c = c + self.twirled_coefficients(q - 1.0 / q.numel(), self.weight_breaking)
         return c
+
+    def _uses_breaking(self) -> bool:
+        """Whether the filter needs the κ_1 term: always where it is trained; where it is a buffer
+        (frozen λ) only if it is non-zero, checked once per change, so that a strict layer pays
+        for one twirl, not two."""
+        b = self.weight_breaking
+        if isinstance(b, nn.Parameter) or b.is_meta or torch.compiler.is_compiling():
+            return True
+        key = (b.data_ptr(), b._version, b.device)
+        if self._breaking_state is None or self._breaking_state[0] != key:
+            self._breaking_state = (key, bool(b.any()))
+        return self._breaking_state[1]
 
     def _constants(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> _Constants:
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
@@ -332,7 +348,7 @@ class _Twirled(nn.Module):
         with autocast_off(self.weight.device):
             q = self.likelihood.kernel_weights(self.n_rot)
             out = self._twirled(layout, q)
-            if self.weight_breaking is not None:
+            if self._uses_breaking():
                 out = out + self._twirled(layout, q - 1.0 / q.numel(), self.weight_breaking)
             return out, self._expanded_bias()
 
@@ -387,7 +403,7 @@ class _Twirled(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # saved before κ_1 existed: that filter is A_λ κ_0, i.e. κ_1 = 0
         key = prefix + "weight_breaking"
-        if self.weight_breaking is not None and key not in state_dict and prefix + "weight" in state_dict:
+        if key not in state_dict and prefix + "weight" in state_dict:
             state_dict[key] = torch.zeros_like(self.weight_breaking)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
