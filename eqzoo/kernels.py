@@ -137,8 +137,19 @@ class RingHarmonics:
 #       carry (half their count): the filters span every k x k kernel, so a model over C1 (or with
 #       λ at the identity) has exactly a plain CNN's function class, at the price of aliasing
 #       under rotations that do not map the pixel grid to itself.
-BASES = ("antialiased", "complete")
+#   "auto" (the default): "complete" for the groups whose every element maps the pixel grid to
+#       itself (C1, C2, C4, D1, D2, D4), where it costs no equivariance, else "antialiased".
+BASES = ("auto", "antialiased", "complete")
 _COMPLETE_SIGMA = 0.4  # ring width in pixels: narrow enough to tell neighbouring radii apart
+
+
+def resolved_basis(basis: str, group) -> str:
+    """The basis ``"auto"`` stands for over ``group`` (a :class:`~eqzoo.groups.Group`); others as given."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    if basis != "auto":
+        return basis
+    return "complete" if group.is_finite and group.n_rot in (1, 2, 4) else "antialiased"
 
 
 @functools.lru_cache(maxsize=None)

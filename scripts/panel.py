@@ -26,11 +26,12 @@ said otherwise):
 
 Models (ResNet-18 layout with one block per stage, widths 64-64-128-128, i.e. 8-8-16-16 regular
 D4 fields): ``cnn`` = timm's ``resnet18`` at these widths, ``strict`` = ``pe_resnet18`` with
-``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults. The
-ablations: ``learnt_complete`` (``basis="complete"``), and on the single-digit sets ``learnt_head``
-(the invariant-at-init ``head="learnt"``), ``learnt_o2`` (λ over O(2), 5 fields of 14 channels
-per 64) and ``strict_c4`` (strictly C4-invariant, 16 regular C4 fields per 64 channels: the fixed
-choice that matches the rotated sets), the measurements behind the defaults.
+``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults (for D4
+the complete basis). The ablations: ``learnt_antialiased`` (``basis="antialiased"``), and on the
+single-digit sets ``learnt_head`` (the invariant-at-init ``head="learnt"``, antialiased basis),
+``learnt_o2`` (λ over O(2), 5 fields of 14 channels per 64) and ``strict_c4`` (strictly
+C4-invariant, 16 regular C4 fields per 64 channels: the fixed choice that matches the rotated
+sets), the measurements behind the defaults.
 """
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ MODELS = {
     "cnn": dict(model="resnet18", model_args=dict(ARCH)),
     "strict": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False)),
     "learnt": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4")),
-    "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt")),
-    "learnt_complete": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", basis="complete")),
+    "learnt_antialiased": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", basis="antialiased")),
+    "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt", basis="antialiased")),
     "learnt_o2": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2")),
     "strict_c4": dict(model="pe_resnet18", model_args=dict(ARCH, group="C4", learn_likelihood=False)),
 }

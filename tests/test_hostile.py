@@ -78,7 +78,7 @@ def _load(folder, **kwargs):
     (dict(drop_rate=2), r"drop_rate must be a number in \[0, 1\], got 2"),
     (dict(drop_path_rate="x"), r"drop_path_rate must be a number in \[0, 1\]"),
     (dict(bandlimit=1.5), r"bandlimit must be an int \(or null\), got 1.5"),
-    (dict(basis="fourier"), r"basis must be one of \('antialiased', 'complete'\)"),
+    (dict(basis="fourier"), r"basis must be one of \('auto', 'antialiased', 'complete'\)"),
     (dict(output_stride=16), r"output_stride 16 is not supported by pe models.*dilat"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
@@ -577,3 +577,17 @@ def test_files_get_the_users_umask(small, tmp_path, umask):
     assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}
     dirs = [folder] + [p for p in folder.rglob("*") if p.is_dir()]
     assert {oct(p.stat().st_mode & 0o777) for p in dirs} == {oct(0o777 & ~umask)}
+
+
+def test_saves_from_before_the_auto_basis_load_antialiased(tmp_path):
+    """A config.json without "basis" (saved when the default was the antialiased basis and only
+    given arguments were recorded) loads with that basis: the same function, no fingerprint error."""
+    torch.manual_seed(0)
+    old = trained_looking(timm.create_model("pe_resnet18", basis="antialiased", **SMALL)).eval()
+    folder = hub.save_pretrained(old, tmp_path / "old", plot=False)
+    _edit_config(folder, lambda c: c["model_args"].pop("basis"))
+    loaded = _load(folder).eval()
+    assert {m.basis for m in loaded.modules() if hasattr(m, "basis")} == {"antialiased"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), old(x))

@@ -416,3 +416,12 @@ def test_the_models_never_import_the_hub():
             modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
                 [a.name for a in node.names] if isinstance(node, ast.Import) else []
             assert not any("hub" in m.split(".") for m in modules), f"{path.name} imports {modules}"
+
+
+@pytest.mark.parametrize("group, basis", [("D4", "complete"), ("C4", "complete"), ("D1", "complete"),
+                                          ("D8", "antialiased"), ("O2", "antialiased")])
+def test_auto_basis(group, basis):
+    """basis="auto": complete where every group element maps the pixel grid to itself."""
+    model = timm.create_model("pe_resnet18", group=group, layers=[1, 1, 1, 1], num_classes=2)
+    assert {m.basis for m in model.modules() if isinstance(m, PEConv2d)} == {basis}
+    assert model.model_args["basis"] == "auto"

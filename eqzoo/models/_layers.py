@@ -103,7 +103,7 @@ class FieldLayers:
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
-                 basis: str = "antialiased", device=None, dtype=None):
+                 basis: str = "auto", device=None, dtype=None):
         for name, value in dict(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
                                 out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
                                 share_likelihood=share_likelihood, head=head, basis=basis).items():

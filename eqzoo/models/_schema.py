@@ -216,6 +216,10 @@ def load_config_file(path: str | os.PathLike) -> dict:
     for key in ("model_args", "pretrained_cfg"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise HubConfigError(f"{path}: '{key}' must be a JSON object, got {type(cfg[key]).__name__}")
+    if is_pe_architecture(cfg["architecture"]):
+        # saves from before basis="auto" was the default recorded only the arguments given, and
+        # their default basis was "antialiased"
+        cfg.setdefault("model_args", {}).setdefault("basis", "antialiased")
     return cfg
 
 

@@ -171,8 +171,10 @@ class PEResNet(ResNet):
             (a PELinear to trivial logits with a learnt λ), ``"invariant"`` (the same, λ frozen
             uniform) or ``"auto"`` (default: ``"plain"`` for learnt likelihoods, ``"invariant"``
             for the strict model).
-        basis: the convolutions' kernel basis: ``"antialiased"`` (escnn's, default) or
-            ``"complete"`` (every k x k kernel); see :data:`eqzoo.kernels.BASES`.
+        basis: the convolutions' kernel basis: ``"auto"`` (default: ``"complete"``, every k x k
+            kernel, for the groups that act exactly on the pixel grid, C1, C2, C4, D1, D2, D4;
+            else ``"antialiased"``, escnn's), ``"antialiased"`` or ``"complete"``; see
+            :data:`eqzoo.kernels.BASES`.
         counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
         device, dtype: factory kwargs, as timm's models take them (``device='meta'`` builds without
             memory; then ``to_empty()`` and :meth:`init_weights`, or ``load_state_dict``).
@@ -200,7 +202,7 @@ class PEResNet(ResNet):
             share_likelihood: str = "layer",
             learn_likelihood: bool = True,
             head: str = "auto",
-            basis: str = "antialiased",
+            basis: str = "auto",
             counterpart: Optional[str] = None,
             device=None,
             dtype=None,

@@ -250,7 +250,7 @@ class PEWideResNet(WideResNet):
                  block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None,
                  group: str = "D4", bandlimit: Optional[int] = None, out_bandlimit: Optional[int] = -1,
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
-                 learn_likelihood: bool = True, head: str = "auto", basis: str = "antialiased",
+                 learn_likelihood: bool = True, head: str = "auto", basis: str = "auto",
                  device=None, dtype=None):
         factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         factory.check_pool(global_pool)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..groups import group_of
-from ..kernels import TwirlOperators, quadrature_size, ring_harmonics, twirl_operators
+from ..kernels import TwirlOperators, quadrature_size, resolved_basis, ring_harmonics, twirl_operators
 from ..likelihood import GroupLikelihood, autocast_enabled, autocast_off
 from .fields import single_repr
 
@@ -220,7 +220,7 @@ class _Twirled(nn.Module):
     """Shared machinery of PEConv2d and PELinear: parameters, twirl, eval cache, export."""
 
     def __init__(self, in_type, out_type, kernel_size: int, dilation: int, bias: bool,
-                 likelihood: GroupLikelihood | None, basis: str = "antialiased", device=None, dtype=None):
+                 likelihood: GroupLikelihood | None, basis: str = "auto", device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         rep_in, rep_out = single_repr(in_type, "in_type"), single_repr(out_type, "out_type")
@@ -238,7 +238,7 @@ class _Twirled(nn.Module):
         self.in_type, self.out_type = in_type, out_type
         self.in_channels, self.out_channels = in_type.size, out_type.size
         self.kernel_size, self.dilation = kernel_size, dilation
-        self.basis = basis
+        self.basis = basis = resolved_basis(basis, self.group)
         # the operators are host-side constants (numpy, and escnn's torch code for the rings): built
         # on the CPU whatever device context the layer is built under, e.g. torch.device('meta')
         with torch.device("cpu"):
@@ -431,13 +431,14 @@ class PEConv2d(_Twirled):
         likelihood: the :class:`~eqzoo.GroupLikelihood` to use (shared by passing the same object),
             or ``None`` for a fresh one owned by this layer. A frozen uniform likelihood
             (``learnable=False``) gives the strict steerable convolution.
-        basis: ``"antialiased"`` (escnn's smooth ring harmonics) or ``"complete"`` (spans every
-            k x k kernel); see :data:`eqzoo.kernels.BASES`.
+        basis: ``"auto"`` (default: ``"complete"`` for C1, C2, C4, D1, D2, D4, else
+            ``"antialiased"``), ``"antialiased"`` (escnn's smooth ring harmonics) or ``"complete"``
+            (spans every k x k kernel); see :data:`eqzoo.kernels.BASES`.
     """
 
     def __init__(self, in_type, out_type, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, bias: bool = True, likelihood: GroupLikelihood | None = None,
-                 basis: str = "antialiased", device=None, dtype=None):
+                 basis: str = "auto", device=None, dtype=None):
         if not isinstance(kernel_size, int) or kernel_size < 1:
             raise ValueError(f"kernel_size must be a positive int, got {kernel_size!r}")
         super().__init__(in_type, out_type, kernel_size, dilation, bias, likelihood, basis,
