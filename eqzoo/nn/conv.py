@@ -275,9 +275,10 @@ class _Twirled(nn.Module):
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy), with
         κ_0 itself equivariant: its non-equivariant part starts at 0 and grows only where the
         data asks for it. Then the twirl gives κ_0 for any λ, so the layer starts exactly
-        equivariant even though a learnable λ starts off uniform (see
+        equivariant even though a learnable λ starts peaked at the identity (see
         :data:`eqzoo.likelihood.INIT_PEAK`); with a random non-equivariant part, λ's gradient
-        would be a random projection of it, and λ would drift towards arbitrary subgroups."""
+        would be a random projection of it, and λ would drift towards arbitrary subgroups. κ_1
+        starts at 0."""
         self._cache = None
         if self.bias is not None:
             self.bias.zero_()
@@ -301,17 +302,25 @@ class _Twirled(nn.Module):
         the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot ``q`` at element g
         gives g's action on the coefficients, an orthogonal map."""
         w = self.weight if w is None else w
-        d = self._dims
-        out = self._twirled(_HarmonicMatrix, q, w)  # [(a o), (b h i)]
-        return out.view(d.d_out, w.shape[1], d.d_in, d.harmonics, w.shape[2]).permute(0, 2, 3, 1, 4).reshape(w.shape)
+        return self._as_rows(self._twirled(_HarmonicMatrix, q, w), *w.shape[1:])
 
     def kernel_coefficients(self) -> torch.Tensor:
         """The coefficients of the layer's filter κ_λ, in the weight's layout (with gradients)."""
+        return self._as_rows(self._filter(_HarmonicMatrix), self._dims.fields_out, self._dims.fields_in)
+
+    def _as_rows(self, matrix: torch.Tensor, fields_out: int, fields_in: int) -> torch.Tensor:
+        """A :class:`_HarmonicMatrix` ``[(a o), (b h i)]`` back in the weight's layout."""
+        d = self._dims
+        out = matrix.view(d.d_out, fields_out, d.d_in, d.harmonics, fields_in)
+        return out.permute(0, 2, 3, 1, 4).reshape(d.rows, fields_out, fields_in)
+
+    def _filter(self, layout) -> torch.Tensor:
+        """κ_λ = A_λ κ_0 + (A_λ - P) κ_1 in ``layout`` (see :meth:`_twirled`)."""
         q = self.likelihood.kernel_weights(self.n_rot)
-        c = self.twirled_coefficients(q)
+        out = self._twirled(layout, q)
         if self._uses_breaking():
-            c = c + self.twirled_coefficients(q - 1.0 / q.numel(), self.weight_breaking)
-        return c
+            out = out + self._twirled(layout, q - 1.0 / q.numel(), self.weight_breaking)
+        return out
 
     def _uses_breaking(self) -> bool:
         """Whether the filter needs the κ_1 term: always where it is trained; where it is a buffer
@@ -346,11 +355,7 @@ class _Twirled(nn.Module):
     def _coefficients_and_bias(self, layout=_PixelFilter):
         """The twirled coefficients in ``layout`` (see :meth:`_twirled`) and the bias, in full precision."""
         with autocast_off(self.weight.device):
-            q = self.likelihood.kernel_weights(self.n_rot)
-            out = self._twirled(layout, q)
-            if self._uses_breaking():
-                out = out + self._twirled(layout, q - 1.0 / q.numel(), self.weight_breaking)
-            return out, self._expanded_bias()
+            return self._filter(layout), self._expanded_bias()
 
     def filter_and_bias(self):
         """The current filter and bias as plain tensors (recomputed, with gradients)."""
