@@ -123,6 +123,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FAMILIES = {
     "resnet18": dict(size=64, rows=[
         ("pe_resnet18 D4", "pe", dict(model="pe_resnet18", group="D4")),
+        ("pe_resnet18 D4 antialiased", "pe", dict(model="pe_resnet18", group="D4", basis="antialiased")),
         ("pe_resnet18 D8", "pe", dict(model="pe_resnet18", group="D8")),
         ("pe_resnet18 O2", "pe", dict(model="pe_resnet18", group="O2")),
         ("pe_resnet18 D4 strict", "pe", dict(model="pe_resnet18", group="D4", learn_likelihood=False)),

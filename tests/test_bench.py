@@ -14,7 +14,7 @@ def test_device_bench_runs_on_cpu():
                           "--batch", "2", "--size", "32", "--repeats", "1"],
                          check=True, capture_output=True, text=True, timeout=300).stdout
     rows = [line for line in out.splitlines() if line.startswith("| pe_") or line.startswith("| timm")]
-    assert len(rows) == 6, out
+    assert len(rows) == 7, out
     assert rows[-1].startswith("| timm resnet18 |") and "| 1.00x |" in rows[-1]
     for row in rows:
         train_ips = float(row.split("|")[2])
