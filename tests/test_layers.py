@@ -438,14 +438,14 @@ def test_bad_input_gives_clear_errors():
         PEConv2d(G.field_type(1), G.field_type(1), 0)
 
 
-def _dense_twirl_filter(conv, q):
+def _dense_twirl_filter(conv, q, weight=None):
     """The twirl written out from its definition, one dense term per grid element:
     W'_k = Σ_g q_g Σ_h T(g)_hk ρ_out(g) W_h ρ_in(g)ᵀ, then the filter Σ_k W'_k ψ_k."""
     G = conv.group
     ops = twirl_operators(G, conv.in_type.representations[0], conv.out_type.representations[0],
                           conv.kernel_size, conv.dilation, conv.n_rot, conv.basis)
     T, r_in, r_out, basis = (torch.tensor(a) for a in (ops.harmonic_action, ops.rho_in, ops.rho_out, ops.basis))
-    w = conv.weight.view(conv._dims.shape)  # [c, e, h, o, i]
+    w = (conv.weight if weight is None else weight).view(conv._dims.shape)  # [c, e, h, o, i]
     twirled = torch.einsum("g,ghk,gac,gbe,cehoi->oaibk", q, T, r_out, r_in, w)
     filt = torch.einsum("oaibk,kxy->oaibxy", twirled, basis)
     return filt.reshape(conv.out_channels, conv.in_channels, conv.kernel_size, conv.kernel_size)
@@ -453,7 +453,8 @@ def _dense_twirl_filter(conv, q):
 
 @pytest.mark.parametrize("spec", ["D4", "C4", "D8", "D1", "O2", "SO2"])
 def test_sparse_twirl_equals_the_dense_sum(spec):
-    """The layer's sparse twirl equals the twirl's definition, for a random λ; gradients too."""
+    """The layer's sparse twirl equals the twirl's definition, κ_λ = A_λ κ_0 + (A_λ - P) κ_1, for
+    a random λ and random κ_0, κ_1; gradients too."""
     torch.manual_seed(0)
     G = get_group(spec)
     fin = G.field_type(2, None if G.is_finite else 2)
@@ -461,14 +462,21 @@ def test_sparse_twirl_equals_the_dense_sum(spec):
     conv = PEConv2d(fin, fout, 3).double()
     with torch.no_grad():
         conv.likelihood.coefficients.normal_()
+        conv.weight.normal_()
+        conv.weight_breaking.normal_()
+
+    def dense():
+        q = conv.likelihood.kernel_weights(conv.n_rot)
+        return _dense_twirl_filter(conv, q) + _dense_twirl_filter(conv, q - 1 / q.numel(), conv.weight_breaking)
+
     probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
     results = []
-    for filter_of in (lambda: conv.filter_and_bias()[0],
-                      lambda: _dense_twirl_filter(conv, conv.likelihood.kernel_weights(conv.n_rot))):
+    for filter_of in (lambda: conv.filter_and_bias()[0], dense):
         conv.zero_grad()
         filt = filter_of()
         (filt * probe).sum().backward()
-        results.append((filt.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
+        results.append((filt.detach(), conv.weight.grad.clone(), conv.weight_breaking.grad.clone(),
+                        conv.likelihood.coefficients.grad.clone()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-12), float((a - b).abs().max())
 

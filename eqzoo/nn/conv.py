@@ -100,50 +100,60 @@ class _HarmonicMatrix:
 
 
 class _TwirledCoefficients(torch.autograd.Function):
-    r"""The twirled coefficients ``A(q) W`` of a layer, handed over in the layout the convolution
-    consumes (a :class:`_PixelFilter` or a :class:`_HarmonicMatrix`).
+    r"""The sum of twirled coefficients ``Σ_j A(q_j) W_j`` of a layer (one term for a strict layer,
+    two for κ_λ), handed over in the layout the convolution consumes (a :class:`_PixelFilter` or a
+    :class:`_HarmonicMatrix`).
 
-    ``W`` is ``[R, F_o, F_i]``: the R coefficients (a, b, h) of a field pair (rows) for the
+    Each ``W_j`` is ``[R, F_o, F_i]``: the R coefficients (a, b, h) of a field pair (rows) for the
     N = F_o * F_i field pairs (o, i) (columns), so every product moves whole contiguous rows. The
     twirl's values are ``vals = q @ values`` (A's then Aᵀ's), and row r of ``A W`` is
-    ``Σ_k vals[r, k] W[cols[r, k]]``: an ``embedding_bag`` sum with per-sample weights.
+    ``Σ_k vals[r, k] W[cols[r, k]]``: an ``embedding_bag`` sum with per-sample weights. The terms
+    are summed as rows, so the layout's conversion (for the pixel filter, a matmul with the
+    harmonic basis and a permutation) runs once per layer, whatever the number of terms.
 
     One autograd node per layer instead of some thirty views, slices and products: per step their
-    bookkeeping cost more than the gathers. Backward takes the gradient back to rows (the layout's
-    ``to_rows``), gathers ``dW = Aᵀ dout`` (Aᵀ is as sparse as A; autograd's own backward would
-    scatter-add), and takes the λ gradient from the row-wise dot products
-    ``dvals[r, k] = ⟨dout[r], W[cols[r, k]]⟩`` (the bags of ``cols``, ``offsets`` and ``offset2bag``
-    of :class:`_Constants`, describe them for that).
+    bookkeeping cost more than the gathers. Backward takes the gradient back to rows once (the
+    layout's ``to_rows``), gathers ``dW_j = A(q_j)ᵀ dout`` (Aᵀ is as sparse as A; autograd's own
+    backward would scatter-add), and takes q_j's gradient from the row-wise dot products
+    ``dvals[r, k] = ⟨dout[r], W_j[cols[r, k]]⟩`` (the bags of ``cols``, ``offsets`` and
+    ``offset2bag`` of :class:`_Constants`, describe them for that).
     """
 
     @staticmethod
-    def forward(ctx, W: torch.Tensor, q: torch.Tensor, c: "_Constants", layout: "_PixelFilter | _HarmonicMatrix"):
-        R, N = W.shape[0], layout.dims.pairs
-        W = W.reshape(R, N)
-        if N % _ROW_ALIGN:  # O(2)'s odd field counts: pad, see _ROW_ALIGN
-            W = F.pad(W, (0, _padded(N) - N))
-        vals = q @ c.values
-        n = c.cols.numel()
-        ctx.save_for_backward(W, vals[n:].view(c.rows_t.shape))
+    def forward(ctx, c: "_Constants", layout: "_PixelFilter | _HarmonicMatrix", *terms: torch.Tensor):
+        N, n = layout.dims.pairs, c.cols.numel()
+        rows, saved = None, []
+        for W, q in zip(terms[::2], terms[1::2]):  # W_0, q_0, W_1, q_1, ...
+            W = W.reshape(W.shape[0], N)
+            if N % _ROW_ALIGN:  # O(2)'s odd field counts: pad, see _ROW_ALIGN
+                W = F.pad(W, (0, _padded(N) - N))
+            vals = q @ c.values
+            saved += [W, vals[n:].view(c.rows_t.shape)]
+            term = F.embedding_bag(c.cols, W, per_sample_weights=vals[:n].view(c.cols.shape), mode="sum")
+            rows = term if rows is None else rows.add_(term)
+        ctx.save_for_backward(*saved)
         ctx.constants, ctx.layout = c, layout
-        rows = F.embedding_bag(c.cols, W, per_sample_weights=vals[:n].view(c.cols.shape), mode="sum")
         return layout.from_rows(rows, c.basis)
 
     @staticmethod
     @once_differentiable  # a clear error for double backward, which the gathers don't support
     def backward(ctx, grad):
-        W, vals_t = ctx.saved_tensors
+        saved = ctx.saved_tensors
         c, layout = ctx.constants, ctx.layout
-        dout = layout.to_rows(grad, c.basis, W.shape[1])
-        dW = dq = None
-        if ctx.needs_input_grad[0]:
-            dW = F.embedding_bag(c.rows_t, dout, per_sample_weights=vals_t, mode="sum")[:, :layout.dims.pairs]
-            dW = dW.reshape(W.shape[0], layout.dims.fields_out, layout.dims.fields_in)
-        if ctx.needs_input_grad[1]:
-            dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                dout, W, c.cols.view(-1), c.offsets, c.offset2bag, 0)
-            dq = c.values[:, :c.cols.numel()] @ dvals
-        return dW, dq, None, None
+        d = layout.dims
+        dout = layout.to_rows(grad, c.basis, saved[0].shape[1])
+        grads = [None, None]
+        for j, (W, vals_t) in enumerate(zip(saved[::2], saved[1::2])):
+            dW = dq = None
+            if ctx.needs_input_grad[2 + 2 * j]:
+                dW = F.embedding_bag(c.rows_t, dout, per_sample_weights=vals_t, mode="sum")[:, :d.pairs]
+                dW = dW.reshape(W.shape[0], d.fields_out, d.fields_in)
+            if ctx.needs_input_grad[3 + 2 * j]:
+                dvals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    dout, W, c.cols.view(-1), c.offsets, c.offset2bag, 0)
+                dq = c.values[:, :c.cols.numel()] @ dvals
+            grads += [dW, dq]
+        return tuple(grads)
 
 
 @contextlib.contextmanager
@@ -290,7 +300,7 @@ class _Twirled(nn.Module):
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._twirled(_PixelFilter, uniform, self.weight[:, :8, :8])
+        filt = self._twirled(_PixelFilter, (self.weight[:, :8, :8], uniform))
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
@@ -302,7 +312,7 @@ class _Twirled(nn.Module):
         the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot ``q`` at element g
         gives g's action on the coefficients, an orthogonal map."""
         w = self.weight if w is None else w
-        return self._as_rows(self._twirled(_HarmonicMatrix, q, w), *w.shape[1:])
+        return self._as_rows(self._twirled(_HarmonicMatrix, (w, q)), *w.shape[1:])
 
     def kernel_coefficients(self) -> torch.Tensor:
         """The coefficients of the layer's filter κ_λ, in the weight's layout (with gradients)."""
@@ -317,10 +327,10 @@ class _Twirled(nn.Module):
     def _filter(self, layout) -> torch.Tensor:
         """κ_λ = A_λ κ_0 + (A_λ - P) κ_1 in ``layout`` (see :meth:`_twirled`)."""
         q = self.likelihood.kernel_weights(self.n_rot)
-        out = self._twirled(layout, q)
+        terms = [(self.weight, q)]
         if self._uses_breaking():
-            out = out + self._twirled(layout, q - 1.0 / q.numel(), self.weight_breaking)
-        return out
+            terms.append((self.weight_breaking, q - 1.0 / q.numel()))
+        return self._twirled(layout, *terms)
 
     def _uses_breaking(self) -> bool:
         """Whether the filter needs the κ_1 term: always where it is trained; where it is a buffer
@@ -338,14 +348,15 @@ class _Twirled(nn.Module):
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
         return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
-    def _twirled(self, layout, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The coefficients ``w`` [d_out * d_in * H, F_out, F_in] (default: the layer's weight)
-        twirled with quadrature weights q [m], in ``layout``: :class:`_PixelFilter` gives the
-        filter [C_out, C_in, k, k], :class:`_HarmonicMatrix` the matrix [(out component, out
-        field), (in component, harmonic, in field)]."""
-        w = self.weight if w is None else w
+    def _twirled(self, layout, *terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``Σ A(q) w`` over the ``(w, q)`` terms: coefficients w [d_out * d_in * H, F_out, F_in]
+        (all of one shape) twirled with quadrature weights q [m], in ``layout``:
+        :class:`_PixelFilter` gives the filter [C_out, C_in, k, k], :class:`_HarmonicMatrix` the
+        matrix [(out component, out field), (in component, harmonic, in field)]."""
+        w = terms[0][0]
         dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
-        return _TwirledCoefficients.apply(w, q.to(w.dtype), self._constants(w.dtype), layout(dims))
+        flat = [t for w, q in terms for t in (w, q.to(w.dtype))]
+        return _TwirledCoefficients.apply(self._constants(w.dtype), layout(dims), *flat)
 
     def _expanded_bias(self):
         if self.bias is None:
