@@ -3,6 +3,7 @@ repeats, and only ratios measured in the same run are meaningful.
 
     python scripts/bench.py layers     # PEConv2d vs escnn R2Conv vs nn.Conv2d, build times
     python scripts/bench.py models     # pe_resnet18 / pe_wrn16_8 vs timm / plain, model build times
+    python scripts/bench.py models --large   # the sizes people train at: 224x224, batch 16
     python scripts/bench.py device     # pe_resnet18 vs timm on a GPU: bf16, batch 128 at 224x224
 """
 from __future__ import annotations
@@ -138,6 +139,23 @@ MODEL_FAMILIES = {
     ]),
 }
 
+# the sizes people train at, on the CPU: pe_resnet18 and pe_resnet50 at 224x224 (batch 16)
+LARGE_FAMILIES = {
+    "resnet18": dict(size=224, rows=[
+        ("pe_resnet18 D4", "pe", dict(model="pe_resnet18", group="D4")),
+        ("pe_resnet18 D4 strict", "pe", dict(model="pe_resnet18", group="D4", learn_likelihood=False)),
+        ("pe_resnet18 D8", "pe", dict(model="pe_resnet18", group="D8")),
+        ("pe_resnet18 O2", "pe", dict(model="pe_resnet18", group="O2")),
+        ("pe_resnet18 SO2", "pe", dict(model="pe_resnet18", group="SO2")),
+        ("timm resnet18", "timm", dict(model="resnet18")),
+    ]),
+    "resnet50": dict(size=224, rows=[
+        ("pe_resnet50 D4", "pe", dict(model="pe_resnet50", group="D4")),
+        ("pe_resnet50 O2", "pe", dict(model="pe_resnet50", group="O2")),
+        ("timm resnet50", "timm", dict(model="resnet50")),
+    ]),
+}
+
 
 def _make_model(kind: str, kwargs: dict, num_classes: int = 10):
     import timm
@@ -183,21 +201,22 @@ def _training_peak_mib(kind, kwargs, batch, size):
     return float(out[0])
 
 
-def bench_models(batch: int = 32, builds: bool = True) -> None:
+def bench_models(batch: int = 32, builds: bool = True, families: dict = MODEL_FAMILIES,
+                 repeats: int | None = None) -> None:
     """Throughput and training memory of the pe models next to their plain counterparts."""
     if ROOT not in sys.path:  # run as a script, the repository root is not importable otherwise
         sys.path.insert(0, ROOT)
     print(f"# models: batch {batch}, CPU, {torch.get_num_threads()} threads; images/s from the median of "
           "interleaved repeats; train peak = peak RSS of 2 training steps minus RSS before them "
           "(fresh process per model)")
-    for family, spec in MODEL_FAMILIES.items():
+    for family, spec in families.items():
         size = spec["size"]
         torch.manual_seed(0)
         models = {label: _make_model(kind, kw) for label, kind, kw in spec["rows"]}
         x = torch.randn(batch, 3, size, size)
-        repeats = 5 if family == "resnet18" else 3
-        tr = interleaved({k: train_step(m, x) for k, m in models.items()}, repeats=repeats, warmup=1)
-        ev = interleaved({k: eval_step(m, x) for k, m in models.items()}, repeats=repeats * 2, warmup=2)
+        n = repeats or (5 if family == "resnet18" else 3)
+        tr = interleaved({k: train_step(m, x) for k, m in models.items()}, repeats=n, warmup=1)
+        ev = interleaved({k: eval_step(m, x) for k, m in models.items()}, repeats=n * 2, warmup=2)
         mem = {label: _training_peak_mib(kind, kw, batch, size) for label, kind, kw in spec["rows"]}
         ref = spec["rows"][-1][0]
         print(f"\n## {family}, {size}x{size} (ratios vs {ref})")
@@ -306,19 +325,24 @@ def main(argv=None):
     p.add_argument("what", choices=["layers", "models", "device"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-builds", action="store_true", help="models: skip the build-time table")
+    p.add_argument("--large", action="store_true",
+                   help="models: pe_resnet18 (D4, D8, O2, SO2) and pe_resnet50 (D4, O2) at 224x224, batch 16 "
+                        "(default --batch 16 and no build table)")
     p.add_argument("--device", default="cuda", help="device: where to run (default cuda)")
-    p.add_argument("--batch", type=int, default=128, help="device: batch size (default 128)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: models 32, --large 16, device 128)")
     p.add_argument("--size", type=int, default=224, help="device: image size (default 224)")
-    p.add_argument("--repeats", type=int, default=10, help="device: timed repeats (default 10)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: models 5 or 3, device 10)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "layers":
         bench_layers()
+    elif args.what == "models" and args.large:
+        bench_models(args.batch or 16, builds=False, families=LARGE_FAMILIES, repeats=args.repeats)
     elif args.what == "models":
-        bench_models(builds=not args.no_builds)
+        bench_models(args.batch or 32, builds=not args.no_builds, repeats=args.repeats)
     else:
-        bench_device(args.device, args.batch, args.size, args.repeats)
+        bench_device(args.device, args.batch or 128, args.size, args.repeats or 10)
 
 
 if __name__ == "__main__":

@@ -65,11 +65,76 @@ MODELS = {
     "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt", basis="antialiased")),
     "learnt_o2": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2")),
     "strict_c4": dict(model="pe_resnet18", model_args=dict(ARCH, group="C4", learn_likelihood=False)),
+    "escnn_strict": dict(model="panel_escnn_resnet", model_args=dict(ARCH)),
 }
 SEEDS = (0, 1, 2)
 # the ablations run on the single-digit sets only (budget)
 SINGLE = ("upright", "c4", "so2", "d1")
-EXTRA = {"learnt_head": SINGLE, "learnt_o2": ("upright", "so2"), "strict_c4": ("c4", "so2")}
+EXTRA = {"learnt_head": SINGLE, "learnt_o2": ("upright", "so2"), "strict_c4": ("c4", "so2"),
+         "escnn_strict": ("upright", "c4", "so2")}
+
+
+def register_escnn_baseline() -> None:
+    """Register ``panel_escnn_resnet`` with timm: the strict D4 model's network (the same layout,
+    widths and invariant head) built from escnn's own modules, R2Conv with escnn's kernel basis and
+    initialisation, InnerBatchNorm, ReLU and PointwiseMaxPool, so that it trains with the same loop."""
+    import timm
+    import torch
+    from escnn import gspaces
+    from escnn import nn as enn
+    from timm.models import build_model_with_cfg, register_model
+
+    if "panel_escnn_resnet" in timm.list_models("panel_escnn_resnet"):
+        return
+
+    class Block(enn.EquivariantModule):
+        def __init__(self, in_type, out_type, stride):
+            super().__init__()
+            self.in_type, self.out_type = in_type, out_type
+            self.branch = enn.SequentialModule(
+                enn.R2Conv(in_type, out_type, 3, stride=stride, padding=1, bias=False),
+                enn.InnerBatchNorm(out_type), enn.ReLU(out_type),
+                enn.R2Conv(out_type, out_type, 3, padding=1, bias=False), enn.InnerBatchNorm(out_type))
+            self.shortcut = None
+            if stride != 1 or in_type != out_type:
+                self.shortcut = enn.SequentialModule(enn.R2Conv(in_type, out_type, 1, stride=stride, bias=False),
+                                                     enn.InnerBatchNorm(out_type))
+            self.act = enn.ReLU(out_type)
+
+        def forward(self, x):
+            skip = x if self.shortcut is None else self.shortcut(x)
+            return self.act(self.branch(x) + skip)
+
+        def evaluate_output_shape(self, input_shape):
+            return self.branch.evaluate_output_shape(input_shape)
+
+    class EscnnResNet(torch.nn.Module):
+        def __init__(self, num_classes=10, in_chans=1, layers=(1, 1, 1, 1), stem_width=64,
+                     channels=(64, 64, 128, 128)):
+            super().__init__()
+            gs = gspaces.flipRot2dOnR2(4)
+            fields = lambda c: enn.FieldType(gs, [gs.regular_repr] * (c // 8))
+            self.in_type = enn.FieldType(gs, [gs.trivial_repr] * in_chans)
+            t = fields(stem_width)
+            mods = [enn.R2Conv(self.in_type, t, 7, stride=2, padding=3, bias=False), enn.InnerBatchNorm(t),
+                    enn.ReLU(t), enn.PointwiseMaxPool2D(t, 3, 2, 1)]
+            for i, (c, n) in enumerate(zip(channels, layers)):
+                for j in range(n):
+                    mods.append(Block(t, fields(c), 2 if i > 0 and j == 0 else 1))
+                    t = fields(c)
+            self.body = enn.SequentialModule(*mods)
+            self.num_classes, self.num_features = num_classes, len(t)
+            # the strict model's invariant head: pooled fields averaged over their group components
+            self.fc = torch.nn.Linear(len(t), num_classes)
+
+        def forward(self, x):
+            y = self.body(enn.GeometricTensor(x, self.in_type)).tensor
+            y = y.mean((2, 3)).view(x.shape[0], self.num_features, 8).mean(2)
+            return self.fc(y)
+
+    @register_model
+    def panel_escnn_resnet(pretrained=False, **kwargs):
+        return build_model_with_cfg(EscnnResNet, "panel_escnn_resnet", pretrained, **kwargs)
 
 
 def run_config(data: str, model: str, seed: int, root: str, out: Path) -> dict:
@@ -96,6 +161,7 @@ def all_runs():
 def _train_one(cfg: dict) -> str:
     import eqzoo.train
 
+    register_escnn_baseline()
     run = Path(cfg["output"])
     resume = (run / "checkpoints" / "latest.json").is_file()
     eqzoo.train.train(cfg, resume=resume, overwrite=not resume)  # killed before its first checkpoint: start over
@@ -126,6 +192,7 @@ def _saved_model(run: Path):
     """The model a finished run saved (its best-on-validation weights), loaded once per report."""
     import timm
 
+    register_escnn_baseline()
     return timm.create_model(f"local-dir:{run / 'hub'}", pretrained=True)
 
 

@@ -26,3 +26,19 @@ def test_device_bench_without_cuda_says_so():
     res = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "device"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "no CUDA device" in res.stderr
+
+
+def test_large_model_rows_build_and_run(capsys):
+    """Every row of ``bench.py models --large`` builds and runs (here at 32x32, batch 2)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    small = {name: dict(spec, size=32) for name, spec in bench.LARGE_FAMILIES.items()}
+    bench.bench_models(batch=2, builds=False, families=small, repeats=1)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| pe_") or line.startswith("| timm")]
+    assert len(rows) == sum(len(spec["rows"]) for spec in small.values()), out
+    for spec in small.values():
+        assert any(r.startswith(f"| {spec['rows'][-1][0]} |") and "| 1.00x |" in r for r in rows)

@@ -596,6 +596,34 @@ def test_field_batch_norm_follows_torch_batch_norm(spec):
         FieldBatchNorm2d(ftype, momentum=2)
 
 
+@pytest.mark.parametrize("spec", ["D4", "O2"])
+def test_field_batch_norm_eval_is_its_definition(spec):
+    """In eval mode a field's invariant part is centred with the running mean, the whole field is
+    divided by sqrt(running var + eps), then scaled and shifted (shift on the invariant part only);
+    gradients reach the affine parameters (frozen-statistics fine-tuning)."""
+    torch.manual_seed(0)
+    ftype = get_group(spec).field_type(3)
+    bn = FieldBatchNorm2d(ftype).double()
+    with torch.no_grad():
+        for t in (bn.running_mean, bn.bias):
+            t.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 2.0)
+    bn.eval()
+    x = torch.randn(2, ftype.size, 4, 4, dtype=torch.float64)
+    # a permutation field keeps one mean per field, shared by its components; others keep the
+    # coordinates of the mean in the orthonormal basis E of the invariant vectors
+    E = torch.ones(bn.field_size, 1, dtype=torch.float64) if bn.permutation else bn._invariant.double()
+    xf = x.view(2, bn.num_fields, bn.field_size, 16)
+    centred = xf - (bn.running_mean @ E.T)[None, :, :, None]
+    want = centred / torch.sqrt(bn.running_var + bn.eps)[None, :, None, None] * bn.weight[None, :, None, None] \
+        + (bn.bias @ E.T)[None, :, :, None]
+    y = bn(x)
+    assert torch.allclose(y, want.view_as(x), atol=1e-12)
+    y.sum().backward()
+    assert bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0
+
+
 def test_symmetry_breaking_part():
     """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 is a parameter where λ is learnable (a zero buffer where
     it is frozen), starts at 0, has no effect at uniform λ, gets its own gradient, and a state

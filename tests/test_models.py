@@ -339,6 +339,21 @@ def test_heads_export_into_timm(head):
         assert rel_err(reference(x), model(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("head", ["invariant", "learnt"])
+def test_field_heads_start_with_logits_as_small_as_timms(head):
+    """A PELinear head starts with logits on the scale of timm's ``nn.Linear`` over the same pooled
+    features (an invariant head's filter adds the positive means of each field's components)."""
+    torch.manual_seed(0)
+    arch = dict(layers=[1, 1, 1, 1], channels=[64, 64, 128, 128], num_classes=10, in_chans=1)
+    x = torch.rand(32, 1, 33, 33)
+    model = timm.create_model("pe_resnet18", head=head, **arch).train()
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        plain = nn.Linear(feats.shape[1], 10)  # timm's fc, with its default init
+        ratio = float(model.fc(feats).std() / plain(feats).std())
+    assert 0.4 < ratio < 2.5, ratio
+
+
 def test_head_defaults():
     """``head="auto"``: a plain head for learnt-λ models, an invariant one for strict models, which
     stay invariant with it; a plain head lets a model tell a digit from its rotated copy at init."""

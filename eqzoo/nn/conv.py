@@ -282,22 +282,27 @@ class _Twirled(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy), with
-        κ_0 itself equivariant: its non-equivariant part starts at 0 and grows only where the
-        data asks for it. Then the twirl gives κ_0 for any λ, so the layer starts exactly
-        equivariant even though a learnable λ starts peaked at the identity (see
-        :data:`eqzoo.likelihood.INIT_PEAK`); with a random non-equivariant part, λ's gradient
-        would be a random projection of it, and λ would drift towards arbitrary subgroups. κ_1
-        starts at 0."""
+        """κ_0 starts equivariant (see :meth:`_init_weight` for its scale): its non-equivariant part
+        starts at 0 and grows only where the data asks for it. Then the twirl gives κ_0 for any λ,
+        so the layer starts exactly equivariant even though a learnable λ starts peaked at the
+        identity (see :data:`eqzoo.likelihood.INIT_PEAK`); with a random non-equivariant part,
+        λ's gradient would be a random projection of it, and λ would drift towards arbitrary
+        subgroups. κ_1 and the bias start at 0."""
         self._cache = None
         if self.bias is not None:
             self.bias.zero_()
         self.weight_breaking.zero_()
         if self.weight.is_meta:  # no values to scale: to_empty() then reset_parameters() will
             return
-        nn.init.normal_(self.weight)
         m = self._ops.sparse.values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
+        self._init_weight(uniform)
+        self.weight.copy_(self.twirled_coefficients(uniform))  # the twirl at uniform λ: an orthogonal projection
+
+    def _init_weight(self, uniform: torch.Tensor) -> None:
+        """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy): the
+        equivariant filter has std sqrt(2 / fan_in), as a convolution followed by a ReLU wants."""
+        nn.init.normal_(self.weight)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
         filt = self._twirled(_PixelFilter, (self.weight[:, :8, :8], uniform))
@@ -305,7 +310,6 @@ class _Twirled(nn.Module):
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
-        self.weight.copy_(self.twirled_coefficients(uniform))  # the twirl at uniform λ: an orthogonal projection
 
     def twirled_coefficients(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``, in
@@ -553,6 +557,15 @@ class PELinear(_Twirled):
     def __init__(self, in_type, out_type, bias: bool = True, likelihood: GroupLikelihood | None = None,
                  device=None, dtype=None):
         super().__init__(in_type, out_type, 1, 1, bias, likelihood, device=device, dtype=dtype)
+
+    def _init_weight(self, uniform: torch.Tensor) -> None:
+        """``nn.Linear``'s init, U(±1/sqrt(in_features)), of the coefficients, which
+        :meth:`reset_parameters` then projects: a classifier's logits start as small as timm's.
+        (He-scaling the projected filter, as the convolutions do, made an invariant head's logits
+        6x larger than an ``nn.Linear``'s on pooled ReLU features: their positive means add up
+        within each field, where an unconstrained filter's random signs cancel them.)"""
+        bound = 1.0 / math.sqrt(self.in_channels)
+        nn.init.uniform_(self.weight, -bound, bound)
 
     @property
     def in_features(self) -> int:

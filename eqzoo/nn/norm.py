@@ -112,26 +112,28 @@ class FieldBatchNorm2d(nn.Module):
         return self._general(x)
 
     def _general(self, x):
+        if not self._use_batch_stats():  # running statistics: one per-channel affine map, fused
+            return F.batch_norm(x, *(t if t is None else t.to(x.dtype) for t in self._per_channel()),
+                                training=False, eps=self.eps)
         B, C, H, W = x.shape
         E = self._invariant.to(x.dtype)
         xf = x.reshape(B, self.num_fields, self.field_size, H * W)
-        if self._use_batch_stats():
-            mean = torch.einsum("bfdp,dt->ft", xf, E) / (B * H * W)
-            centred = xf - (mean @ E.T)[None, :, :, None]
-            var = centred.pow(2).mean(dim=(0, 2, 3))
-            n = B * H * W * self.field_size
-            if self.training and self.track_running_stats:
-                with torch.no_grad():
-                    momentum = self._momentum()
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-                    self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
-        else:
-            mean, var = self.running_mean.to(x.dtype), self.running_var.to(x.dtype)
-            centred = xf - (mean @ E.T)[None, :, :, None]
-        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        mean = xf.mean(dim=(0, 3)) @ E  # [F, t]: reduced over batch and pixels first, no reordering copy
+        mean_vec = (mean @ E.T)[None, :, :, None]
+        var = (xf - mean_vec).pow(2).mean(dim=(0, 2, 3))
+        n = B * H * W * self.field_size
+        if self.training and self.track_running_stats:
+            with torch.no_grad():
+                momentum = self._momentum()
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
+        # (x - m) s + b as one pass over the activations: x s + (b - m s)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean_vec * scale[None, :, None, None]
         if self.affine:
-            y = y * self.weight[None, :, None, None] + (self.bias @ E.T)[None, :, :, None]
-        return y.reshape(B, C, H, W)
+            scale = scale * self.weight
+            shift = shift * self.weight[None, :, None, None] + (self.bias @ E.T)[None, :, :, None]
+        return torch.addcmul(shift, xf, scale[None, :, None, None]).reshape(B, C, H, W)
 
     def _per_channel(self):
         """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""
