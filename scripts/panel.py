@@ -25,13 +25,15 @@ said otherwise):
   every epoch).
 
 Models (ResNet-18 layout with one block per stage, widths 64-64-128-128, i.e. 8-8-16-16 regular
-D4 fields): ``cnn`` = timm's ``resnet18`` at these widths, ``strict`` = ``pe_resnet18`` with
-``learn_likelihood=False`` (D4-invariant), ``learnt`` = ``pe_resnet18`` with its defaults (for D4
-the complete basis). The ablations: ``learnt_antialiased`` (``basis="antialiased"``), and on the
-single-digit sets ``learnt_head`` (the invariant-at-init ``head="learnt"``, antialiased basis),
-``learnt_o2`` (λ over O(2), 5 fields of 14 channels per 64) and ``strict_c4`` (strictly
-C4-invariant, 16 regular C4 fields per 64 channels: the fixed choice that matches the rotated
-sets), the measurements behind the defaults.
+D4 fields): ``cnn`` = timm's ``resnet18`` at these widths (with ``zero_init_last=False``, the pe
+models' default), ``strict`` = ``pe_resnet18`` with ``learn_likelihood=False`` (D4-invariant),
+``learnt`` = ``pe_resnet18`` with its defaults (for D4 the complete basis). The ablations:
+``learnt_antialiased`` (``basis="antialiased"``), and on the single-digit sets ``learnt_head``
+(the invariant-at-init ``head="learnt"``, antialiased basis), ``learnt_o2`` (λ over O(2), 5 fields
+of 14 channels per 64), ``strict_c4`` (strictly C4-invariant, 16 regular C4 fields per 64
+channels: the fixed choice that matches the rotated sets) and ``escnn_strict`` (the strict
+network built from escnn's own modules, see :func:`register_escnn_baseline`), the measurements
+behind the defaults.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ DATA = {
 }
 EPOCHS = {"upright": 10, "c4": 10, "so2": 10, "d1": 10, "ddmnist": 8, "ddmnist_paper": 8}
 MODELS = {
-    "cnn": dict(model="resnet18", model_args=dict(ARCH)),
+    "cnn": dict(model="resnet18", model_args=dict(ARCH, zero_init_last=False)),  # the pe models' default
     "strict": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False)),
     "learnt": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4")),
     "learnt_antialiased": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", basis="antialiased")),

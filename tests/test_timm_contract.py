@@ -50,18 +50,20 @@ def test_meta_build_then_load_or_init(group):
         assert _close(model(x), real(x))
 
     # to_empty() + init_weights(): a fresh model's initialisation (He at uniform λ, equivariant
-    # kernels, λ at its initial peak, zero-init last norms)
+    # kernels, λ at its initial peak, norms at 1: zero_init_last is off by default)
     model.to_empty(device="cpu")
     model.init_weights()
     fresh = _small(group)
     for (name, lam), want in zip(eqzoo.likelihoods(model).items(), eqzoo.likelihoods(fresh).values()):
         assert torch.allclose(lam.coefficients, want.coefficients), name
-    assert float(model.layer1[0].bn2.weight.abs().max()) == 0 and float(model.bn1.weight.min()) == 1
+    assert float(model.layer1[0].bn2.weight.min()) == 1 and float(model.bn1.weight.min()) == 1
     with torch.no_grad():
         for name in ("conv1", "layer2.0.conv1"):
             got, want = (m.get_submodule(name).filter_and_bias()[0].std() for m in (model, fresh))
             assert 0.7 < float(got / want) < 1.4, (name, float(got), float(want))
         assert torch.isfinite(model.eval()(x)).all()
+    model.init_weights(zero_init_last=True)  # timm's option: each residual branch starts silent
+    assert float(model.layer1[0].bn2.weight.abs().max()) == 0 and float(model.bn1.weight.min()) == 1
 
 
 def test_factory_device_dtype():
