@@ -31,9 +31,10 @@ models' default), ``strict`` = ``pe_resnet18`` with ``learn_likelihood=False`` (
 ``learnt_antialiased`` (``basis="antialiased"``), and on the single-digit sets ``learnt_head``
 (the invariant-at-init ``head="learnt"``, antialiased basis), ``learnt_o2`` (λ over O(2), 5 fields
 of 14 channels per 64), ``strict_c4`` (strictly C4-invariant, 16 regular C4 fields per 64
-channels: the fixed choice that matches the rotated sets) and ``escnn_strict`` (the strict
-network built from escnn's own modules, see :func:`register_escnn_baseline`), the measurements
-behind the defaults.
+channels: the fixed choice that matches the rotated sets), ``escnn_strict`` (the strict
+network built from escnn's own modules, see :func:`register_escnn_baseline`) and
+``strict_plain_head`` (the strict D4 backbone with the learnt model's plain head: what λ adds),
+the measurements behind the defaults.
 """
 from __future__ import annotations
 
@@ -68,6 +69,8 @@ MODELS = {
     "learnt_o2": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2")),
     "strict_c4": dict(model="pe_resnet18", model_args=dict(ARCH, group="C4", learn_likelihood=False)),
     "escnn_strict": dict(model="panel_escnn_resnet", model_args=dict(ARCH)),
+    "strict_plain_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False,
+                                                                    head="plain")),
 }
 SEEDS = (0, 1, 2)
 # the ablations run on the single-digit sets only (budget)
