@@ -162,6 +162,9 @@ SHARE_MODES = ("layer", "stage", "model")
 # what the symmetry panel measured best: a plain linear head for learnt-λ models, an invariant one
 # for strict models.
 HEADS = ("auto", "plain", "learnt", "invariant")
+# Nonlinearities of the band-limited O(2)/SO(2) fields (see eqzoo.nn.activation); "auto" is
+# "fourier" there and the channel-wise ReLU for the regular fields of finite groups.
+NONLINEARITIES = ("auto", "fourier", "norm", "gated")
 
 # One check per argument name, the same for every pe model family that has the argument.
 RULES = {
@@ -173,6 +176,7 @@ RULES = {
     "learn_likelihood": _bool_rule,
     "head": _choice_rule(HEADS),
     "basis": _basis_rule,
+    "nonlinearity": _choice_rule(NONLINEARITIES),
     "num_classes": _int_rule(0, MAX_CLASSES, "MAX_CLASSES"),
     "in_chans": _int_rule(1, MAX_IN_CHANS, "MAX_IN_CHANS"),
     "global_pool": _str_rule(),

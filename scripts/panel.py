@@ -30,7 +30,8 @@ models' default), ``strict`` = ``pe_resnet18`` with ``learn_likelihood=False`` (
 ``learnt`` = ``pe_resnet18`` with its defaults (for D4 the complete basis). The ablations:
 ``learnt_antialiased`` (``basis="antialiased"``), and on the single-digit sets ``learnt_head``
 (the invariant-at-init ``head="learnt"``, antialiased basis), ``learnt_o2`` (λ over O(2), 5 fields
-of 14 channels per 64), ``strict_c4`` (strictly C4-invariant, 16 regular C4 fields per 64
+of 14 channels per 64, Fourier ReLU), ``learnt_o2_norm`` / ``learnt_o2_gated`` (the same with
+the norm and gated nonlinearities), ``strict_c4`` (strictly C4-invariant, 16 regular C4 fields per 64
 channels: the fixed choice that matches the rotated sets), ``escnn_strict`` (the strict
 network built from escnn's own modules, see :func:`register_escnn_baseline`) and
 ``strict_plain_head`` (the strict D4 backbone with the learnt model's plain head: what λ adds),
@@ -67,6 +68,8 @@ MODELS = {
     "learnt_antialiased": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", basis="antialiased")),
     "learnt_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", head="learnt", basis="antialiased")),
     "learnt_o2": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2")),
+    "learnt_o2_norm": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2", nonlinearity="norm")),
+    "learnt_o2_gated": dict(model="pe_resnet18", model_args=dict(ARCH, group="O2", nonlinearity="gated")),
     "strict_c4": dict(model="pe_resnet18", model_args=dict(ARCH, group="C4", learn_likelihood=False)),
     "escnn_strict": dict(model="panel_escnn_resnet", model_args=dict(ARCH)),
     "strict_plain_head": dict(model="pe_resnet18", model_args=dict(ARCH, group="D4", learn_likelihood=False,
@@ -75,7 +78,8 @@ MODELS = {
 SEEDS = (0, 1, 2)
 # the ablations run on the single-digit sets only (budget)
 SINGLE = ("upright", "c4", "so2", "d1")
-EXTRA = {"learnt_head": SINGLE, "learnt_o2": ("upright", "so2"), "strict_c4": ("c4", "so2"),
+EXTRA = {"learnt_head": SINGLE, "learnt_o2": ("upright", "so2"), "learnt_o2_norm": ("upright", "so2"),
+         "learnt_o2_gated": ("upright", "so2"), "strict_c4": ("c4", "so2"),
          "escnn_strict": ("upright", "c4", "so2")}
 
 
@@ -262,7 +266,7 @@ def cmd_report(args) -> None:
             if model.startswith("learnt") and (done[0] / "hub").is_dir():
                 lams = eqzoo.load_likelihoods(done[0] / "hub")
                 table = eqzoo.degree_of_equivariance(lams)
-                kernels = eqzoo.kernel_invariance(_saved_model(done[0])) if model != "learnt_o2" else {}
+                kernels = eqzoo.kernel_invariance(_saved_model(done[0])) if not model.startswith("learnt_o2") else {}
                 lam_rows.append((data, model, done[0].name, table, kernels))
                 if model == "learnt":
                     eqzoo.plot_likelihoods(lams, out / data / "lambda.png", title=f"learnt λ, {data}, {done[0].name}")

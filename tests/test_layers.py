@@ -10,7 +10,7 @@ import eqzoo
 from eqzoo import GroupLikelihood
 from eqzoo.groups import get_group
 from eqzoo.kernels import twirl_operators
-from eqzoo.nn import FieldBatchNorm2d, PEConv2d, PELinear, field_relu
+from eqzoo.nn import FieldBatchNorm2d, FourierReLU, NormReLU, PEConv2d, PELinear, field_relu
 from trained import generic_kernels
 
 PIXEL_EXACT = [(0, 0.0), (0, math.pi / 2), (0, math.pi), (0, 3 * math.pi / 2),
@@ -686,3 +686,68 @@ def test_cuda_twirl_and_harmonic_path_match_the_cpu(spec):
         results.append([t.detach().cpu() for t in outs + params])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
+
+
+# -- nonlinearities of O(2)/SO(2) fields ------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["O2", "SO2"])
+def test_field_nonlinearities_equivariance(spec):
+    """Norm-ReLU and the gated ReLU commute with every element of the group, on and off the
+    sampling grid; the Fourier ReLU only with its grid's (the 90-degree rotations and reflections)."""
+    torch.manual_seed(0)
+    G = get_group(spec)
+    ftype = G.field_type(3)
+    x = torch.randn(2, ftype.size, 4, 4, dtype=torch.float64)
+    off_grid = [G.element(0, 0.7), G.element(0, 2.0)] + ([G.element(1, 0.3)] if spec == "O2" else [])
+    on_grid = [G.element(0, math.pi / 2)] + ([G.element(1, 0.0)] if spec == "O2" else [])
+
+    def errors(layer, elements):
+        y = layer(x)
+        return [rel_err(layer(enn.GeometricTensor(x, ftype).transform_fibers(g).tensor),
+                        enn.GeometricTensor(y, ftype).transform_fibers(g).tensor) for g in elements]
+
+    for nonlinearity in ("norm", "gated"):
+        layer = field_relu(ftype, nonlinearity, dtype=torch.float64)
+        assert max(errors(layer, on_grid + off_grid)) <= 1e-10, nonlinearity
+        assert rel_err(layer(x), x) > 0.1  # not the identity
+    fourier = field_relu(ftype, dtype=torch.float64)
+    assert max(errors(fourier, on_grid)) <= 1e-10
+    assert max(errors(fourier, off_grid)) > 1e-3
+
+
+def test_fourier_relu_is_sample_relu_project():
+    ftype = get_group("O2").field_type(2)
+    layer = FourierReLU(ftype, dtype=torch.float64)
+    x = torch.randn(3, ftype.size, 5, 4, dtype=torch.float64)
+    xf = x.view(3, 2, ftype.size // 2, 5, 4)
+    want = torch.einsum("dn,bfnhw->bfdhw", layer._project, torch.einsum("nd,bfdhw->bfnhw", layer._sample, xf).relu())
+    assert torch.allclose(layer(x), want.reshape(x.shape), atol=1e-12)
+
+
+def test_norm_relu_definition_and_gradients():
+    """Each 2-d (or 1-d non-trivial) irrep block is scaled by relu(|x| - b) / |x|, the invariant
+    component goes through a ReLU; thresholds start where about half of unit-normal blocks pass."""
+    torch.manual_seed(0)
+    ftype = get_group("O2").field_type(2)  # irreps: trivial, sign, then 2-d blocks
+    layer = NormReLU(ftype, dtype=torch.float64)
+    assert layer.trivial == [0] and layer.blocks[0] == (1, 1) and all(s == 2 for _, s in layer.blocks[1:])
+    assert abs(float(layer.bias.detach()[0, 1]) - math.sqrt(2 * math.log(2))) < 1e-12
+    x = torch.randn(2, ftype.size, 3, 3, dtype=torch.float64)
+    y = layer(x).view(2, 2, -1, 3, 3)
+    xf = x.view(2, 2, -1, 3, 3)
+    assert torch.equal(y[:, :, 0], xf[:, :, 0].relu())
+    start, size = layer.blocks[2]
+    block = xf[:, :, start:start + size]
+    norm = block.norm(dim=2, keepdim=True)
+    want = block * torch.relu(norm - layer.bias[None, :, 2, None, None, None]) / norm
+    assert torch.allclose(y[:, :, start:start + size], want, atol=1e-12)
+    passed = float((torch.randn(100000, 2).norm(dim=1) > layer.bias.detach()[0, 1].float()).float().mean())
+    assert abs(passed - 0.5) < 0.01
+    assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
+
+
+def test_field_nonlinearity_refuses_permutation_fields():
+    with pytest.raises(ValueError, match="channel-wise ReLU"):
+        field_relu(get_group("D4").field_type(2), "norm")
+    with pytest.raises(ValueError, match="nonlinearity must be one of"):
+        field_relu(get_group("O2").field_type(2), "swish")

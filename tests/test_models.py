@@ -253,8 +253,9 @@ def test_widths_are_timms(group, fields):
     assert sum(p.numel() for p in eqzoo.export(model).parameters()) == sum(p.numel() for p in reference.parameters())
 
 
-def test_continuous_group_rounds_widths_and_exports():
-    model = timm.create_model("pe_resnet18", group="O2", num_classes=4, zero_init_last=False).eval()
+@pytest.mark.parametrize("nonlinearity", ["auto", "norm", "gated"])
+def test_continuous_group_rounds_widths_and_exports(nonlinearity):
+    model = timm.create_model("pe_resnet18", group="O2", num_classes=4, nonlinearity=nonlinearity).eval()
     size = model.conv1.out_type.representations[0].size
     assert size == 14 and model.conv1.out_channels == 70  # 64 -> 5 fields of 14
     assert all(info["num_chs"] % size == 0 for info in model.feature_info)
@@ -400,6 +401,8 @@ def test_learnt_likelihood_breaks_invariance(learn):
     (dict(drop_block_rate=0.1), r"drop_block_rate"),
     (dict(bandlimit=-1), r"bandlimit"),
     (dict(head="linear"), r"head must be one of \('auto', 'plain', 'learnt', 'invariant'\)"),
+    (dict(group="O2", nonlinearity="elu"), r"nonlinearity must be one of \('auto', 'fourier', 'norm', 'gated'\)"),
+    (dict(group="D4", nonlinearity="gated"), r"nonlinearity.*O\(2\)/SO\(2\).*channel-wise ReLU.*'auto'"),
 ])
 def test_bad_kwargs(kwargs, match):
     with pytest.raises(ValueError, match=match):

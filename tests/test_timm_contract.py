@@ -31,12 +31,12 @@ def _close(a, b, tol=1e-5):
 
 # -- factory kwargs, meta device ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("group", ["D4", "O2"])
-def test_meta_build_then_load_or_init(group):
+@pytest.mark.parametrize("group, nonlinearity", [("D4", "auto"), ("O2", "auto"), ("O2", "norm")])
+def test_meta_build_then_load_or_init(group, nonlinearity):
     torch.manual_seed(0)
-    real = trained_looking(_small(group)).eval()
+    real = trained_looking(_small(group, nonlinearity=nonlinearity)).eval()
     with torch.device("meta"):
-        model = _small(group, device="meta", dtype=torch.float32)
+        model = _small(group, nonlinearity=nonlinearity, device="meta", dtype=torch.float32)
     tensors = [*model.named_parameters(), *model.named_buffers()]
     assert tensors and all(t.is_meta for _, t in tensors)
     with torch.no_grad():  # shapes propagate on meta
@@ -53,10 +53,13 @@ def test_meta_build_then_load_or_init(group):
     # kernels, λ at its initial peak, norms at 1: zero_init_last is off by default)
     model.to_empty(device="cpu")
     model.init_weights()
-    fresh = _small(group)
+    fresh = _small(group, nonlinearity=nonlinearity)
     for (name, lam), want in zip(eqzoo.likelihoods(model).items(), eqzoo.likelihoods(fresh).values()):
         assert torch.allclose(lam.coefficients, want.coefficients), name
     assert float(model.layer1[0].bn2.weight.min()) == 1 and float(model.bn1.weight.min()) == 1
+    for (name, got), want in zip(model.named_parameters(), fresh.parameters()):
+        if name.startswith("act") or ".act" in name:  # the norm-ReLU's thresholds
+            assert torch.equal(got, want), name
     with torch.no_grad():
         for name in ("conv1", "layer2.0.conv1"):
             got, want = (m.get_submodule(name).filter_and_bias()[0].std() for m in (model, fresh))

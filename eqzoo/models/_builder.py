@@ -30,7 +30,8 @@ from ._schema import (CONFIG_NAME, WEIGHTS_NAME, head_kind, is_pe_architecture, 
 
 # Arguments that change the function a checkpoint's weights compute without changing their shapes
 # (or that the entry function fills in, for the architecture ones): a load may not override them.
-_FUNCTION_ARGS = ("group", "bandlimit", "out_bandlimit", "field_bandlimit", "share_likelihood", "basis")
+_FUNCTION_ARGS = ("group", "bandlimit", "out_bandlimit", "field_bandlimit", "share_likelihood", "basis",
+                  "nonlinearity")
 _ARCHITECTURE_ARGS = ("layers", "channels", "stem_width", "base_width", "block", "depth", "widen_factor")
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from ..groups import get_group
 from ..likelihood import GroupLikelihood
 from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
+from ..errors import ModelArgError
 from ..validate import check_arg, check_widths
 
 # Global pools of timm's SelectAdaptivePool2d that act channel by channel (so they commute with
@@ -83,12 +84,14 @@ class FieldLayers:
         head: the classifier, see :meth:`classifier`; ``"auto"``: ``"plain"`` with learnt
             likelihoods, ``"invariant"`` for the strict model.
         basis: the kernel basis of the convolutions, see :data:`eqzoo.kernels.BASES`.
+        nonlinearity: the nonlinearity of O(2)/SO(2) fields, see :data:`eqzoo.nn.NONLINEARITIES`
+            (finite groups: ``"auto"``, the channel-wise ReLU).
         device, dtype: factory kwargs of every layer (timm passes them to model constructors).
     """
 
     # the model arguments that configure the factory (a pe model passes them on unchanged)
     ARGS = ("group", "field_bandlimit", "bandlimit", "out_bandlimit", "learn_likelihood", "share_likelihood",
-            "head", "basis")
+            "head", "basis", "nonlinearity")
 
     @classmethod
     def from_model_args(cls, model_args: dict, device=None, dtype=None) -> "FieldLayers":
@@ -103,15 +106,20 @@ class FieldLayers:
 
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
-                 basis: str = "auto", device=None, dtype=None):
+                 basis: str = "auto", nonlinearity: str = "auto", device=None, dtype=None):
         for name, value in dict(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
                                 out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
-                                share_likelihood=share_likelihood, head=head, basis=basis).items():
+                                share_likelihood=share_likelihood, head=head, basis=basis,
+                                nonlinearity=nonlinearity).items():
             check_arg(name, value)
         self.dd = dict(device=device, dtype=dtype)
         self.head = resolved_head(head, learn_likelihood)
         self.basis = basis
         self.group = get_group(group)
+        if self.group.is_finite and nonlinearity != "auto":
+            raise ModelArgError("nonlinearity", f"{nonlinearity!r} is for the band-limited fields of O(2)/SO(2); "
+                                "the regular fields of finite groups take the channel-wise ReLU: use 'auto'")
+        self.nonlinearity = nonlinearity
         self.field_bandlimit = field_bandlimit
         self.bandlimit, self.out_bandlimit = bandlimit, out_bandlimit
         self.learn_likelihood = learn_likelihood
@@ -178,7 +186,7 @@ class FieldLayers:
         return FieldBatchNorm2d(type_, **self.dd)
 
     def act(self, type_, inplace: bool = True) -> nn.Module:
-        return field_relu(type_, inplace=inplace, **self.dd)
+        return field_relu(type_, self.nonlinearity, inplace=inplace, **self.dd)
 
     def max_pool(self, type_, kernel_size, stride, padding) -> nn.Module:
         return field_max_pool(type_, kernel_size, stride, padding)

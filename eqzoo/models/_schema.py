@@ -38,7 +38,7 @@ HUB_FORMAT = 1  # version of eqzoo's additions to the layout; bump on incompatib
 # class accepts are read from its constructor (see `register_architectures`)
 COMMON_MODEL_ARGS: dict[str, tuple] = {
     "group": (str,), "bandlimit": (int, NONE), "out_bandlimit": (int, NONE), "share_likelihood": (str, bool, NONE),
-    "learn_likelihood": (bool,), "head": (str,), "basis": (str,), "num_classes": (int,), "in_chans": (int,),
+    "learn_likelihood": (bool,), "head": (str,), "basis": (str,), "nonlinearity": (str,), "num_classes": (int,), "in_chans": (int,),
     "global_pool": (str,), "drop_rate": (float, int), "drop_path_rate": (float, int),
 }
 # create_model kwargs that describe a run, not the architecture: never saved as model_args

@@ -177,6 +177,10 @@ class PEResNet(ResNet):
             kernel, for the groups that act exactly on the pixel grid, C1, C2, C4, D1, D2, D4;
             else ``"antialiased"``, escnn's), ``"antialiased"`` or ``"complete"``; see
             :data:`eqzoo.kernels.BASES`.
+        nonlinearity: the nonlinearity of O(2)/SO(2) fields: ``"fourier"`` (``"auto"``, the
+            default: the ReLU sampled on the group), ``"norm"`` (norm-ReLU per irrep) or
+            ``"gated"`` (each field gated by its invariant part); see :mod:`eqzoo.nn.activation`.
+            Finite groups take the channel-wise ReLU (``"auto"`` only).
         counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
         device, dtype: factory kwargs, as timm's models take them (``device='meta'`` builds without
             memory; then ``to_empty()`` and :meth:`init_weights`, or ``load_state_dict``).
@@ -205,6 +209,7 @@ class PEResNet(ResNet):
             learn_likelihood: bool = True,
             head: str = "auto",
             basis: str = "auto",
+            nonlinearity: str = "auto",
             counterpart: Optional[str] = None,
             device=None,
             dtype=None,

@@ -239,7 +239,7 @@ class PEWideResNet(WideResNet):
 
     Takes :class:`WideResNet`'s arguments and ``group`` (default ``"D4"``), ``bandlimit``,
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
-    ``"model"``), ``learn_likelihood``, ``head`` and ``basis`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
+    ``"model"``), ``learn_likelihood``, ``head``, ``basis`` and ``nonlinearity`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
     the escnn FieldType of ``forward_features``' output. Every argument is checked for its type
     and range before anything is built (see :mod:`eqzoo.validate`) and kept as ``model.model_args``.
     """
@@ -251,7 +251,7 @@ class PEWideResNet(WideResNet):
                  group: str = "D4", bandlimit: Optional[int] = None, out_bandlimit: Optional[int] = -1,
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
                  learn_likelihood: bool = True, head: str = "auto", basis: str = "auto",
-                 device=None, dtype=None):
+                 nonlinearity: str = "auto", device=None, dtype=None):
         factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
         factory.check_pool(global_pool)
         factory.check_widths(_wrn_widths(depth, widen_factor, channels))

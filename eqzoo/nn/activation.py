@@ -2,18 +2,29 @@
 
 Permutation fields (regular fields of finite groups) commute with anything applied channel by
 channel, so ReLU and max-pooling are used as they are. The band-limited fields of O(2)/SO(2) are
-Fourier coefficients of a function on the group: :class:`FourierReLU` samples that function on a
-grid of the group, applies the ReLU there and projects back (escnn's FourierPointwise idea). It is
-exactly equivariant to the grid's elements, which include the 90-degree rotations and the
-reflections, and approximately to the rest of the group.
+Fourier coefficients of a function on the group, stored irrep by irrep (ψ_0, the reflection's
+sign, then 2-d blocks of frequency 1, 2, ...). Three nonlinearities for them (``NONLINEARITIES``):
+
+- ``"fourier"`` (:class:`FourierReLU`): sample that function on a grid of the group, apply the
+  ReLU there and project back (escnn's FourierPointwise idea). Exactly equivariant to the grid's
+  elements, which include the 90-degree rotations and the reflections, approximately to the rest
+  of the group; it handles 32 samples per 14-channel field.
+- ``"norm"`` (:class:`NormReLU`): each non-trivial irrep block x_j is scaled by
+  relu(|x_j| - b_j) / |x_j| with a learnt threshold b_j, the trivial components go through a
+  ReLU. Exactly equivariant to all of O(2): |x_j| is invariant.
+- ``"gated"`` (:class:`GatedReLU`): each field's invariant component x_0 gates the others,
+  x_j sigmoid(x_0), and goes through a ReLU itself. Exactly equivariant, no parameters.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..groups import group_of
+from ..validate import NONLINEARITIES
 from .fields import is_permutation, single_repr
 
 
@@ -67,10 +78,11 @@ class FourierReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        xf = x.reshape(B, C // self.field_size, self.field_size, H, W)
-        samples = torch.einsum("nd,bfdhw->bfnhw", self._sample.to(x.dtype), xf).relu()
-        out = torch.einsum("dn,bfnhw->bfdhw", self._project.to(x.dtype), samples)
-        return out.reshape(B, C, H, W)
+        # [B * fields, d, pixels]: the small operators multiply from the left, batched over fields,
+        # so neither product reorders the activations (einsum's permutes cost more than the products)
+        xf = x.reshape(B * (C // self.field_size), self.field_size, H * W)
+        samples = torch.matmul(self._sample.to(x.dtype), xf).relu_()
+        return torch.matmul(self._project.to(x.dtype), samples).view(B, C, H, W)
 
     def export(self) -> nn.Module:
         return self  # already plain torch
@@ -79,11 +91,131 @@ class FourierReLU(nn.Module):
         return f"{self.num_features} channels, fields of size {self.field_size}, {self._sample.shape[0]} samples"
 
 
-def field_relu(field_type, inplace: bool = False, device=None, dtype=None) -> nn.Module:
-    """The ReLU for a field type: channel-wise for permutation fields, Fourier-sampled otherwise."""
+def _irrep_blocks(field_type, what: str) -> tuple[list[tuple[int, int]], list[int]]:
+    """The field's irrep blocks as (start, size) of its non-trivial irreps, and the positions of
+    its trivial components; the field must be stored in its irrep basis (escnn's band-limited
+    regular fields of O(2)/SO(2) are)."""
+    rep = single_repr(field_type)
+    if not np.allclose(rep.change_of_basis, np.eye(rep.size)):
+        raise ValueError(f"the {what} nonlinearity needs fields stored irrep by irrep (O(2)/SO(2) fields); "
+                         f"{rep.name} is not")
+    blocks, trivial, pos = [], [], 0
+    for irr_id in rep.irreps:
+        irr = rep.group.irrep(*irr_id)
+        if irr.is_trivial():
+            trivial.append(pos)
+        else:
+            blocks.append((pos, irr.size))
+        pos += irr.size
+    if not trivial:
+        raise ValueError(f"the {what} nonlinearity needs an invariant component in each field; {rep.name} has none")
+    return blocks, trivial
+
+
+class _IrrepwiseNonlinearity(nn.Module):
+    """Shared parts of :class:`NormReLU` and :class:`GatedReLU`: the field layout as constant
+    masks and block matrices (rebuilt after ``to_empty()``), the shape checks and export."""
+
+    kind = ""
+
+    def __init__(self, field_type, device=None, dtype=None):
+        super().__init__()
+        self.blocks, self.trivial = _irrep_blocks(field_type, self.kind)
+        self.num_features = field_type.size
+        self.num_fields, self.field_size = len(field_type), single_repr(field_type).size
+        for name, value in self._constants(device, dtype).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def _constants(self, device=None, dtype=None) -> dict:
+        d = self.field_size
+        mask = torch.zeros(d, 1, dtype=torch.bool, device=device)
+        mask[self.trivial] = True
+        members = torch.zeros(d, len(self.blocks), dtype=dtype or torch.float32, device=device)
+        for j, (start, size) in enumerate(self.blocks):
+            members[start:start + size, j] = 1
+        return {"_trivial_mask": mask, "_members": members}  # [d, 1]; [d, blocks]: component in block
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the constants (after ``to_empty()`` their memory is garbage)."""
+        for name, value in self._constants(self._members.device, self._members.dtype).items():
+            setattr(self, name, value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.init_non_persistent_buffers()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fields(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"{type(self).__name__} expects [B, {self.num_features}, H, W] "
+                             f"({self.num_fields} fields of size {self.field_size}), got {tuple(x.shape)}")
+        B, C, H, W = x.shape
+        return x.reshape(B, self.num_fields, self.field_size, H * W)
+
+    def export(self) -> nn.Module:
+        return self  # already plain torch
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features} channels, fields of size {self.field_size}, {len(self.blocks)} irrep blocks"
+
+
+class NormReLU(_IrrepwiseNonlinearity):
+    r"""Norm-ReLU per irrep block: :math:`x_j \mapsto x_j\, \mathrm{relu}(|x_j| - b_j) / |x_j|` for
+    each non-trivial block, ReLU on the trivial components.
+
+    ``bias`` (the thresholds b, one per field and block) starts at the median norm of a standard
+    normal vector of the block's size (0.67 for 1-d blocks, 1.18 for 2-d ones): after a batch norm,
+    about half of the blocks pass, as half of a ReLU's inputs do."""
+
+    kind = "norm"
+
+    def __init__(self, field_type, device=None, dtype=None):
+        super().__init__(field_type, device=device, dtype=dtype)
+        self.bias = nn.Parameter(torch.empty(self.num_fields, len(self.blocks), device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.bias.is_meta:
+            return
+        medians = [math.sqrt(2 * math.log(2)) if size == 2 else 0.6744897501960817 for _, size in self.blocks]
+        if any(size > 2 for _, size in self.blocks):
+            raise ValueError("NormReLU supports irrep blocks of size 1 and 2 (subgroups of O(2))")
+        self.bias.copy_(torch.tensor(medians, dtype=self.bias.dtype).expand_as(self.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = self._fields(x)  # [B, F, d, P]
+        members = self._members.to(x.dtype)
+        norms = torch.matmul(members.T, xf * xf).add_(1e-12).sqrt_()  # [B, F, blocks, P]
+        scale = torch.matmul(members, torch.relu(norms - self.bias.to(x.dtype)[:, :, None]) / norms)
+        return torch.where(self._trivial_mask, xf.relu(), xf * scale).view(x.shape)
+
+
+class GatedReLU(_IrrepwiseNonlinearity):
+    r"""Each field gated by its own invariant component: :math:`x_j \mapsto x_j\,σ(x_0)` for the
+    other components, :math:`x_0 \mapsto \mathrm{relu}(x_0)` (x_0: the field's first trivial
+    component, invariant, so the gate is too). No parameters."""
+
+    kind = "gated"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = self._fields(x)
+        gate = torch.sigmoid(xf[:, :, self.trivial[0]:self.trivial[0] + 1])
+        return torch.where(self._trivial_mask, xf.relu(), xf * gate).view(x.shape)
+
+
+def field_relu(field_type, nonlinearity: str = "auto", inplace: bool = False, device=None, dtype=None) -> nn.Module:
+    """The nonlinearity for a field type: the channel-wise ReLU for permutation fields (regular
+    fields of finite groups, whose only option is ``"auto"``); for the band-limited fields of
+    O(2)/SO(2) one of ``"fourier"`` (``"auto"``), ``"norm"`` or ``"gated"`` (see the module docstring)."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
     if is_permutation(single_repr(field_type)):
+        if nonlinearity != "auto":
+            raise ValueError(f"nonlinearity={nonlinearity!r} is for the band-limited fields of O(2)/SO(2); "
+                             "regular fields of finite groups take the channel-wise ReLU: use 'auto'")
         return nn.ReLU(inplace=inplace)
-    return FourierReLU(field_type, device=device, dtype=dtype)
+    kind = {"auto": FourierReLU, "fourier": FourierReLU, "norm": NormReLU, "gated": GatedReLU}[nonlinearity]
+    return kind(field_type, device=device, dtype=dtype)
 
 
 def field_max_pool(field_type, kernel_size: int, stride: int, padding: int = 0) -> nn.Module:
