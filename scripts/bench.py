@@ -146,6 +146,8 @@ LARGE_FAMILIES = {
         ("pe_resnet18 D4 strict", "pe", dict(model="pe_resnet18", group="D4", learn_likelihood=False)),
         ("pe_resnet18 D8", "pe", dict(model="pe_resnet18", group="D8")),
         ("pe_resnet18 O2", "pe", dict(model="pe_resnet18", group="O2")),
+        ("pe_resnet18 O2, norm-ReLU", "pe", dict(model="pe_resnet18", group="O2", nonlinearity="norm")),
+        ("pe_resnet18 O2, gated", "pe", dict(model="pe_resnet18", group="O2", nonlinearity="gated")),
         ("pe_resnet18 SO2", "pe", dict(model="pe_resnet18", group="SO2")),
         ("timm resnet18", "timm", dict(model="resnet18")),
     ]),

@@ -375,6 +375,39 @@ def test_state_dict_cache_and_export():
         assert rel_err(conv(x), y) > 1e-4
 
 
+@pytest.mark.parametrize("spec", ["D4", "D8"])
+def test_regular_frame_storage_and_canonical_state_dict(spec):
+    """Layers with regular out fields store their coefficients in the group's regular frame
+    (where the twirl is one |G| x |G| product); state_dict() holds the canonical layout, which
+    loads back exactly, and the frame is an orthogonal change of coordinates (for D4 a signed
+    permutation, so that Adam's steps are the same in both)."""
+    torch.manual_seed(0)
+    G = get_group(spec)
+    conv = PEConv2d(G.field_type(2), G.field_type(3), 3, padding=1).double()
+    assert conv._constants().frame is not None
+    assert PELinear(G.field_type(2), G.trivial_type(3))._constants().frame is None  # trivial out: canonical
+    with torch.no_grad():
+        conv.likelihood.coefficients.normal_()
+        conv.weight_breaking.normal_()
+    sd = conv.state_dict()
+    assert torch.equal(sd["weight"], conv.canonical_weight().detach())
+    assert torch.equal(sd["weight_breaking"], conv.canonical_weight(conv.weight_breaking).detach())
+    assert not torch.allclose(sd["weight"], conv.weight)  # a different layout, the same numbers' norm
+    assert torch.allclose(sd["weight"].norm(), conv.weight.detach().norm())
+    fresh = PEConv2d(G.field_type(2), G.field_type(3), 3, padding=1).double()
+    fresh.load_state_dict(sd)
+    assert torch.allclose(fresh.weight, conv.weight, atol=1e-12)
+    # (a loaded likelihood rebuilds its constants in float64, the original's were cast from float32)
+    assert rel_err(fresh.filter_and_bias()[0], conv.filter_and_bias()[0]) <= 1e-7
+    unit = torch.zeros_like(conv.weight)
+    unit.view(-1)[::97] = 1
+    image = conv.canonical_weight(unit)
+    if spec == "D4":  # every unit coefficient goes to ± a unit coefficient
+        rounded = image.round()
+        assert torch.allclose(image, rounded, atol=1e-12) and torch.equal(rounded.abs().sum(), unit.sum())
+    assert torch.allclose(conv._stored(image), unit, atol=1e-12)
+
+
 def test_models_share_no_likelihood_unless_told():
     m1, m2 = _tiny_model(), _tiny_model()
     ids1 = {id(v) for v in eqzoo.likelihoods(m1).values()}
@@ -445,7 +478,7 @@ def _dense_twirl_filter(conv, q, weight=None):
     ops = twirl_operators(G, conv.in_type.representations[0], conv.out_type.representations[0],
                           conv.kernel_size, conv.dilation, conv.n_rot, conv.basis)
     T, r_in, r_out, basis = (torch.tensor(a) for a in (ops.harmonic_action, ops.rho_in, ops.rho_out, ops.basis))
-    w = (conv.weight if weight is None else weight).view(conv._dims.shape)  # [c, e, h, o, i]
+    w = conv.canonical_weight(conv.weight if weight is None else weight).view(conv._dims.shape)  # [c, e, h, o, i]
     twirled = torch.einsum("g,ghk,gac,gbe,cehoi->oaibk", q, T, r_out, r_in, w)
     filt = torch.einsum("oaibk,kxy->oaibxy", twirled, basis)
     return filt.reshape(conv.out_channels, conv.in_channels, conv.kernel_size, conv.kernel_size)
@@ -662,8 +695,9 @@ def test_symmetry_breaking_part():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("spec", ["D4", "O2"])
 def test_cuda_twirl_and_harmonic_path_match_the_cpu(spec):
-    """The twirl's CUDA path (embedding_bag gathers, the per-sample-weights backward) and the
-    harmonic-domain convolution give the CPU's outputs and gradients."""
+    """The twirl's CUDA paths (D4: the regular frame's products and row gathers; O(2): the
+    embedding_bag gathers and the per-sample-weights backward) and the harmonic-domain
+    convolution give the CPU's outputs and gradients."""
     torch.manual_seed(0)
     G = get_group(spec)
     L = None if G.is_finite else 2

@@ -380,7 +380,7 @@ def test_learnt_likelihood_breaks_invariance(learn):
     target = torch.tensor([0, 0, 1, 1])
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     model.train()
-    for _ in range(3):
+    for _ in range(5):
         opt.zero_grad()
         nn.functional.cross_entropy(model(inputs), target).backward()
         opt.step()

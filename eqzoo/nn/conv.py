@@ -31,7 +31,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..groups import group_of
-from ..kernels import TwirlOperators, quadrature_size, resolved_basis, ring_harmonics, twirl_operators
+from ..kernels import (TwirlOperators, permutation_indices, quadrature_size, resolved_basis, ring_harmonics,
+                       twirl_operators)
 from ..likelihood import GroupLikelihood, autocast_enabled, autocast_off
 from .fields import single_repr
 
@@ -70,15 +71,37 @@ class _PixelFilter:
 
     def from_rows(self, rows: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         d, k = self.dims, basis.shape[-1]
-        filt = basis.view(d.harmonics, k * k).T @ rows.view(d.d_out * d.d_in, d.harmonics, -1)  # [(a b), xy, (o i)]
-        filt = filt[:, :, :d.pairs].view(d.d_out, d.d_in, k, k, d.fields_out, d.fields_in)
-        return filt.permute(4, 0, 5, 1, 2, 3).reshape(d.fields_out * d.d_out, d.fields_in * d.d_in, k, k)
+        return self._arranged(basis.view(d.harmonics, k * k).T @ rows.view(d.d_out * d.d_in, d.harmonics, -1))
 
     def to_rows(self, grad: torch.Tensor, basis: torch.Tensor, width: int) -> torch.Tensor:
         d, k = self.dims, basis.shape[-1]
-        grad = grad.view(d.fields_out, d.d_out, d.fields_in, d.d_in, k, k).permute(1, 3, 4, 5, 0, 2)
-        rows = _rows_of(grad, d.d_out * d.d_in * k * k, width).view(d.d_out * d.d_in, k * k, -1)
+        rows = self._pixel_rows(grad, width, k).view(d.d_out * d.d_in, k * k, -1)
         return (basis.view(d.harmonics, k * k) @ rows).view(d.rows, -1)
+
+    def from_frame(self, rows: torch.Tensor, f: "_Frame") -> torch.Tensor:
+        d = self.dims
+        pixels = torch.matmul(f.pixel_bases[:, None], rows.view(d.d_out, d.d_in, d.harmonics, -1))
+        return self._arranged(pixels.view(d.d_out * d.d_in, -1).index_select(0, f.to_canonical)
+                              .view(d.d_out * d.d_in, f.pixel_bases.shape[1], -1))
+
+    def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
+        d, kk = self.dims, f.pixel_bases.shape[1]
+        rows = self._pixel_rows(grad, d.pairs, int(math.isqrt(kk))).view(d.d_out * d.d_in, -1)
+        rows = rows.index_select(0, f.to_frame).view(d.d_out, d.d_in, kk, -1)
+        return torch.matmul(f.pixel_bases.transpose(1, 2)[:, None], rows).view(d.d_out, -1)
+
+    def _arranged(self, filt: torch.Tensor) -> torch.Tensor:
+        """[(a b), xy, (o i) (+ padding)] -> the filter [(o a), (i b), x, y]."""
+        d = self.dims
+        k = int(math.isqrt(filt.shape[1]))
+        filt = filt[:, :, :d.pairs].view(d.d_out, d.d_in, k, k, d.fields_out, d.fields_in)
+        return filt.permute(4, 0, 5, 1, 2, 3).reshape(d.fields_out * d.d_out, d.fields_in * d.d_in, k, k)
+
+    def _pixel_rows(self, grad: torch.Tensor, width: int, k: int) -> torch.Tensor:
+        """The filter's gradient [(o a), (i b), x, y] as rows [(a b x y), width]."""
+        d = self.dims
+        grad = grad.view(d.fields_out, d.d_out, d.fields_in, d.d_in, k, k).permute(1, 3, 4, 5, 0, 2)
+        return _rows_of(grad, d.d_out * d.d_in * k * k, width)
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,12 @@ class _HarmonicMatrix:
         d = self.dims
         grad = grad.view(d.d_out, d.fields_out, d.d_in, d.harmonics, d.fields_in).permute(0, 2, 3, 1, 4)
         return _rows_of(grad, d.rows, width)
+
+    def from_frame(self, rows: torch.Tensor, f: "_Frame") -> torch.Tensor:
+        return self.from_rows(f.canonical(rows, self.dims), None)
+
+    def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
+        return f.framed(self.to_rows(grad, None, self.dims.pairs), self.dims)
 
 
 class _TwirledCoefficients(torch.autograd.Function):
@@ -156,6 +185,49 @@ class _TwirledCoefficients(torch.autograd.Function):
         return tuple(grads)
 
 
+class _RegularTwirl(torch.autograd.Function):
+    r"""κ_λ's coefficients for a layer stored in its regular frame (see :class:`_Frame`):
+
+    .. math:: κ_λ = C(q) V_0 + (C(q) - C(u)) V_1, \qquad C(q) = \sum_g q_g ρ_{out}(g),
+
+    i.e. A_λ κ_0 + (A_λ - P) κ_1 with ``V_1`` (κ_1) optional, handed over in ``layout``. Every
+    product is one |G| x |G| matrix times the coefficients viewed as ``[d_out, everything else]``,
+    so each pass reads them once; the λ gradient is ``dq_g = ⟨ρ_out(g), D (V_0 + V_1)ᵀ⟩`` with D
+    the gradient in the frame."""
+
+    @staticmethod
+    def forward(ctx, f: "_Frame", layout, q: torch.Tensor, V0: torch.Tensor, V1: torch.Tensor | None):
+        n = f.uniform.shape[0]
+        ctx.shape = V0.shape
+        V0 = V0.reshape(n, -1)
+        C = (q @ f.rho_out).view(n, n)
+        rows = C @ V0
+        if V1 is not None:  # (C - P) V1 accumulated in place: no pass for V0 + V1
+            V1 = V1.reshape(n, -1)
+            rows.addmm_(C - f.uniform, V1)
+        ctx.save_for_backward(C, V0, V1)
+        ctx.frame, ctx.layout = f, layout
+        return layout.from_frame(rows, f)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        C, V0, V1 = ctx.saved_tensors
+        f = ctx.frame
+        D = ctx.layout.to_frame(grad, f)
+        dq = dV0 = dV1 = None
+        if ctx.needs_input_grad[2]:
+            dC = D @ V0.T
+            if V1 is not None:
+                dC.addmm_(D, V1.T)
+            dq = f.rho_out @ dC.view(-1)
+        if ctx.needs_input_grad[3]:
+            dV0 = (C.T @ D).view(ctx.shape)
+        if V1 is not None and ctx.needs_input_grad[4]:
+            dV1 = ((C - f.uniform).T @ D).view(ctx.shape)
+        return None, None, dq, dV0, dV1
+
+
 @contextlib.contextmanager
 def _tracing_paused():
     """Suspend TorchScript tracing: what is computed inside is recorded as a constant."""
@@ -188,11 +260,66 @@ def _rows_of(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class _Frame:
+    r"""The regular frame of a layer whose out fields are regular fields of a finite group and
+    whose in fields are permutation fields (every convolution of a finite-group model).
+
+    Out component a of a regular field stands for a group element γ_a. Let S_g = ρ_in(g) ⊗ T(g)ᵀ
+    act on an out component's coefficients (in component, harmonic), so that
+    (A_g W)_a = S_g W_{g⁻¹a}. In the frame coordinates V_a = S_{γ_a}⁻¹ W_a this is
+    (A_g V)_a = V_{g⁻¹a}: the group only permutes out components, and the twirl is the |G| x |G|
+    matrix C(q) = Σ_g q_g ρ_out(g) applied to V as ``[d_out, everything else]``. The layer keeps
+    its coefficients in this frame; W_a = S_{γ_a} V_a turns out component a's harmonics by γ_a
+    (``harmonic_actions`` [d_out, H, H] = T(γ_a)ᵀ, or on the pixels ``pixel_bases`` [d_out, k², H]:
+    ψ(γ_a⁻¹ x)) and permutes its in components by ρ_in(γ_a) (row indices (a, b) of W <- (a, b')
+    of V: ``to_canonical``; back: ``to_frame``). S is orthogonal: a change of coordinates that
+    keeps the init's distribution; for the 90-degree groups (a signed permutation) even Adam's steps."""
+
+    rho_out: torch.Tensor  # [m, d_out * d_out]
+    uniform: torch.Tensor  # [d_out, d_out]: C at uniform q, the projection P
+    harmonic_actions: torch.Tensor  # [d_out, H, H]
+    pixel_bases: torch.Tensor  # [d_out, k * k, H]
+    to_canonical: torch.Tensor  # [d_out * d_in]
+    to_frame: torch.Tensor  # [d_out * d_in]
+
+    def canonical(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
+        """Frame coefficients [d_out, (b' h N)] -> canonical rows [(a b h), N]."""
+        turned = torch.matmul(self.harmonic_actions[:, None], rows.reshape(d.d_out, d.d_in, d.harmonics, -1))
+        return turned.view(d.d_out * d.d_in, -1).index_select(0, self.to_canonical).view(d.rows, -1)
+
+    def framed(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
+        """Canonical rows [(a b h), N] -> frame coefficients [d_out, (b' h N)]."""
+        rows = rows.reshape(d.d_out * d.d_in, -1).index_select(0, self.to_frame)
+        return torch.matmul(self.harmonic_actions.transpose(1, 2)[:, None],
+                            rows.view(d.d_out, d.d_in, d.harmonics, -1)).view(d.d_out, -1)
+
+
+def _frame_arrays(ops: TwirlOperators) -> dict | None:
+    """The arrays of :class:`_Frame` for a layer's operators, or None where it has no regular frame."""
+    r_out, r_in, T = ops.rho_out, ops.rho_in, ops.harmonic_action
+    m, d_out = r_out.shape[:2]
+    sigma_out, sigma_in = permutation_indices(r_out), permutation_indices(r_in)
+    # regular: every (a, k) is linked by exactly one element; T orthogonal (rings' rotations, flips)
+    if (sigma_out is None or sigma_in is None or m != d_out or not np.allclose(r_out.sum(0), 1)
+            or not np.allclose(np.einsum("ghk,gjk->ghj", T, T), np.eye(T.shape[1]))):
+        return None
+    gamma = np.argmax(sigma_out == 0, axis=0)  # γ_a: the element taking component 0 to a
+    d_in = r_in.shape[1]
+    to_canonical = np.array([a * d_in + sigma_in[gamma[a], b] for a in range(d_out) for b in range(d_in)])
+    H = T.shape[1]
+    basis = ops.basis.reshape(H, -1)
+    return dict(rho_out=r_out.reshape(m, -1), uniform=r_out.mean(0), harmonic_actions=T[gamma].transpose(0, 2, 1),
+                pixel_bases=np.einsum("ahk,kp->aph", T[gamma], basis),
+                to_canonical=to_canonical, to_frame=np.argsort(to_canonical))
+
+
+@dataclass(frozen=True)
 class _Constants:
     """A layer's operators as tensors: the harmonic basis [H, k, k], the invariant bias basis
     [d_out, t], the twirl values per quadrature point (A's [R, K] then Aᵀ's [R, K_t], flattened,
-    so that one matmul gives both), A's pattern ``cols`` [R, K], Aᵀ's ``rows_t`` [R, K_t], and the
-    bags of ``cols`` (``offsets`` [R], ``offset2bag`` [R * K]) for the λ gradient."""
+    so that one matmul gives both), A's pattern ``cols`` [R, K], Aᵀ's ``rows_t`` [R, K_t], the
+    bags of ``cols`` (``offsets`` [R], ``offset2bag`` [R * K]) for the λ gradient, and the
+    regular frame (None where the fields have none)."""
 
     basis: torch.Tensor
     bias_basis: torch.Tensor
@@ -201,6 +328,7 @@ class _Constants:
     rows_t: torch.Tensor
     offsets: torch.Tensor
     offset2bag: torch.Tensor
+    frame: _Frame | None
 
 
 _CONSTANTS: dict = {}
@@ -218,9 +346,12 @@ def _constants_of(ops: TwirlOperators, dtype: torch.dtype, device: torch.device)
         values = np.concatenate([sp.values.reshape(m, -1), sp.values_t.reshape(m, -1)], axis=1)
         floats, ints = dict(dtype=dtype, device=device), dict(dtype=torch.int64, device=device)
         bags = torch.arange(R, **ints)
+        frame = _frame_arrays(ops)
+        if frame is not None:
+            frame = _Frame(**{k: torch.tensor(v, **(ints if v.dtype.kind == "i" else floats)) for k, v in frame.items()})
         entry = (ops, _Constants(torch.tensor(ops.basis, **floats), torch.tensor(ops.invariant_out, **floats),
                                  torch.tensor(values, **floats), torch.tensor(sp.cols, **ints),
-                                 torch.tensor(sp.rows_t, **ints), bags * K, bags.repeat_interleave(K)))
+                                 torch.tensor(sp.rows_t, **ints), bags * K, bags.repeat_interleave(K), frame))
         if not torch.compiler.is_compiling():
             _CONSTANTS[key] = entry  # holding ops keeps id(ops) from being reused
     return entry[1]
@@ -297,7 +428,7 @@ class _Twirled(nn.Module):
         m = self._ops.sparse.values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         self._init_weight(uniform)
-        self.weight.copy_(self.twirled_coefficients(uniform))  # the twirl at uniform λ: an orthogonal projection
+        self.weight.copy_(self._projected(self.weight))
 
     def _init_weight(self, uniform: torch.Tensor) -> None:
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy): the
@@ -305,25 +436,57 @@ class _Twirled(nn.Module):
         nn.init.normal_(self.weight)
         # The twirl maps every (in field, out field) pair's coefficients alike, so a block of at
         # most 8 x 8 field pairs gives the filter's std (synthesising all of it dominated build time)
-        filt = self._twirled(_PixelFilter, (self.weight[:, :8, :8], uniform))
+        filt = self._twirled(_PixelFilter, uniform, self.weight[:, :8, :8])
         fan_in = self.in_channels * self.kernel_size**2
         std = float(filt.std()) if filt.numel() > 1 else 0.0
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
 
+    def _projected(self, w: torch.Tensor) -> torch.Tensor:
+        """The equivariant part of coefficients ``w`` in the weight's own layout (the twirl at
+        uniform λ: an orthogonal projection)."""
+        frame = self._constants(w.dtype, w.device).frame
+        if frame is not None:
+            return (frame.uniform @ w.reshape(frame.uniform.shape[0], -1)).view_as(w)
+        m = self._ops.sparse.values.shape[0]
+        return self.twirled_coefficients(torch.full((m,), 1.0 / m, dtype=w.dtype, device=w.device), w)
+
     def twirled_coefficients(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
-        """The coefficients ``w`` (default: the weight) twirled with quadrature weights ``q``, in
-        the weight's own layout ``[d_out * d_in * H, F_out, F_in]``. A one-hot ``q`` at element g
-        gives g's action on the coefficients, an orthogonal map."""
-        w = self.weight if w is None else w
-        return self._as_rows(self._twirled(_HarmonicMatrix, (w, q)), *w.shape[1:])
+        """The coefficients ``w`` twirled with quadrature weights ``q``, both in the canonical layout
+        ``[d_out * d_in * H, F_out, F_in]`` of :meth:`canonical_weight` (default: the weight's). A
+        one-hot ``q`` at element g gives g's action on the coefficients, an orthogonal map."""
+        w = self.canonical_weight() if w is None else w
+        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        c = self._constants(w.dtype, w.device)
+        matrix = _TwirledCoefficients.apply(c, _HarmonicMatrix(dims), w, q.to(w.dtype))
+        return self._as_rows(matrix, *w.shape[1:])
 
     def kernel_coefficients(self) -> torch.Tensor:
-        """The coefficients of the layer's filter κ_λ, in the weight's layout (with gradients)."""
+        """The coefficients of the layer's filter κ_λ in the canonical layout (with gradients)."""
         return self._as_rows(self._filter(_HarmonicMatrix), self._dims.fields_out, self._dims.fields_in)
 
+    def canonical_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Coefficients ``w`` (default: the weight) in the canonical layout: rows (out component,
+        in component, ring harmonic) of every (out field, in field) pair, as ``state_dict()``
+        holds them. Layers with a regular frame (see :class:`_Frame`) store their parameters in
+        that frame, where λ's twirl is one small matrix product; this converts (differentiably)."""
+        w = self.weight if w is None else w
+        frame = self._constants(w.dtype, w.device).frame
+        if frame is None:
+            return w
+        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        return frame.canonical(w.reshape(dims.d_out, -1), dims).view(w.shape)
+
+    def _stored(self, w: torch.Tensor) -> torch.Tensor:
+        """Canonical coefficients in the weight's own layout (the inverse of :meth:`canonical_weight`)."""
+        frame = self._constants(w.dtype, w.device).frame
+        if frame is None:
+            return w
+        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        return frame.framed(w, dims).view(w.shape)
+
     def _as_rows(self, matrix: torch.Tensor, fields_out: int, fields_in: int) -> torch.Tensor:
-        """A :class:`_HarmonicMatrix` ``[(a o), (b h i)]`` back in the weight's layout."""
+        """A :class:`_HarmonicMatrix` ``[(a o), (b h i)]`` back in the canonical layout."""
         d = self._dims
         out = matrix.view(d.d_out, fields_out, d.d_in, d.harmonics, fields_in)
         return out.permute(0, 2, 3, 1, 4).reshape(d.rows, fields_out, fields_in)
@@ -331,10 +494,7 @@ class _Twirled(nn.Module):
     def _filter(self, layout) -> torch.Tensor:
         """κ_λ = A_λ κ_0 + (A_λ - P) κ_1 in ``layout`` (see :meth:`_twirled`)."""
         q = self.likelihood.kernel_weights(self.n_rot)
-        terms = [(self.weight, q)]
-        if self._uses_breaking():
-            terms.append((self.weight_breaking, q - 1.0 / q.numel()))
-        return self._twirled(layout, *terms)
+        return self._twirled(layout, q, self.weight, self.weight_breaking if self._uses_breaking() else None)
 
     def _uses_breaking(self) -> bool:
         """Whether the filter needs the κ_1 term: always where it is trained; where it is a buffer
@@ -352,15 +512,18 @@ class _Twirled(nn.Module):
         """The operators' tensors in ``dtype`` on ``device`` (default: the weight's)."""
         return _constants_of(self._ops, dtype or self.weight.dtype, device or self.weight.device)
 
-    def _twirled(self, layout, *terms: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``Σ A(q) w`` over the ``(w, q)`` terms: coefficients w [d_out * d_in * H, F_out, F_in]
-        (all of one shape) twirled with quadrature weights q [m], in ``layout``:
+    def _twirled(self, layout, q: torch.Tensor, w: torch.Tensor, breaking: torch.Tensor | None = None) -> torch.Tensor:
+        """``A(q) w + (A(q) - P) breaking`` for coefficients in the weight's own layout
+        [d_out * d_in * H, F_out, F_in] and quadrature weights q [m], in ``layout``:
         :class:`_PixelFilter` gives the filter [C_out, C_in, k, k], :class:`_HarmonicMatrix` the
         matrix [(out component, out field), (in component, harmonic, in field)]."""
-        w = terms[0][0]
         dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
-        flat = [t for w, q in terms for t in (w, q.to(w.dtype))]
-        return _TwirledCoefficients.apply(self._constants(w.dtype), layout(dims), *flat)
+        c = self._constants(w.dtype, w.device)
+        q = q.to(w.dtype)
+        if c.frame is not None:
+            return _RegularTwirl.apply(c.frame, layout(dims), q, w, breaking)
+        terms = [w, q] + ([] if breaking is None else [breaking, q - 1.0 / q.numel()])
+        return _TwirledCoefficients.apply(c, layout(dims), *terms)
 
     def _expanded_bias(self):
         if self.bias is None:
@@ -420,11 +583,22 @@ class _Twirled(nn.Module):
                                f"{self.weight.dtype}{hint}; cast the input (x.to({self.weight.dtype})) or the "
                                "model (model.to(dtype)), or run under torch.autocast")
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in ("weight", "weight_breaking"):  # saved in the canonical layout, whatever the storage
+            t = destination.get(prefix + name)
+            if t is not None:
+                destination[prefix + name] = self.canonical_weight(t if keep_vars else t.detach())
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # saved before κ_1 existed: that filter is A_λ κ_0, i.e. κ_1 = 0
         key = prefix + "weight_breaking"
         if key not in state_dict and prefix + "weight" in state_dict:
             state_dict[key] = torch.zeros_like(self.weight_breaking)
+        for name in ("weight", "weight_breaking"):  # canonical layout -> storage; bad shapes and dtypes
+            t = state_dict.get(prefix + name)  # are left for load_state_dict to report
+            if isinstance(t, torch.Tensor) and t.shape == self.weight.shape and t.is_floating_point():
+                state_dict[prefix + name] = self._stored(t)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):
