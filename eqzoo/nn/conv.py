@@ -217,15 +217,24 @@ class _RegularTwirl(torch.autograd.Function):
         D = ctx.layout.to_frame(grad, f)
         dq = dV0 = dV1 = None
         if ctx.needs_input_grad[2]:
-            dC = D @ V0.T
+            dC = _products_of_rows(D, V0, ctx.layout.dims)
             if V1 is not None:
-                dC.addmm_(D, V1.T)
+                dC += _products_of_rows(D, V1, ctx.layout.dims)
             dq = f.rho_out @ dC.view(-1)
-        if ctx.needs_input_grad[3]:
+        if V1 is not None and ctx.needs_input_grad[4]:  # both from one product: D is read once
+            dV = torch.cat([C, C - f.uniform], dim=1).T @ D
+            dV0, dV1 = dV[:C.shape[0]].view(ctx.shape), dV[C.shape[0]:].view(ctx.shape)
+        elif ctx.needs_input_grad[3]:
             dV0 = (C.T @ D).view(ctx.shape)
-        if V1 is not None and ctx.needs_input_grad[4]:
-            dV1 = ((C - f.uniform).T @ D).view(ctx.shape)
         return None, None, dq, dV0, dV1
+
+
+def _products_of_rows(D: torch.Tensor, V: torch.Tensor, d: _Dims) -> torch.Tensor:
+    """``D Vᵀ`` for two [d_out, M] matrices, as a batched product over M's d_in * H runs of
+    F_o * F_i columns: a single [d_out, M] x [M, d_out] product runs several times slower (its
+    long inner dimension leaves the few outputs without parallel work)."""
+    n, runs = D.shape[0], d.d_in * d.harmonics
+    return torch.bmm(D.view(n, runs, -1).transpose(0, 1), V.view(n, runs, -1).permute(1, 2, 0)).sum(0)
 
 
 @contextlib.contextmanager
