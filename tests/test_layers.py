@@ -657,6 +657,37 @@ def test_field_batch_norm_eval_is_its_definition(spec):
     assert bn.weight.grad.abs().sum() > 0 and bn.bias.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("spec", ["O2", "SO2"])
+def test_field_batch_norm_training_is_its_definition(spec):
+    """With batch statistics a general field is centred on the invariant projection of its
+    per-channel means and divided by one standard deviation per field (over batch, components
+    and pixels): outputs, input and parameter gradients, and the running statistics."""
+    torch.manual_seed(0)
+    ftype = get_group(spec).field_type(3)
+    bn = FieldBatchNorm2d(ftype, momentum=1.0).double().train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.normal_()
+    x = (torch.randn(4, ftype.size, 5, 5, dtype=torch.float64) * 3 + 1).requires_grad_()
+    E = bn._invariant.double()
+    xf = x.view(4, bn.num_fields, bn.field_size, 25)
+    mean = xf.mean(dim=(0, 3)) @ E
+    centred = xf - (mean @ E.T)[None, :, :, None]
+    var = centred.pow(2).mean(dim=(0, 2, 3))
+    want = centred / torch.sqrt(var + bn.eps)[None, :, None, None] * bn.weight[None, :, None, None] \
+        + (bn.bias @ E.T)[None, :, :, None]
+    probe = torch.randn_like(x)
+    results = []
+    for y in (bn(x), want.view_as(x)):
+        grads = torch.autograd.grad((y * probe).sum(), (x, bn.weight, bn.bias))
+        results.append((y.detach(), *grads))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-10)
+    n = x.numel() // bn.num_fields
+    assert torch.allclose(bn.running_mean, mean.detach()) and torch.allclose(bn.running_var, var.detach() * n / (n - 1))
+    assert torch.autograd.gradcheck(lambda t: bn(t), (x[:2, :, :3, :3].detach().clone().requires_grad_(),))
+
+
 def test_symmetry_breaking_part():
     """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 is a parameter where λ is learnable (a zero buffer where
     it is frozen), starts at 0, has no effect at uniform λ, gets its own gradient, and a state
@@ -756,6 +787,7 @@ def test_fourier_relu_is_sample_relu_project():
     xf = x.view(3, 2, ftype.size // 2, 5, 4)
     want = torch.einsum("dn,bfnhw->bfdhw", layer._project, torch.einsum("nd,bfdhw->bfnhw", layer._sample, xf).relu())
     assert torch.allclose(layer(x), want.reshape(x.shape), atol=1e-12)
+    assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
 
 
 def test_norm_relu_definition_and_gradients():

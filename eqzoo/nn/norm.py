@@ -14,9 +14,60 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..kernels import invariant_basis
 from .fields import is_permutation, single_repr
+
+
+class _FieldStatsNorm(torch.autograd.Function):
+    r"""Batch norm of general fields x [B, F, d, P] with batch statistics: the mean of field f is
+    μ = Π m, the projection (Π = E Eᵀ, E [d, t] the invariant basis) of its per-channel means m,
+    its variance is one number, v_f = mean over batch, components and pixels of (x - μ)²
+    = mean_c(E[x_c²]) - mean_c(μ_c²), and y = (x - μ) s w + E b with s = (v + eps)^(-1/2).
+
+    Written out because autograd's version keeps several activation-sized temporaries and runs
+    a dozen passes over them. With x̂ = (x - μ) s and n = B P, the backward is
+
+    .. math:: dx = s w \left(dy - Π\, \tfrac{1}{n} Σ_{B,P} dy - x̂\, \tfrac{1}{n d} Σ_{B,d,P} dy\, x̂\right),
+
+    a per-channel affine map of dy and x (two passes), after two per-channel reductions. Also
+    returns the statistics (mean [F, t], variance [F]) for the running averages."""
+
+    @staticmethod
+    def forward(ctx, xf, E, weight, bias, eps):
+        n = xf.shape[0] * xf.shape[3]
+        m = xf.mean(dim=(0, 3))  # [F, d]
+        mean = m @ E  # [F, t]
+        mu = mean @ E.T
+        squares = torch.linalg.vector_norm(xf, dim=(0, 3)).square_() / n  # E[x_c²], no temporary
+        var = (squares - mu.square()).mean(1).clamp_min_(0)
+        s = torch.rsqrt(var + eps)
+        scale = s if weight is None else s * weight
+        shift = -mu * scale[:, None]
+        if bias is not None:
+            shift = shift + bias @ E.T
+        ctx.save_for_backward(xf, E, weight, mu, s)
+        ctx.mark_non_differentiable(mean, var)
+        return torch.addcmul(shift[None, :, :, None], xf, scale[None, :, None, None]), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _mean, _var):
+        xf, E, weight, mu, s = ctx.saved_tensors
+        B, F_, d, P = xf.shape
+        n = B * P
+        sum_dy = dy.sum(dim=(0, 3))  # [F, d]
+        dy_xhat = (s[:, None] * ((dy * xf).sum(dim=(0, 3)) - mu * sum_dy)).sum(1)  # [F]: Σ dy x̂
+        alpha = s if weight is None else s * weight
+        k = dy_xhat / (n * d)
+        gamma = -alpha * s * k
+        delta = alpha[:, None] * (k[:, None] * s[:, None] * mu - (sum_dy / n) @ E @ E.T)
+        dx = torch.addcmul(delta[None, :, :, None], xf, gamma[None, :, None, None])
+        dx.addcmul_(dy, alpha[None, :, None, None])
+        dweight = dy_xhat if weight is not None and ctx.needs_input_grad[2] else None
+        dbias = sum_dy @ E if ctx.needs_input_grad[3] else None
+        return dx, None, dweight, dbias, None
 
 
 class FieldBatchNorm2d(nn.Module):
@@ -116,24 +167,15 @@ class FieldBatchNorm2d(nn.Module):
             return F.batch_norm(x, *(t if t is None else t.to(x.dtype) for t in self._per_channel()),
                                 training=False, eps=self.eps)
         B, C, H, W = x.shape
-        E = self._invariant.to(x.dtype)
         xf = x.reshape(B, self.num_fields, self.field_size, H * W)
-        mean = xf.mean(dim=(0, 3)) @ E  # [F, t]: reduced over batch and pixels first, no reordering copy
-        mean_vec = (mean @ E.T)[None, :, :, None]
-        var = (xf - mean_vec).pow(2).mean(dim=(0, 2, 3))
-        n = B * H * W * self.field_size
+        y, mean, var = _FieldStatsNorm.apply(xf, self._invariant.to(x.dtype), self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
+            n = B * H * W * self.field_size
             with torch.no_grad():
                 momentum = self._momentum()
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
-                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
-        # (x - m) s + b as one pass over the activations: x s + (b - m s)
-        scale = torch.rsqrt(var + self.eps)
-        shift = -mean_vec * scale[None, :, None, None]
-        if self.affine:
-            scale = scale * self.weight
-            shift = shift * self.weight[None, :, None, None] + (self.bias @ E.T)[None, :, :, None]
-        return torch.addcmul(shift, xf, scale[None, :, None, None]).reshape(B, C, H, W)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
+        return y.view(B, C, H, W)
 
     def _per_channel(self):
         """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""
