@@ -268,6 +268,23 @@ def test_continuous_group_rounds_widths_and_exports(nonlinearity):
         eqzoo.export(model, counterpart=True)
 
 
+@pytest.mark.parametrize("nonlinearity", ["fourier", "norm", "gated"])
+def test_continuous_group_trains_under_autocast(nonlinearity):
+    """bf16 autocast through the O(2) layers' own autograd functions (Fourier ReLU, batch norm):
+    outputs near float32's, finite float32 gradients for every parameter."""
+    torch.manual_seed(0)
+    model = timm.create_model("pe_resnet18", group="O2", num_classes=3, layers=[1, 1, 1, 1],
+                              nonlinearity=nonlinearity).train()
+    x = torch.randn(2, 3, 33, 33)
+    y = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp = model(x)
+    assert rel_err(y_amp.float(), y) < 0.1
+    y_amp.float().square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+
+
 def test_grad_checkpointing_channels_last_amp_compile():
     torch.manual_seed(0)
     model = timm.create_model("pe_resnet18", num_classes=4)

@@ -36,16 +36,17 @@ class _SampledReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sample, project):
-        samples = torch.matmul(sample, x)
+        samples = torch.matmul(sample, x)  # (under autocast in its dtype: backward follows grad's)
         mask = samples > 0
         ctx.save_for_backward(mask, sample, project)
+        ctx.dtype = x.dtype
         return torch.matmul(project, samples.relu_())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        mask, sample, project = ctx.saved_tensors
-        return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask)), None, None  # mask: bool
+        mask, sample, project = (t if t.dtype == torch.bool else t.to(grad.dtype) for t in ctx.saved_tensors)
+        return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask)).to(ctx.dtype), None, None
 
 
 class FourierReLU(nn.Module):

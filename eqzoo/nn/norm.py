@@ -37,10 +37,10 @@ class _FieldStatsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xf, E, weight, bias, eps):
         n = xf.shape[0] * xf.shape[3]
-        m = xf.mean(dim=(0, 3))  # [F, d]
+        m = xf.mean(dim=(0, 3), dtype=E.dtype)  # [F, d]
         mean = m @ E  # [F, t]
         mu = mean @ E.T
-        squares = torch.linalg.vector_norm(xf, dim=(0, 3)).square_() / n  # E[x_c²], no temporary
+        squares = torch.linalg.vector_norm(xf, dim=(0, 3), dtype=E.dtype).square_() / n  # E[x_c²], no temporary
         var = (squares - mu.square()).mean(1).clamp_min_(0)
         s = torch.rsqrt(var + eps)
         scale = s if weight is None else s * weight
@@ -64,7 +64,7 @@ class _FieldStatsNorm(torch.autograd.Function):
         gamma = -alpha * s * k
         delta = alpha[:, None] * (k[:, None] * s[:, None] * mu - (sum_dy / n) @ E @ E.T)
         dx = torch.addcmul(delta[None, :, :, None], xf, gamma[None, :, None, None])
-        dx.addcmul_(dy, alpha[None, :, None, None])
+        dx = dx.addcmul_(dy, alpha[None, :, None, None]).to(xf.dtype)  # (a bf16 input under autocast)
         dweight = dy_xhat if weight is not None and ctx.needs_input_grad[2] else None
         dbias = sum_dy @ E if ctx.needs_input_grad[3] else None
         return dx, None, dweight, dbias, None
@@ -168,7 +168,9 @@ class FieldBatchNorm2d(nn.Module):
                                 training=False, eps=self.eps)
         B, C, H, W = x.shape
         xf = x.reshape(B, self.num_fields, self.field_size, H * W)
-        y, mean, var = _FieldStatsNorm.apply(xf, self._invariant.to(x.dtype), self.weight, self.bias, self.eps)
+        # statistics in at least the module's precision (bf16 activations under autocast: float32)
+        E = self._invariant.to(torch.promote_types(x.dtype, self._invariant.dtype))
+        y, mean, var = _FieldStatsNorm.apply(xf, E, self.weight, self.bias, self.eps)
         if self.training and self.track_running_stats:
             n = B * H * W * self.field_size
             with torch.no_grad():
