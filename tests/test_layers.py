@@ -775,6 +775,7 @@ def test_field_nonlinearities_equivariance(spec):
         layer = field_relu(ftype, nonlinearity, dtype=torch.float64)
         assert max(errors(layer, on_grid + off_grid)) <= 1e-10, nonlinearity
         assert rel_err(layer(x), x) > 0.1  # not the identity
+        assert torch.autograd.gradcheck(layer, (x[:1, :, :2, :2].clone().requires_grad_(),))
     fourier = field_relu(ftype, dtype=torch.float64)
     assert max(errors(fourier, on_grid)) <= 1e-10
     assert max(errors(fourier, off_grid)) > 1e-3

@@ -264,6 +264,7 @@ def test_continuous_group_rounds_widths_and_exports(nonlinearity):
     assert not any(isinstance(m, (PEConv2d, PELinear, FieldBatchNorm2d)) for m in plain.modules())
     with torch.no_grad():
         assert rel_err(plain(x), model(x)) <= 1e-5
+        assert rel_err(torch.jit.script(plain)(x), model(x)) <= 1e-5  # the nonlinearities script
     with pytest.raises(ValueError, match="counterpart"):
         eqzoo.export(model, counterpart=True)
 

@@ -102,8 +102,11 @@ class FourierReLU(nn.Module):
         # [B * fields, d, pixels]: the small operators multiply from the left, batched over fields,
         # so neither product reorders the activations (einsum's permutes cost more than the products)
         xf = x.reshape(B * (C // self.field_size), self.field_size, H * W)
-        out = _SampledReLU.apply(xf, self._sample.to(x.dtype), self._project.to(x.dtype))
-        return out.view(B, C, H, W)
+        sample, project = self._sample.to(x.dtype), self._project.to(x.dtype)
+        if not torch.jit.is_scripting():  # (TorchScript takes no autograd functions: not in a script or trace)
+            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+                return _SampledReLU.apply(xf, sample, project).view(B, C, H, W)
+        return torch.matmul(project, torch.matmul(sample, xf).relu_()).view(B, C, H, W)
 
     def export(self) -> nn.Module:
         return self  # already plain torch
@@ -141,6 +144,7 @@ class _IrrepwiseNonlinearity(nn.Module):
 
     def __init__(self, field_type, device=None, dtype=None):
         super().__init__()
+        self.kind = type(self).kind  # an instance attribute: TorchScript reads those
         self.blocks, self.trivial = _irrep_blocks(field_type, self.kind)
         self.num_features = field_type.size
         self.num_fields, self.field_size = len(field_type), single_repr(field_type).size
@@ -167,8 +171,8 @@ class _IrrepwiseNonlinearity(nn.Module):
 
     def _fields(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__} expects [B, {self.num_features}, H, W] "
-                             f"({self.num_fields} fields of size {self.field_size}), got {tuple(x.shape)}")
+            raise ValueError(f"the {self.kind} nonlinearity expects [B, {self.num_features}, H, W] "
+                             f"({self.num_fields} fields of size {self.field_size}), got {list(x.shape)}")
         B, C, H, W = x.shape
         return x.reshape(B, self.num_fields, self.field_size, H * W)
 
@@ -220,8 +224,39 @@ class GatedReLU(_IrrepwiseNonlinearity):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = self._fields(x)
-        gate = torch.sigmoid(xf[:, :, self.trivial[0]:self.trivial[0] + 1])
-        return torch.where(self._trivial_mask, xf.relu(), xf * gate).view(x.shape)
+        if not torch.jit.is_scripting():  # (TorchScript takes no autograd functions: not in a script or trace)
+            if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
+                return _Gated.apply(xf, self.trivial).view(x.shape)
+        g = self.trivial[0]
+        return torch.where(self._trivial_mask, xf.relu(), xf * torch.sigmoid(xf[:, :, g:g + 1])).view(x.shape)
+
+
+class _Gated(torch.autograd.Function):
+    """:class:`GatedReLU` on x [B, F, d, P], keeping x and the gates (1/d of x) for backward:
+    dx_j = dy_j σ(x_0) for the gated components, and the gate's own component gets its ReLU's
+    gradient plus Σ_j dy_j x_j σ'(x_0)."""
+
+    @staticmethod
+    def forward(ctx, xf, trivial):
+        g = trivial[0]
+        gate = torch.sigmoid(xf[:, :, g:g + 1])
+        y = xf * gate
+        y[:, :, trivial] = xf[:, :, trivial].relu()
+        ctx.save_for_backward(xf, gate)
+        ctx.trivial = trivial
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        xf, gate = ctx.saved_tensors
+        trivial, g = ctx.trivial, ctx.trivial[0]
+        dx = dy * gate
+        dx[:, :, trivial] = 0
+        dgate = (dy * xf).sum(dim=2, keepdim=True) - (dy[:, :, trivial] * xf[:, :, trivial]).sum(dim=2, keepdim=True)
+        dx[:, :, trivial] = dy[:, :, trivial] * (xf[:, :, trivial] > 0)
+        dx[:, :, g:g + 1] += dgate * gate * (1 - gate)
+        return dx, None
 
 
 def field_relu(field_type, nonlinearity: str = "auto", inplace: bool = False, device=None, dtype=None) -> nn.Module:
