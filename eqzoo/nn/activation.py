@@ -227,8 +227,19 @@ class GatedReLU(_IrrepwiseNonlinearity):
         if not torch.jit.is_scripting():  # (TorchScript takes no autograd functions: not in a script or trace)
             if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
                 return _Gated.apply(xf, self.trivial).view(x.shape)
+            if not torch.jit.is_tracing():
+                return _gated(xf, self.trivial)[0].view(x.shape)
         g = self.trivial[0]
         return torch.where(self._trivial_mask, xf.relu(), xf * torch.sigmoid(xf[:, :, g:g + 1])).view(x.shape)
+
+
+def _gated(xf: torch.Tensor, trivial: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`GatedReLU` on x [B, F, d, P] in one pass over x, and the gates σ(x_0)."""
+    g = trivial[0]
+    gate = torch.sigmoid(xf[:, :, g:g + 1])
+    y = xf * gate
+    y[:, :, trivial] = xf[:, :, trivial].relu()
+    return y, gate
 
 
 class _Gated(torch.autograd.Function):
@@ -238,10 +249,7 @@ class _Gated(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xf, trivial):
-        g = trivial[0]
-        gate = torch.sigmoid(xf[:, :, g:g + 1])
-        y = xf * gate
-        y[:, :, trivial] = xf[:, :, trivial].relu()
+        y, gate = _gated(xf, trivial)
         ctx.save_for_backward(xf, gate)
         ctx.trivial = trivial
         return y

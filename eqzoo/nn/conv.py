@@ -81,8 +81,9 @@ class _PixelFilter:
     def from_frame(self, rows: torch.Tensor, f: "_Frame") -> torch.Tensor:
         d = self.dims
         pixels = torch.matmul(f.pixel_bases[:, None], rows.view(d.d_out, d.d_in, d.harmonics, -1))
-        return self._arranged(pixels.view(d.d_out * d.d_in, -1).index_select(0, f.to_canonical)
-                              .view(d.d_out * d.d_in, f.pixel_bases.shape[1], -1))
+        del rows  # the largest layers' intermediates are tens of MB: one at a time
+        pixels = pixels.view(d.d_out * d.d_in, -1).index_select(0, f.to_canonical)
+        return self._arranged(pixels.view(d.d_out * d.d_in, f.pixel_bases.shape[1], -1))
 
     def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
         d, kk = self.dims, f.pixel_bases.shape[1]
@@ -200,14 +201,13 @@ class _RegularTwirl(torch.autograd.Function):
         n = f.uniform.shape[0]
         ctx.shape = V0.shape
         V0 = V0.reshape(n, -1)
+        V1 = None if V1 is None else V1.reshape(n, -1)
         C = (q @ f.rho_out).view(n, n)
-        rows = C @ V0
-        if V1 is not None:  # (C - P) V1 accumulated in place: no pass for V0 + V1
-            V1 = V1.reshape(n, -1)
-            rows.addmm_(C - f.uniform, V1)
         ctx.save_for_backward(C, V0, V1)
         ctx.frame, ctx.layout = f, layout
-        return layout.from_frame(rows, f)
+        # (C - P) V1 accumulated in place: no pass for V0 + V1; no name for the result, so that
+        # from_frame can free each intermediate as soon as the next exists
+        return layout.from_frame(C @ V0 if V1 is None else (C @ V0).addmm_(C - f.uniform, V1), f)
 
     @staticmethod
     @once_differentiable
