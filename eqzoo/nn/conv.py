@@ -14,8 +14,9 @@ same coordinates carry the equivariant part's far larger gradient. As a paramete
 κ_1 (``weight_breaking``, only where λ is learnable, starting at 0) learns at the optimiser's
 pace, and λ still decides how much of it the filter gets (none at uniform λ).
 
-Each twirl is one sparse matrix (see :mod:`eqzoo.kernels`) per step; everything else is
-precomputed when the layer is built. In eval mode the filter is cached until the weights,
+Each twirl is one sparse matrix (see :mod:`eqzoo.kernels`) per step, or, where the out fields
+are regular fields of a finite group, one |G| x |G| matrix in the layer's regular frame (see
+:class:`_Frame`); everything else is precomputed when the layer is built. In eval mode the filter is cached until the weights,
 λ, the device or the dtype change.
 """
 from __future__ import annotations
@@ -401,8 +402,10 @@ class _Twirled(nn.Module):
         self._dims = _Dims(d_out, d_in, harm.size, len(out_type), len(in_type))
         # Coefficients: rows (out component, in component, ring harmonic), then (out field, in
         # field): the layout in which the twirl moves whole contiguous rows, and from which the
-        # pixel filter is one batched matmul and one cheap permutation away. 3-D on purpose: it
-        # has no spatial layout, so channels_last conversions leave it alone.
+        # pixel filter is one batched matmul and one cheap permutation away; with a regular frame
+        # (see _Frame) the rows are that frame's coordinates, and state_dict() converts them to
+        # this canonical layout (see canonical_weight). 3-D on purpose: it has no spatial
+        # layout, so channels_last conversions leave it alone.
         self.weight = nn.Parameter(torch.empty(d_out * d_in * harm.size, len(out_type), len(in_type), **dd))
         # κ_1 of the module docstring: a parameter where λ learns; a buffer (zero unless loaded)
         # where it is frozen, so that strict and learnt models have the same state_dict and a
