@@ -7,12 +7,12 @@ torchvision's ``create_feature_extractor`` directly, pass ``tracer_kwargs=eqzoo.
 """
 from timm.layers import get_notrace_functions, get_notrace_modules, register_notrace_function, register_notrace_module
 
-from ..nn import FieldBatchNorm2d, FourierReLU, PEConv2d, PELinear
+from ..nn import FieldBatchNorm2d, FourierReLU, GatedReLU, NormReLU, PEConv2d, PELinear
 from ._layers import check_pooled
 from .pe_resnet import PEBasicBlock, PEBottleneck, PEResNet
 from .pe_wrn import PEWideResNet, WideResNet
 
-for _leaf in (PEConv2d, PELinear, FieldBatchNorm2d, FourierReLU):
+for _leaf in (PEConv2d, PELinear, FieldBatchNorm2d, FourierReLU, NormReLU, GatedReLU):
     register_notrace_module(_leaf)
 register_notrace_function(check_pooled)
 

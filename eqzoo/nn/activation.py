@@ -195,6 +195,8 @@ class NormReLU(_IrrepwiseNonlinearity):
 
     def __init__(self, field_type, device=None, dtype=None):
         super().__init__(field_type, device=device, dtype=dtype)
+        if any(size > 2 for _, size in self.blocks):
+            raise ValueError("NormReLU supports irrep blocks of size 1 and 2 (subgroups of O(2))")
         self.bias = nn.Parameter(torch.empty(self.num_fields, len(self.blocks), device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -202,9 +204,8 @@ class NormReLU(_IrrepwiseNonlinearity):
     def reset_parameters(self) -> None:
         if self.bias.is_meta:
             return
+        # medians of the norm of a standard normal vector: chi with 2 and 1 degrees of freedom
         medians = [math.sqrt(2 * math.log(2)) if size == 2 else 0.6744897501960817 for _, size in self.blocks]
-        if any(size > 2 for _, size in self.blocks):
-            raise ValueError("NormReLU supports irrep blocks of size 1 and 2 (subgroups of O(2))")
         self.bias.copy_(torch.tensor(medians, dtype=self.bias.dtype).expand_as(self.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
