@@ -261,7 +261,6 @@ class _Gated(torch.autograd.Function):
         xf, gate = ctx.saved_tensors
         trivial, g = ctx.trivial, ctx.trivial[0]
         dx = dy * gate
-        dx[:, :, trivial] = 0
         dgate = (dy * xf).sum(dim=2, keepdim=True) - (dy[:, :, trivial] * xf[:, :, trivial]).sum(dim=2, keepdim=True)
         dx[:, :, trivial] = dy[:, :, trivial] * (xf[:, :, trivial] > 0)
         dx[:, :, g:g + 1] += dgate * gate * (1 - gate)

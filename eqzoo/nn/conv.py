@@ -440,7 +440,7 @@ class _Twirled(nn.Module):
         m = self._ops.sparse.values.shape[0]
         uniform = torch.full((m,), 1.0 / m, device=self.weight.device)
         self._init_weight(uniform)
-        self.weight.copy_(self._projected(self.weight))
+        self.weight.copy_(self._projected(self.weight, uniform))
 
     def _init_weight(self, uniform: torch.Tensor) -> None:
         """He init of the filter *at uniform λ* (the twirl keeps only part of κ_0's energy): the
@@ -454,21 +454,24 @@ class _Twirled(nn.Module):
         if std > 0:
             self.weight.mul_(math.sqrt(2.0 / fan_in) / std)
 
-    def _projected(self, w: torch.Tensor) -> torch.Tensor:
-        """The equivariant part of coefficients ``w`` in the weight's own layout (the twirl at
-        uniform λ: an orthogonal projection)."""
+    def _projected(self, w: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+        """The equivariant part of coefficients ``w`` in the weight's own layout: the twirl at
+        uniform λ (quadrature weights ``uniform``), an orthogonal projection."""
         frame = self._constants(w.dtype, w.device).frame
         if frame is not None:
             return (frame.uniform @ w.reshape(frame.uniform.shape[0], -1)).view_as(w)
-        m = self._ops.sparse.values.shape[0]
-        return self.twirled_coefficients(torch.full((m,), 1.0 / m, dtype=w.dtype, device=w.device), w)
+        return self.twirled_coefficients(uniform, w)
+
+    def _dims_of(self, w: torch.Tensor) -> _Dims:
+        """The layer's sizes for coefficients ``w`` of this layout with any number of field pairs."""
+        return _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
 
     def twirled_coefficients(self, q: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         """The coefficients ``w`` twirled with quadrature weights ``q``, both in the canonical layout
         ``[d_out * d_in * H, F_out, F_in]`` of :meth:`canonical_weight` (default: the weight's). A
         one-hot ``q`` at element g gives g's action on the coefficients, an orthogonal map."""
         w = self.canonical_weight() if w is None else w
-        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        dims = self._dims_of(w)
         c = self._constants(w.dtype, w.device)
         matrix = _TwirledCoefficients.apply(c, _HarmonicMatrix(dims), w, q.to(w.dtype))
         return self._as_rows(matrix, *w.shape[1:])
@@ -486,7 +489,7 @@ class _Twirled(nn.Module):
         frame = self._constants(w.dtype, w.device).frame
         if frame is None:
             return w
-        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        dims = self._dims_of(w)
         return frame.canonical(w.reshape(dims.d_out, -1), dims).view(w.shape)
 
     def _stored(self, w: torch.Tensor) -> torch.Tensor:
@@ -494,7 +497,7 @@ class _Twirled(nn.Module):
         frame = self._constants(w.dtype, w.device).frame
         if frame is None:
             return w
-        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        dims = self._dims_of(w)
         return frame.framed(w, dims).view(w.shape)
 
     def _as_rows(self, matrix: torch.Tensor, fields_out: int, fields_in: int) -> torch.Tensor:
@@ -529,7 +532,7 @@ class _Twirled(nn.Module):
         [d_out * d_in * H, F_out, F_in] and quadrature weights q [m], in ``layout``:
         :class:`_PixelFilter` gives the filter [C_out, C_in, k, k], :class:`_HarmonicMatrix` the
         matrix [(out component, out field), (in component, harmonic, in field)]."""
-        dims = _Dims(self._dims.d_out, self._dims.d_in, self._dims.harmonics, *w.shape[1:])
+        dims = self._dims_of(w)
         c = self._constants(w.dtype, w.device)
         q = q.to(w.dtype)
         if c.frame is not None:
