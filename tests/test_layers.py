@@ -11,6 +11,7 @@ from eqzoo import GroupLikelihood
 from eqzoo.groups import get_group
 from eqzoo.kernels import twirl_operators
 from eqzoo.nn import FieldBatchNorm2d, FourierReLU, NormReLU, PEConv2d, PELinear, field_relu
+from eqzoo.nn import activation
 from trained import generic_kernels
 
 PIXEL_EXACT = [(0, 0.0), (0, math.pi / 2), (0, math.pi), (0, 3 * math.pi / 2),
@@ -781,13 +782,20 @@ def test_field_nonlinearities_equivariance(spec):
     assert max(errors(fourier, off_grid)) > 1e-3
 
 
-def test_fourier_relu_is_sample_relu_project():
+@pytest.mark.parametrize("chunk_numbers", [None, 1, 3 * 32 * 20])
+def test_fourier_relu_is_sample_relu_project(monkeypatch, chunk_numbers):
+    """The definition, in one chunk and in several (one field per chunk; 3 fields per chunk with
+    a shorter last one): training and eval paths, values and gradients."""
+    if chunk_numbers is not None:
+        monkeypatch.setattr(activation, "_CHUNK_NUMBERS", chunk_numbers)
     ftype = get_group("O2").field_type(2)
     layer = FourierReLU(ftype, dtype=torch.float64)
-    x = torch.randn(3, ftype.size, 5, 4, dtype=torch.float64)
-    xf = x.view(3, 2, ftype.size // 2, 5, 4)
+    x = torch.randn(4, ftype.size, 5, 4, dtype=torch.float64)
+    xf = x.view(4, 2, ftype.size // 2, 5, 4)
     want = torch.einsum("dn,bfnhw->bfdhw", layer._project, torch.einsum("nd,bfdhw->bfnhw", layer._sample, xf).relu())
-    assert torch.allclose(layer(x), want.reshape(x.shape), atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), want.reshape(x.shape), atol=1e-12)
+    assert torch.allclose(layer(x.clone().requires_grad_()), want.reshape(x.shape), atol=1e-12)
     assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
 
 

@@ -25,28 +25,73 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..groups import group_of
+from ..likelihood import autocast_enabled, autocast_off
 from ..validate import NONLINEARITIES
 from .fields import is_permutation, single_repr
+
+
+# The samples are made and used a chunk of fields at a time, about this many numbers (1 MB in
+# float32): a chunk's samples stay in the cores' caches from one product to the next, where one
+# pass over the whole tensor writes them to memory (and, on the CPU, page-faults in a fresh
+# buffer) and reads them back. Measured on a 2-core CPU, training step of the ReLU at 112x112:
+# 2.7x faster than one pass; no loss on small maps. A GPU takes the whole tensor in one go.
+_CHUNK_NUMBERS = 1 << 18
+
+
+def _chunks(n: int, row_numbers: int, device: torch.device) -> list[slice]:
+    """Slices of n rows of ``row_numbers`` numbers each, a chunk's worth per slice on the CPU."""
+    step = n if device.type != "cpu" else max(1, _CHUNK_NUMBERS // max(row_numbers, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _sampled_relu(x: torch.Tensor, sample: torch.Tensor, project: torch.Tensor,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``project @ relu(sample @ x)`` for x [n, d, pixels], chunk by chunk (see _CHUNK_NUMBERS);
+    the ReLU's mask (samples > 0) goes into ``mask`` [n, N, pixels] (bool) where given."""
+    n, _, P = x.shape
+    out = torch.empty_like(x)
+    for rows in _chunks(n, sample.shape[0] * P, x.device):
+        k = rows.stop - rows.start
+        samples = torch.bmm(sample.expand(k, -1, -1), x[rows])
+        if mask is not None:
+            torch.gt(samples, 0, out=mask[rows])
+        torch.bmm(project.expand(k, -1, -1), samples.relu_(), out=out[rows])
+    return out
 
 
 class _SampledReLU(torch.autograd.Function):
     """``project @ relu(sample @ x)`` for x [n, d, pixels], keeping only the ReLU's mask for
     backward (one byte per sample): autograd would keep the samples themselves, 2.3 times the
-    activations in float32, the largest part of an O(2) model's training memory."""
+    activations in float32, the largest part of an O(2) model's training memory. The mask is
+    read back as uint8, not bool: a float times a bool tensor first copies the bool tensor to
+    float (a pass as slow as the product), a uint8 one is cast on the fly."""
 
     @staticmethod
     def forward(ctx, x, sample, project):
-        samples = torch.matmul(sample, x)  # (under autocast in its dtype: backward follows grad's)
-        mask = samples > 0
+        # under autocast in its dtype, as a matmul would be; backward follows grad's dtype
+        dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else x.dtype
+        sample, project = sample.to(dtype), project.to(dtype)
+        mask = torch.empty(x.shape[0], sample.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
+        with autocast_off(x.device):
+            out = _sampled_relu(x.to(dtype), sample, project, mask)
         ctx.save_for_backward(mask, sample, project)
         ctx.dtype = x.dtype
-        return torch.matmul(project, samples.relu_())
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        mask, sample, project = (t if t.dtype == torch.bool else t.to(grad.dtype) for t in ctx.saved_tensors)
-        return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask)).to(ctx.dtype), None, None
+        mask, sample, project = ctx.saved_tensors
+        mask = mask.view(torch.uint8)
+        sample, project = sample.to(grad.dtype), project.to(grad.dtype)
+        grad = grad.contiguous()
+        n, _, P = grad.shape
+        dx = torch.empty_like(grad)
+        for rows in _chunks(n, sample.shape[0] * P, grad.device):
+            k = rows.stop - rows.start
+            d_samples = torch.bmm(project.T.expand(k, -1, -1), grad[rows]).mul_(mask[rows])
+            torch.bmm(sample.T.expand(k, -1, -1), d_samples, out=dx[rows])
+        return dx.to(ctx.dtype), None, None
 
 
 class FourierReLU(nn.Module):
@@ -106,6 +151,8 @@ class FourierReLU(nn.Module):
         if not torch.jit.is_scripting():  # (TorchScript takes no autograd functions: not in a script or trace)
             if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
                 return _SampledReLU.apply(xf, sample, project).view(B, C, H, W)
+            if not torch.jit.is_tracing() and not autocast_enabled(x.device):
+                return _sampled_relu(xf, sample, project).view(B, C, H, W)
         return torch.matmul(project, torch.matmul(sample, xf).relu_()).view(B, C, H, W)
 
     def export(self) -> nn.Module:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ..kernels import invariant_basis
+from ..likelihood import autocast_off
 from .fields import is_permutation, single_repr
 
 
@@ -36,20 +37,21 @@ class _FieldStatsNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xf, E, weight, bias, eps):
-        n = xf.shape[0] * xf.shape[3]
-        m = xf.mean(dim=(0, 3), dtype=E.dtype)  # [F, d]
-        mean = m @ E  # [F, t]
-        mu = mean @ E.T
-        squares = torch.linalg.vector_norm(xf, dim=(0, 3), dtype=E.dtype).square_() / n  # E[x_c²], no temporary
-        var = (squares - mu.square()).mean(1).clamp_min_(0)
-        s = torch.rsqrt(var + eps)
-        scale = s if weight is None else s * weight
-        shift = -mu * scale[:, None]
-        if bias is not None:
-            shift = shift + bias @ E.T
-        ctx.save_for_backward(xf, E, weight, mu, s)
-        ctx.mark_non_differentiable(mean, var)
-        return torch.addcmul(shift[None, :, :, None], xf, scale[None, :, None, None]), mean, var
+        with autocast_off(xf.device):  # statistics in E's precision: autocast would run the products in bf16
+            n = xf.shape[0] * xf.shape[3]
+            m = xf.mean(dim=(0, 3), dtype=E.dtype)  # [F, d]
+            mean = m @ E  # [F, t]
+            mu = mean @ E.T
+            squares = torch.linalg.vector_norm(xf, dim=(0, 3), dtype=E.dtype).square_() / n  # E[x_c²], no temporary
+            var = (squares - mu.square()).mean(1).clamp_min_(0)
+            s = torch.rsqrt(var + eps)
+            scale = s if weight is None else s * weight
+            shift = -mu * scale[:, None]
+            if bias is not None:
+                shift = shift + bias @ E.T
+            ctx.save_for_backward(xf, E, weight, mu, s)
+            ctx.mark_non_differentiable(mean, var)
+            return torch.addcmul(shift[None, :, :, None], xf, scale[None, :, None, None]), mean, var
 
     @staticmethod
     @once_differentiable
@@ -57,8 +59,12 @@ class _FieldStatsNorm(torch.autograd.Function):
         xf, E, weight, mu, s = ctx.saved_tensors
         B, F_, d, P = xf.shape
         n = B * P
-        sum_dy = dy.sum(dim=(0, 3))  # [F, d]
-        dy_xhat = (s[:, None] * ((dy * xf).sum(dim=(0, 3)) - mu * sum_dy)).sum(1)  # [F]: Σ dy x̂
+        # Σ dy and Σ dy x̂ per channel in one pass with no temporary: batch norm's own backward
+        # reductions, given the channels' means and inverse deviations (the field's s)
+        _, dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.reshape(B, F_ * d, P), xf.to(dy.dtype).reshape(B, F_ * d, P), None, None, None,
+            mu.reshape(-1), s.repeat_interleave(d), True, 0.0, [False, True, True])
+        sum_dy, dy_xhat = sum_dy.view(F_, d).to(E.dtype), dy_xhat.view(F_, d).to(E.dtype).sum(1)  # [F, d], [F]
         alpha = s if weight is None else s * weight
         k = dy_xhat / (n * d)
         gamma = -alpha * s * k
