@@ -34,29 +34,35 @@ from .fields import is_permutation, single_repr
 # float32): a chunk's samples stay in the cores' caches from one product to the next, where one
 # pass over the whole tensor writes them to memory (and, on the CPU, page-faults in a fresh
 # buffer) and reads them back. Measured on a 2-core CPU, training step of the ReLU at 112x112:
-# 2.7x faster than one pass; no loss on small maps. A GPU takes the whole tensor in one go.
+# 2.7x faster than one pass; no loss on small maps. A GPU, or a compiler, takes it in one go.
 _CHUNK_NUMBERS = 1 << 18
 
 
-def _chunks(n: int, row_numbers: int, device: torch.device) -> list[slice]:
-    """Slices of n rows of ``row_numbers`` numbers each, a chunk's worth per slice on the CPU."""
-    step = n if device.type != "cpu" else max(1, _CHUNK_NUMBERS // max(row_numbers, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+def _rows_per_chunk(n: int, row_numbers: int, device: torch.device) -> int:
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return n
+    return max(1, _CHUNK_NUMBERS // max(row_numbers, 1))
 
 
 def _sampled_relu(x: torch.Tensor, sample: torch.Tensor, project: torch.Tensor,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``project @ relu(sample @ x)`` for x [n, d, pixels], chunk by chunk (see _CHUNK_NUMBERS);
-    the ReLU's mask (samples > 0) goes into ``mask`` [n, N, pixels] (bool) where given."""
+                  keep_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``project @ relu(sample @ x)`` for x [n, d, pixels], chunk by chunk (see _CHUNK_NUMBERS),
+    and the ReLU's mask (samples > 0, [n, N, pixels]) where asked for."""
     n, _, P = x.shape
+    step = _rows_per_chunk(n, sample.shape[0] * P, x.device)
+    if step >= n:
+        samples = torch.matmul(sample, x)
+        mask = samples > 0 if keep_mask else None
+        return torch.matmul(project, samples.relu_()), mask
     out = torch.empty_like(x)
-    for rows in _chunks(n, sample.shape[0] * P, x.device):
-        k = rows.stop - rows.start
-        samples = torch.bmm(sample.expand(k, -1, -1), x[rows])
+    mask = torch.empty(n, sample.shape[0], P, dtype=torch.bool, device=x.device) if keep_mask else None
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        samples = torch.bmm(sample.expand(rows.stop - i, -1, -1), x[rows])
         if mask is not None:
             torch.gt(samples, 0, out=mask[rows])
-        torch.bmm(project.expand(k, -1, -1), samples.relu_(), out=out[rows])
-    return out
+        torch.bmm(project.expand(rows.stop - i, -1, -1), samples.relu_(), out=out[rows])
+    return out, mask
 
 
 class _SampledReLU(torch.autograd.Function):
@@ -71,9 +77,8 @@ class _SampledReLU(torch.autograd.Function):
         # under autocast in its dtype, as a matmul would be; backward follows grad's dtype
         dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else x.dtype
         sample, project = sample.to(dtype), project.to(dtype)
-        mask = torch.empty(x.shape[0], sample.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
         with autocast_off(x.device):
-            out = _sampled_relu(x.to(dtype), sample, project, mask)
+            out, mask = _sampled_relu(x.to(dtype), sample, project, keep_mask=True)
         ctx.save_for_backward(mask, sample, project)
         ctx.dtype = x.dtype
         return out
@@ -84,13 +89,16 @@ class _SampledReLU(torch.autograd.Function):
         mask, sample, project = ctx.saved_tensors
         mask = mask.view(torch.uint8)
         sample, project = sample.to(grad.dtype), project.to(grad.dtype)
-        grad = grad.contiguous()
         n, _, P = grad.shape
+        step = _rows_per_chunk(n, sample.shape[0] * P, grad.device)
+        if step >= n:
+            return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask)).to(ctx.dtype), None, None
+        grad = grad.contiguous()
         dx = torch.empty_like(grad)
-        for rows in _chunks(n, sample.shape[0] * P, grad.device):
-            k = rows.stop - rows.start
-            d_samples = torch.bmm(project.T.expand(k, -1, -1), grad[rows]).mul_(mask[rows])
-            torch.bmm(sample.T.expand(k, -1, -1), d_samples, out=dx[rows])
+        for i in range(0, n, step):
+            rows = slice(i, min(i + step, n))
+            d_samples = torch.bmm(project.T.expand(rows.stop - i, -1, -1), grad[rows]).mul_(mask[rows])
+            torch.bmm(sample.T.expand(rows.stop - i, -1, -1), d_samples, out=dx[rows])
         return dx.to(ctx.dtype), None, None
 
 
@@ -152,7 +160,7 @@ class FourierReLU(nn.Module):
             if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
                 return _SampledReLU.apply(xf, sample, project).view(B, C, H, W)
             if not torch.jit.is_tracing() and not autocast_enabled(x.device):
-                return _sampled_relu(xf, sample, project).view(B, C, H, W)
+                return _sampled_relu(xf, sample, project)[0].view(B, C, H, W)
         return torch.matmul(project, torch.matmul(sample, xf).relu_()).view(B, C, H, W)
 
     def export(self) -> nn.Module:
