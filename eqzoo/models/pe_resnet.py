@@ -71,7 +71,7 @@ class PEBasicBlock(nn.Module):
             x = self.drop_path(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x = x + shortcut
+        x += shortcut  # in place, as timm's blocks: x is the batch norm's output, which its backward does not need
         return self.act2(x)
 
 
@@ -110,7 +110,7 @@ class PEBottleneck(nn.Module):
             x = self.drop_path(x)
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        x = x + shortcut
+        x += shortcut  # (in place: see PEBasicBlock)
         return self.act3(x)
 
 
