@@ -754,6 +754,29 @@ def test_cuda_twirl_and_harmonic_path_match_the_cpu(spec):
         assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
 
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nonlinearity", ["fourier", "norm", "gated"])
+def test_cuda_field_norm_and_nonlinearities_match_the_cpu(monkeypatch, nonlinearity):
+    """The O(2) layers' own autograd functions on CUDA (the general fields' batch norm with its
+    fused backward reductions, the Fourier ReLU in one piece, the gated ReLU) give the CPU's
+    outputs and gradients, where the CPU takes the Fourier ReLU a few fields at a time."""
+    monkeypatch.setattr(activation, "_CHUNK_NUMBERS", 2 * 32 * 81)
+    torch.manual_seed(0)
+    ftype = get_group("O2").field_type(3)
+    layers = torch.nn.Sequential(FieldBatchNorm2d(ftype), field_relu(ftype, nonlinearity)).double()
+    x = torch.randn(4, ftype.size, 9, 9, dtype=torch.float64)
+    results = []
+    for device in ("cpu", "cuda"):
+        layers = layers.to(device).train()
+        layers.zero_grad()
+        xd = x.to(device).requires_grad_()
+        y = layers(xd)
+        (y * y).sum().backward()
+        results.append([t.detach().cpu() for t in [y, xd.grad] + [p.grad for p in layers.parameters()]])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
+
 # -- nonlinearities of O(2)/SO(2) fields ------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ["O2", "SO2"])
