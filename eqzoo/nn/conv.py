@@ -16,8 +16,8 @@ pace, and λ still decides how much of it the filter gets (none at uniform λ).
 
 Each twirl is one sparse matrix (see :mod:`eqzoo.kernels`) per step, or, where the out fields
 are regular fields of a finite group, one |G| x |G| matrix in the layer's regular frame (see
-:class:`_Frame`); everything else is precomputed when the layer is built. In eval mode the filter is cached until the weights,
-λ, the device or the dtype change.
+:class:`_Frame`); everything else is precomputed when the layer is built. In eval mode the
+filter is cached until the weights, λ, the device or the dtype change.
 """
 from __future__ import annotations
 
