@@ -32,8 +32,8 @@ class _FieldStatsNorm(torch.autograd.Function):
 
     .. math:: dx = s w \left(dy - Π\, \tfrac{1}{n} Σ_{B,P} dy - x̂\, \tfrac{1}{n d} Σ_{B,d,P} dy\, x̂\right),
 
-    a per-channel affine map of dy and x (two passes), after two per-channel reductions. Also
-    returns the statistics (mean [F, t], variance [F]) for the running averages."""
+    a per-channel affine map of dy and x (two passes), after two per-channel reductions (one
+    fused pass). Also returns the statistics (mean [F, t], variance [F]) for the running averages."""
 
     @staticmethod
     def forward(ctx, xf, E, weight, bias, eps):
