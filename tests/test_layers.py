@@ -485,15 +485,16 @@ def _dense_twirl_filter(conv, q, weight=None):
     return filt.reshape(conv.out_channels, conv.in_channels, conv.kernel_size, conv.kernel_size)
 
 
-@pytest.mark.parametrize("spec", ["D4", "C4", "D8", "D1", "O2", "SO2"])
-def test_sparse_twirl_equals_the_dense_sum(spec):
-    """The layer's sparse twirl equals the twirl's definition, κ_λ = A_λ κ_0 + (A_λ - P) κ_1, for
-    a random λ and random κ_0, κ_1; gradients too."""
+@pytest.mark.parametrize("spec, k", [("D4", 3), ("C4", 3), ("D8", 3), ("D1", 3), ("O2", 3), ("SO2", 3),
+                                     ("D4", 1), ("D8", 1), ("O2", 1), ("D4", 5)])
+def test_sparse_twirl_equals_the_dense_sum(spec, k):
+    """The layer's twirl (sparse, or in the regular frame) equals the twirl's definition,
+    κ_λ = A_λ κ_0 + (A_λ - P) κ_1, for a random λ and random κ_0, κ_1; gradients too."""
     torch.manual_seed(0)
     G = get_group(spec)
     fin = G.field_type(2, None if G.is_finite else 2)
     fout = G.field_type(3, None if G.is_finite else 2)
-    conv = PEConv2d(fin, fout, 3).double()
+    conv = PEConv2d(fin, fout, k).double()
     with torch.no_grad():
         conv.likelihood.coefficients.normal_()
         conv.weight.normal_()
@@ -503,7 +504,7 @@ def test_sparse_twirl_equals_the_dense_sum(spec):
         q = conv.likelihood.kernel_weights(conv.n_rot)
         return _dense_twirl_filter(conv, q) + _dense_twirl_filter(conv, q - 1 / q.numel(), conv.weight_breaking)
 
-    probe = torch.randn(conv.out_channels, conv.in_channels, 3, 3, dtype=torch.float64)
+    probe = torch.randn(conv.out_channels, conv.in_channels, k, k, dtype=torch.float64)
     results = []
     for filter_of in (lambda: conv.filter_and_bias()[0], dense):
         conv.zero_grad()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -80,17 +80,30 @@ class _PixelFilter:
         return (basis.view(d.harmonics, k * k) @ rows).view(d.rows, -1)
 
     def from_frame(self, rows: torch.Tensor, f: "_Frame") -> torch.Tensor:
-        d = self.dims
-        pixels = torch.matmul(f.pixel_bases[:, None], rows.view(d.d_out, d.d_in, d.harmonics, -1))
+        d, kk = self.dims, f.pixel_bases.shape[1]
+        k = int(math.isqrt(kk))
+        if kk == 1:  # ψ is one number per out component: scaled in the rearranging copy
+            rows = rows.view(d.d_out * d.d_in, -1).index_select(0, f.to_canonical)
+            rows = rows.view(d.d_out, d.d_in, d.fields_out, d.fields_in).permute(2, 0, 3, 1)
+            return _product_into(rows, f.pixel_bases.view(1, d.d_out, 1, 1)).view(-1, d.fields_in * d.d_in, 1, 1)
+        # per (a, b'): the harmonics of all N field pairs turned to pixels, ψ(γ_a⁻¹ x), as [N, k²]
+        # (BLAS reads the transposed operand in place), then one gather of rows of k² pixels from
+        # the order (a, b', o, i) to the filter's (o, a, i, b): pixels, permutation and layout in two passes
+        pixels = torch.matmul(rows.view(d.d_out, d.d_in, d.harmonics, -1).transpose(-1, -2),
+                              f.pixel_bases.transpose(1, 2)[:, None])
         del rows  # the largest layers' intermediates are tens of MB: one at a time
-        pixels = pixels.view(d.d_out * d.d_in, -1).index_select(0, f.to_canonical)
-        return self._arranged(pixels.view(d.d_out * d.d_in, f.pixel_bases.shape[1], -1))
+        to_filter, _ = f.pixel_gather(d)
+        return pixels.view(-1, kk).index_select(0, to_filter).view(-1, d.fields_in * d.d_in, k, k)
 
     def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
         d, kk = self.dims, f.pixel_bases.shape[1]
-        rows = self._pixel_rows(grad, d.pairs, int(math.isqrt(kk))).view(d.d_out * d.d_in, -1)
-        rows = rows.index_select(0, f.to_frame).view(d.d_out, d.d_in, kk, -1)
-        return torch.matmul(f.pixel_bases.transpose(1, 2)[:, None], rows).view(d.d_out, -1)
+        if kk == 1:
+            grad = grad.reshape(d.fields_out, d.d_out, d.fields_in, d.d_in).permute(1, 3, 0, 2)
+            rows = _product_into(grad, f.pixel_bases.view(d.d_out, 1, 1, 1)).view(d.d_out * d.d_in, -1)
+            return rows.index_select(0, f.to_frame).view(d.d_out, -1)
+        _, to_frame = f.pixel_gather(d)
+        pixels = grad.reshape(-1, kk).index_select(0, to_frame).view(d.d_out, d.d_in, d.pairs, kk)
+        return torch.matmul(f.pixel_bases.transpose(1, 2)[:, None], pixels.transpose(-1, -2)).view(d.d_out, -1)
 
     def _arranged(self, filt: torch.Tensor) -> torch.Tensor:
         """[(a b), xy, (o i) (+ padding)] -> the filter [(o a), (i b), x, y]."""
@@ -269,6 +282,13 @@ def _rows_of(t: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     return out
 
 
+def _product_into(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t * scale`` (any strides) as a new contiguous tensor: the product and the copy in one pass."""
+    if torch.compiler.is_compiling():  # out= arguments don't trace
+        return (t * scale).contiguous()
+    return torch.mul(t, scale, out=t.new_empty(t.shape))
+
+
 @dataclass(frozen=True)
 class _Frame:
     r"""The regular frame of a layer whose out fields are regular fields of a finite group and
@@ -291,6 +311,24 @@ class _Frame:
     pixel_bases: torch.Tensor  # [d_out, k * k, H]
     to_canonical: torch.Tensor  # [d_out * d_in]
     to_frame: torch.Tensor  # [d_out * d_in]
+    gathers: dict = field(default_factory=dict, compare=False, repr=False)  # see pixel_gather
+
+    def pixel_gather(self, d: _Dims) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices between a layer's pixel rows ordered by frame row (a, b') then field pair
+        (o, i), and the filter's rows (o, a, i, b), where (a, b') = ``to_canonical[(a, b)]``:
+        ``(to_filter, to_frame)``, made once per (F_o, F_i). int32: half the memory of int64, and
+        the gathers run faster with it."""
+        key = (d.fields_out, d.fields_in)
+        if key not in self.gathers:
+            o, a, i, b = torch.meshgrid(*(torch.arange(n, device=self.to_canonical.device)
+                                          for n in (d.fields_out, d.d_out, d.fields_in, d.d_in)), indexing="ij")
+            source = self.to_canonical[a * d.d_in + b]  # frame row (a, b') of canonical row (a, b)
+            to_filter = ((source * d.fields_out + o) * d.fields_in + i).reshape(-1)
+            gathers = to_filter.int(), torch.argsort(to_filter).int()
+            if torch.compiler.is_compiling():
+                return gathers
+            self.gathers[key] = gathers
+        return self.gathers[key]
 
     def canonical(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
         """Frame coefficients [d_out, (b' h N)] -> canonical rows [(a b h), N]."""
