@@ -4,6 +4,7 @@ repeats, and only ratios measured in the same run are meaningful.
     python scripts/bench.py layers     # PEConv2d vs escnn R2Conv vs nn.Conv2d, build times
     python scripts/bench.py models     # pe_resnet18 / pe_wrn16_8 vs timm / plain, model build times
     python scripts/bench.py models --large   # the sizes people train at: 224x224, batch 16
+    python scripts/bench.py synthesis  # where a pe model's training step goes, at 224x224, batch 16
     python scripts/bench.py device     # pe_resnet18 vs timm on a GPU: bf16, batch 128 at 224x224
 """
 from __future__ import annotations
@@ -322,9 +323,70 @@ def bench_device(device: str = "cuda", batch: int = 128, size: int = 224, repeat
               f"{ev[ref] / ev[label]:.2f}x | {memory} |")
 
 
+class _FixedFilterConv(torch.nn.Module):
+    """A PEConv2d's convolution with its current filter as a plain parameter: the same
+    convolution, none of the per-step synthesis."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.filter = torch.nn.Parameter(conv.filter_and_bias()[0].detach().clone())
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.filter, None, self.stride, self.padding, self.dilation)
+
+
+def _replaced(module, kind, make):
+    for name, child in module.named_children():
+        if isinstance(child, kind):
+            setattr(module, name, make(child))
+        else:
+            _replaced(child, kind, make)
+    return module
+
+
+SYNTHESIS_ROWS = [("pe_resnet18", "resnet18", dict(group="D4")), ("pe_resnet50", "resnet50", dict(group="D4")),
+                  ("pe_resnet18", "resnet18", dict(group="O2"))]
+
+
+def bench_synthesis(batch: int = 16, size: int = 224, repeats: int = 7, rows=SYNTHESIS_ROWS) -> None:
+    """Where a pe model's training step goes: the model, the same convolutions with fixed filters
+    (no synthesis), those plus per-channel batch norms (the exported ones), and timm's model,
+    interleaved; and the synthesis alone (every layer's filter forward and backward)."""
+    import timm
+
+    import eqzoo  # noqa: F401  (registers the models)
+    from eqzoo.nn import FieldBatchNorm2d, PEConv2d
+
+    print(f"# where a training step goes: batch {batch}, {size}x{size}, CPU, {torch.get_num_threads()} threads; "
+          "median ms of interleaved repeats")
+    print("| model | train step | fixed filters | fixed filters, per-channel BN | timm | synthesis alone |")
+    print("|---|---|---|---|---|---|")
+    x = torch.randn(batch, 3, size, size)
+    for name, plain, kwargs in rows:
+        torch.manual_seed(0)
+        build = lambda: timm.create_model(name, num_classes=10, **kwargs)
+        model, fixed, fixed_bn = build(), build(), build()
+        _replaced(fixed, PEConv2d, _FixedFilterConv)
+        _replaced(_replaced(fixed_bn, PEConv2d, _FixedFilterConv), FieldBatchNorm2d, lambda bn: bn.export())
+        models = dict(model=model, fixed=fixed, fixed_bn=fixed_bn, timm=timm.create_model(plain, num_classes=10))
+        convs = [m for m in model.modules() if isinstance(m, PEConv2d)]
+        probes = [torch.randn_like(c.filter_and_bias()[0]) for c in convs]
+
+        def synthesis():
+            model.zero_grad(set_to_none=True)
+            torch.autograd.backward([c.filter_and_bias()[0] for c in convs], probes)
+        fns = {k: train_step(m, x) for k, m in models.items()}
+        fns["synthesis"] = synthesis
+        t = interleaved(fns, repeats=repeats, warmup=2)
+        label = f"{name} {kwargs.get('group', '')}".strip()
+        print(f"| {label} | " + " | ".join(f"{t[k] * 1e3:.0f}" for k in fns) + " |")
+        del models
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layers", "models", "device"])
+    p.add_argument("what", choices=["layers", "models", "synthesis", "device"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-builds", action="store_true", help="models: skip the build-time table")
     p.add_argument("--large", action="store_true",
@@ -332,7 +394,7 @@ def main(argv=None):
                         "(default --batch 16 and no build table)")
     p.add_argument("--device", default="cuda", help="device: where to run (default cuda)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: models 32, --large 16, device 128)")
-    p.add_argument("--size", type=int, default=224, help="device: image size (default 224)")
+    p.add_argument("--size", type=int, default=224, help="device, synthesis: image size (default 224)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: models 5 or 3, device 10)")
     args = p.parse_args(argv)
     if args.threads:
@@ -343,6 +405,8 @@ def main(argv=None):
         bench_models(args.batch or 16, builds=False, families=LARGE_FAMILIES, repeats=args.repeats)
     elif args.what == "models":
         bench_models(args.batch or 32, builds=not args.no_builds, repeats=args.repeats)
+    elif args.what == "synthesis":
+        bench_synthesis(args.batch or 16, args.size, repeats=args.repeats or 7)
     else:
         bench_device(args.device, args.batch or 128, args.size, args.repeats or 10)
 

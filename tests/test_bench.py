@@ -42,3 +42,30 @@ def test_large_model_rows_build_and_run(capsys):
     assert len(rows) == sum(len(spec["rows"]) for spec in small.values()), out
     for spec in small.values():
         assert any(r.startswith(f"| {spec['rows'][-1][0]} |") and "| 1.00x |" in r for r in rows)
+
+
+def test_synthesis_breakdown_runs(capsys):
+    """``bench.py synthesis`` builds its fixed-filter twins (same outputs as the model) and times
+    every column (here at 32x32, batch 2)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import timm
+
+    import eqzoo  # noqa: F401
+    from eqzoo.nn import PEConv2d
+
+    torch.manual_seed(0)
+    model = timm.create_model("pe_resnet18", num_classes=10).eval()
+    fixed = timm.create_model("pe_resnet18", num_classes=10).eval()
+    fixed.load_state_dict(model.state_dict())
+    bench._replaced(fixed, PEConv2d, bench._FixedFilterConv)
+    assert not any(isinstance(m, PEConv2d) for m in fixed.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fixed(x), model(x), atol=1e-5)
+    bench.bench_synthesis(batch=2, size=32, repeats=1, rows=bench.SYNTHESIS_ROWS[:1])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pe_")]
+    assert len(rows) == 1 and all(float(v) > 0 for v in rows[0].strip(" |").split("|")[1:]), rows
