@@ -137,10 +137,19 @@ class _HarmonicMatrix:
         return _rows_of(grad, d.rows, width)
 
     def from_frame(self, rows: torch.Tensor, f: "_Frame") -> torch.Tensor:
-        return self.from_rows(f.canonical(rows, self.dims), None)
+        # harmonics turned per out component, then one gather of rows of F_i numbers from the order
+        # (a, b', h, o) to the matrix's (a, o, b, h): the permutation and the layout in one pass
+        d = self.dims
+        turned = torch.matmul(f.harmonic_actions[:, None], rows.view(d.d_out, d.d_in, d.harmonics, -1))
+        del rows
+        to_matrix, _ = f.harmonic_gather(d)
+        return turned.view(-1, d.fields_in).index_select(0, to_matrix).view(d.d_out * d.fields_out, -1)
 
     def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
-        return f.framed(self.to_rows(grad, None, self.dims.pairs), self.dims)
+        d = self.dims
+        _, to_frame = f.harmonic_gather(d)
+        rows = grad.reshape(-1, d.fields_in).index_select(0, to_frame).view(d.d_out, d.d_in, d.harmonics, -1)
+        return torch.matmul(f.harmonic_actions.transpose(1, 2)[:, None], rows).view(d.d_out, -1)
 
 
 class _TwirledCoefficients(torch.autograd.Function):
@@ -311,20 +320,30 @@ class _Frame:
     pixel_bases: torch.Tensor  # [d_out, k * k, H]
     to_canonical: torch.Tensor  # [d_out * d_in]
     to_frame: torch.Tensor  # [d_out * d_in]
-    gathers: dict = field(default_factory=dict, compare=False, repr=False)  # see pixel_gather
+    gathers: dict = field(default_factory=dict, compare=False, repr=False)  # see _gather
 
     def pixel_gather(self, d: _Dims) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row indices between a layer's pixel rows ordered by frame row (a, b') then field pair
-        (o, i), and the filter's rows (o, a, i, b), where (a, b') = ``to_canonical[(a, b)]``:
-        ``(to_filter, to_frame)``, made once per (F_o, F_i). int32: half the memory of int64, and
-        the gathers run faster with it."""
-        key = (d.fields_out, d.fields_in)
+        """Row indices between a layer's pixel rows, ordered by frame row (a, b') then field pair
+        (o, i), and the filter's rows (o, a, i, b): ``(to_filter, to_frame)``."""
+        def source(o, a, i, b):
+            return (self.to_canonical[a * d.d_in + b] * d.fields_out + o) * d.fields_in + i
+        return self._gather(("pixels", d.fields_out, d.fields_in), source, (d.fields_out, d.d_out, d.fields_in, d.d_in))
+
+    def harmonic_gather(self, d: _Dims) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices between a layer's rows of F_i coefficients, ordered (a, b', h, o), and the
+        harmonic matrix's rows (a, o, b, h): ``(to_matrix, to_frame)``."""
+        def source(a, o, b, h):
+            return (self.to_canonical[a * d.d_in + b] * d.harmonics + h) * d.fields_out + o
+        return self._gather(("harmonics", d.fields_out, d.fields_in), source, (d.d_out, d.fields_out, d.d_in, d.harmonics))
+
+    def _gather(self, key, source, sizes) -> tuple[torch.Tensor, torch.Tensor]:
+        """``source`` (the source row of each target row, given the target's indices over
+        ``sizes``) and its inverse as int32 index tensors, made once per key. (a, b') is
+        ``to_canonical[(a, b)]``. int32: half the memory of int64, and the gathers run faster."""
         if key not in self.gathers:
-            o, a, i, b = torch.meshgrid(*(torch.arange(n, device=self.to_canonical.device)
-                                          for n in (d.fields_out, d.d_out, d.fields_in, d.d_in)), indexing="ij")
-            source = self.to_canonical[a * d.d_in + b]  # frame row (a, b') of canonical row (a, b)
-            to_filter = ((source * d.fields_out + o) * d.fields_in + i).reshape(-1)
-            gathers = to_filter.int(), torch.argsort(to_filter).int()
+            grids = torch.meshgrid(*(torch.arange(n, device=self.to_canonical.device) for n in sizes), indexing="ij")
+            forward = source(*grids).reshape(-1)
+            gathers = forward.int(), torch.argsort(forward).int()
             if torch.compiler.is_compiling():
                 return gathers
             self.gathers[key] = gathers
