@@ -323,20 +323,8 @@ def bench_device(device: str = "cuda", batch: int = 128, size: int = 224, repeat
               f"{ev[ref] / ev[label]:.2f}x | {memory} |")
 
 
-class _FixedFilterConv(torch.nn.Module):
-    """A PEConv2d's convolution with its current filter as a plain parameter: the same
-    convolution, none of the per-step synthesis."""
-
-    def __init__(self, conv):
-        super().__init__()
-        self.filter = torch.nn.Parameter(conv.filter_and_bias()[0].detach().clone())
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-
-    def forward(self, x):
-        return torch.nn.functional.conv2d(x, self.filter, None, self.stride, self.padding, self.dilation)
-
-
 def _replaced(module, kind, make):
+    """``module`` with every submodule of type ``kind`` replaced, in place, by ``make(submodule)``."""
     for name, child in module.named_children():
         if isinstance(child, kind):
             setattr(module, name, make(child))
@@ -350,13 +338,14 @@ SYNTHESIS_ROWS = [("pe_resnet18", "resnet18", dict(group="D4")), ("pe_resnet50",
 
 
 def bench_synthesis(batch: int = 16, size: int = 224, repeats: int = 7, rows=SYNTHESIS_ROWS) -> None:
-    """Where a pe model's training step goes: the model, the same convolutions with fixed filters
-    (no synthesis), those plus per-channel batch norms (the exported ones), and timm's model,
+    """Where a pe model's training step goes: the model; the same model with each PEConv2d
+    exported (an nn.Conv2d with its current filter: the same convolutions, no synthesis); the
+    model with every eqzoo layer exported (per-channel batch norms too); timm's model,
     interleaved; and the synthesis alone (every layer's filter forward and backward)."""
     import timm
 
-    import eqzoo  # noqa: F401  (registers the models)
-    from eqzoo.nn import FieldBatchNorm2d, PEConv2d
+    import eqzoo
+    from eqzoo.nn import PEConv2d
 
     print(f"# where a training step goes: batch {batch}, {size}x{size}, CPU, {torch.get_num_threads()} threads; "
           "median ms of interleaved repeats")
@@ -366,9 +355,9 @@ def bench_synthesis(batch: int = 16, size: int = 224, repeats: int = 7, rows=SYN
     for name, plain, kwargs in rows:
         torch.manual_seed(0)
         build = lambda: timm.create_model(name, num_classes=10, **kwargs)
-        model, fixed, fixed_bn = build(), build(), build()
-        _replaced(fixed, PEConv2d, _FixedFilterConv)
-        _replaced(_replaced(fixed_bn, PEConv2d, _FixedFilterConv), FieldBatchNorm2d, lambda bn: bn.export())
+        model = build()
+        fixed = _replaced(build(), PEConv2d, lambda conv: conv.export())
+        fixed_bn = eqzoo.export(build(), counterpart=False)
         models = dict(model=model, fixed=fixed, fixed_bn=fixed_bn, timm=timm.create_model(plain, num_classes=10))
         convs = [m for m in model.modules() if isinstance(m, PEConv2d)]
         probes = [torch.randn_like(c.filter_and_bias()[0]) for c in convs]

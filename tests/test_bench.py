@@ -45,8 +45,8 @@ def test_large_model_rows_build_and_run(capsys):
 
 
 def test_synthesis_breakdown_runs(capsys):
-    """``bench.py synthesis`` builds its fixed-filter twins (same outputs as the model) and times
-    every column (here at 32x32, batch 2)."""
+    """``bench.py synthesis`` builds its fixed-filter twin (same outputs as the model, no PEConv2d
+    left) and times every column (here at 32x32, batch 2)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import bench
@@ -61,7 +61,7 @@ def test_synthesis_breakdown_runs(capsys):
     model = timm.create_model("pe_resnet18", num_classes=10).eval()
     fixed = timm.create_model("pe_resnet18", num_classes=10).eval()
     fixed.load_state_dict(model.state_dict())
-    bench._replaced(fixed, PEConv2d, bench._FixedFilterConv)
+    bench._replaced(fixed, PEConv2d, lambda conv: conv.export())
     assert not any(isinstance(m, PEConv2d) for m in fixed.modules())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

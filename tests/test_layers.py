@@ -755,7 +755,6 @@ def test_cuda_twirl_and_harmonic_path_match_the_cpu(spec):
         assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
 
 
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("nonlinearity", ["fourier", "norm", "gated"])
 def test_cuda_field_norm_and_nonlinearities_match_the_cpu(monkeypatch, nonlinearity):
@@ -777,6 +776,7 @@ def test_cuda_field_norm_and_nonlinearities_match_the_cpu(monkeypatch, nonlinear
         results.append([t.detach().cpu() for t in [y, xd.grad] + [p.grad for p in layers.parameters()]])
     for a, b in zip(*results):
         assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
+
 
 # -- nonlinearities of O(2)/SO(2) fields ------------------------------------------------------------
 

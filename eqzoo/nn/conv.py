@@ -140,7 +140,7 @@ class _HarmonicMatrix:
         # harmonics turned per out component, then one gather of rows of F_i numbers from the order
         # (a, b', h, o) to the matrix's (a, o, b, h): the permutation and the layout in one pass
         d = self.dims
-        turned = torch.matmul(f.harmonic_actions[:, None], rows.view(d.d_out, d.d_in, d.harmonics, -1))
+        turned = f.turned(rows, d)
         del rows
         to_matrix, _ = f.harmonic_gather(d)
         return turned.view(-1, d.fields_in).index_select(0, to_matrix).view(d.d_out * d.fields_out, -1)
@@ -148,8 +148,7 @@ class _HarmonicMatrix:
     def to_frame(self, grad: torch.Tensor, f: "_Frame") -> torch.Tensor:
         d = self.dims
         _, to_frame = f.harmonic_gather(d)
-        rows = grad.reshape(-1, d.fields_in).index_select(0, to_frame).view(d.d_out, d.d_in, d.harmonics, -1)
-        return torch.matmul(f.harmonic_actions.transpose(1, 2)[:, None], rows).view(d.d_out, -1)
+        return f.unturned(grad.reshape(-1, d.fields_in).index_select(0, to_frame), d)
 
 
 class _TwirledCoefficients(torch.autograd.Function):
@@ -349,16 +348,23 @@ class _Frame:
             self.gathers[key] = gathers
         return self.gathers[key]
 
+    def turned(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
+        """Rows [(a b h), N] with out component a's harmonics turned by γ_a: [a, b, h, N]."""
+        return torch.matmul(self.harmonic_actions[:, None], rows.reshape(d.d_out, d.d_in, d.harmonics, -1))
+
+    def unturned(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
+        """The inverse of :meth:`turned` (T is orthogonal), flattened to [d_out, (b h N)]."""
+        return torch.matmul(self.harmonic_actions.transpose(1, 2)[:, None],
+                            rows.reshape(d.d_out, d.d_in, d.harmonics, -1)).view(d.d_out, -1)
+
     def canonical(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
         """Frame coefficients [d_out, (b' h N)] -> canonical rows [(a b h), N]."""
-        turned = torch.matmul(self.harmonic_actions[:, None], rows.reshape(d.d_out, d.d_in, d.harmonics, -1))
+        turned = self.turned(rows, d)
         return turned.view(d.d_out * d.d_in, -1).index_select(0, self.to_canonical).view(d.rows, -1)
 
     def framed(self, rows: torch.Tensor, d: _Dims) -> torch.Tensor:
         """Canonical rows [(a b h), N] -> frame coefficients [d_out, (b' h N)]."""
-        rows = rows.reshape(d.d_out * d.d_in, -1).index_select(0, self.to_frame)
-        return torch.matmul(self.harmonic_actions.transpose(1, 2)[:, None],
-                            rows.view(d.d_out, d.d_in, d.harmonics, -1)).view(d.d_out, -1)
+        return self.unturned(rows.reshape(d.d_out * d.d_in, -1).index_select(0, self.to_frame), d)
 
 
 def _frame_arrays(ops: TwirlOperators) -> dict | None:
