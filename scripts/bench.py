@@ -5,6 +5,7 @@ repeats, and only ratios measured in the same run are meaningful.
     python scripts/bench.py models     # pe_resnet18 / pe_wrn16_8 vs timm / plain, model build times
     python scripts/bench.py models --large   # the sizes people train at: 224x224, batch 16
     python scripts/bench.py synthesis  # where a pe model's training step goes, at 224x224, batch 16
+    python scripts/bench.py compiled   # the training step eager and under torch.compile, at 224x224
     python scripts/bench.py device     # pe_resnet18 vs timm on a GPU: bf16, batch 128 at 224x224
 """
 from __future__ import annotations
@@ -373,9 +374,55 @@ def bench_synthesis(batch: int = 16, size: int = 224, repeats: int = 7, rows=SYN
         del models
 
 
+COMPILED_ROWS = [("pe_resnet18", dict(group="D4")), ("pe_resnet18", dict(group="O2"))]
+
+
+def bench_compiled(batch: int = 16, size: int = 224, repeats: int = 5, rows=COMPILED_ROWS,
+                   backend: str = "inductor") -> None:
+    """A training step (forward + backward) of each model eager and under ``torch.compile``, and
+    of timm's resnet18 both ways, interleaved; ratios against timm compiled the same way. The
+    first compiled step (the compilation) is timed once."""
+    import timm
+
+    import eqzoo  # noqa: F401
+
+    print(f"# torch.compile: batch {batch}, {size}x{size}, CPU, {torch.get_num_threads()} threads, backend {backend}; "
+          "median ms of interleaved repeats")
+    print("| model | eager | compiled | eager vs timm eager | compiled vs timm compiled | first compiled step |")
+    print("|---|---|---|---|---|---|")
+    x = torch.randn(batch, 3, size, size)
+    torch.manual_seed(0)
+    models = {"timm resnet18": timm.create_model("resnet18", num_classes=10)}
+    for name, kwargs in rows:
+        models[f"{name} {kwargs.get('group', '')}".strip()] = timm.create_model(name, num_classes=10, **kwargs)
+    fns, first = {}, {}
+    for label, model in models.items():
+        fns[(label, "eager")] = train_step(model, x)
+        fns[(label, "compiled")] = step = _compiled_step(model, x, backend)
+        t = time.perf_counter()
+        step()
+        first[label] = time.perf_counter() - t
+    t = interleaved(fns, repeats=repeats, warmup=1)
+    ref = "timm resnet18"
+    for label in models:
+        e, c = t[(label, "eager")], t[(label, "compiled")]
+        print(f"| {label} | {e * 1e3:.0f} | {c * 1e3:.0f} | {t[(ref, 'eager')] / e:.2f}x | "
+              f"{t[(ref, 'compiled')] / c:.2f}x | {first[label]:.0f} s |")
+
+
+def _compiled_step(model, x, backend):
+    compiled = torch.compile(model, backend=backend)
+
+    def f():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        compiled(x).sum().backward()
+    return f
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layers", "models", "synthesis", "device"])
+    p.add_argument("what", choices=["layers", "models", "synthesis", "compiled", "device"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-builds", action="store_true", help="models: skip the build-time table")
     p.add_argument("--large", action="store_true",
@@ -383,7 +430,7 @@ def main(argv=None):
                         "(default --batch 16 and no build table)")
     p.add_argument("--device", default="cuda", help="device: where to run (default cuda)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: models 32, --large 16, device 128)")
-    p.add_argument("--size", type=int, default=224, help="device, synthesis: image size (default 224)")
+    p.add_argument("--size", type=int, default=224, help="device, synthesis, compiled: image size (default 224)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: models 5 or 3, device 10)")
     args = p.parse_args(argv)
     if args.threads:
@@ -396,6 +443,8 @@ def main(argv=None):
         bench_models(args.batch or 32, builds=not args.no_builds, repeats=args.repeats)
     elif args.what == "synthesis":
         bench_synthesis(args.batch or 16, args.size, repeats=args.repeats or 7)
+    elif args.what == "compiled":
+        bench_compiled(args.batch or 16, args.size, repeats=args.repeats or 5)
     else:
         bench_device(args.device, args.batch or 128, args.size, args.repeats or 10)
 

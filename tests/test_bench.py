@@ -69,3 +69,17 @@ def test_synthesis_breakdown_runs(capsys):
     bench.bench_synthesis(batch=2, size=32, repeats=1, rows=bench.SYNTHESIS_ROWS[:1])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| pe_")]
     assert len(rows) == 1 and all(float(v) > 0 for v in rows[0].strip(" |").split("|")[1:]), rows
+
+
+def test_compiled_rows_run(capsys):
+    """``bench.py compiled`` times every model eager and compiled (here with the aot_eager backend,
+    at 32x32, batch 2: the rows, not the speed)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    bench.bench_compiled(batch=2, size=32, repeats=1, rows=bench.COMPILED_ROWS[:1], backend="aot_eager")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| timm resnet18", "| pe_resnet18 D4"], rows
+    assert rows[0].split(" | ")[3:5] == ["1.00x", "1.00x"], rows

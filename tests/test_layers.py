@@ -1,4 +1,5 @@
 """Core layers: equivariance at uniform λ, the kernel spaces, subgroups, caching, export, errors."""
+import copy
 import math
 
 import numpy as np
@@ -688,6 +689,66 @@ def test_field_batch_norm_training_is_its_definition(spec):
     n = x.numel() // bn.num_fields
     assert torch.allclose(bn.running_mean, mean.detach()) and torch.allclose(bn.running_var, var.detach() * n / (n - 1))
     assert torch.autograd.gradcheck(lambda t: bn(t), (x[:2, :, :3, :3].detach().clone().requires_grad_(),))
+
+
+@pytest.mark.parametrize("spec", ["D4", "O2"])
+@pytest.mark.parametrize("affine, track", [(True, True), (False, False)])
+def test_field_batch_norm_is_the_same_in_every_layout_and_compiled(spec, affine, track):
+    """A channels_last input and torch.compile take the per-channel-statistics path: the same
+    outputs, gradients and running statistics as the field views of a contiguous input, and the
+    output keeps the input's layout."""
+    torch.manual_seed(0)
+    ftype = get_group(spec).field_type(3)
+    ref = FieldBatchNorm2d(ftype, affine=affine, track_running_stats=track).double().train()
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 2.0)
+            ref.bias.normal_()
+    x = torch.randn(4, ftype.size, 5, 6, dtype=torch.float64) * 3 + 1
+    probe = torch.randn_like(x)
+
+    def run(bn, t):
+        t = t.detach().clone().requires_grad_()
+        y = bn(t)
+        params = [p for p in (bn.weight, bn.bias) if p is not None]
+        grads = torch.autograd.grad((y * probe).sum(), [t] + params)
+        return y, [y.detach(), *grads] + ([bn.running_mean.clone(), bn.running_var.clone()] if track else [])
+
+    layouts, compiled = copy.deepcopy(ref), copy.deepcopy(ref)
+    _, want = run(ref, x)
+    y, got = run(layouts, x.to(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    _, got_compiled = run(torch.compile(compiled, backend="aot_eager"), x)
+    for results in (got, got_compiled):
+        assert len(results) == len(want)
+        for a, b in zip(results, want):
+            assert torch.allclose(a, b, atol=1e-10), float((a - b).abs().max())
+    if track:  # eval on channels_last: the running statistics, per channel
+        layouts.eval(), ref.eval()
+        assert torch.allclose(layouts(x.to(memory_format=torch.channels_last)), ref(x), atol=1e-12)
+
+
+def test_frame_constants_are_made_before_compiling():
+    """A layer makes its regular frame's gathers when built and when moved or cast, so that a
+    compiled graph reads them instead of rebuilding them (index arithmetic and a permutation of
+    every layer at every step)."""
+    torch.manual_seed(0)
+    G = get_group("D4")
+    conv = PEConv2d(G.field_type(3), G.field_type(5), 3, padding=1)
+    for dtype in (torch.float32, torch.float64):
+        conv.to(dtype)
+        keys = conv._constants().frame.gathers.keys()
+        assert {("pixels", 5, 3), ("harmonics", 5, 3)} <= set(keys)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(2, conv.in_channels, 8, 8, dtype=torch.float64)
+    torch.compile(conv, backend=backend)(x).sum().backward()
+    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert graphs and not any("arange" in op or "meshgrid" in op for op in ops), sorted(ops)
 
 
 def test_symmetry_breaking_part():

@@ -342,7 +342,9 @@ class _Frame:
         if key not in self.gathers:
             grids = torch.meshgrid(*(torch.arange(n, device=self.to_canonical.device) for n in sizes), indexing="ij")
             forward = source(*grids).reshape(-1)
-            gathers = forward.int(), torch.argsort(forward).int()
+            inverse = torch.empty_like(forward)
+            inverse[forward] = torch.arange(forward.numel(), device=forward.device)  # a permutation's inverse
+            gathers = forward.int(), inverse.int()
             if torch.compiler.is_compiling():
                 return gathers
             self.gathers[key] = gathers
@@ -485,6 +487,19 @@ class _Twirled(nn.Module):
             self.register_parameter("bias", None)
         self._cache = None
         self.reset_parameters()
+        self._prepare_constants()
+
+    def _prepare_constants(self) -> None:
+        """Make the layer's constant tensors (operators, the regular frame's gathers) now, in eager
+        mode: under ``torch.compile`` whatever is not cached yet is built inside the graph, again
+        at every step (for the gathers, index arithmetic and a permutation per layer)."""
+        if self.weight.is_meta or torch.compiler.is_compiling():
+            return
+        frame = self._constants().frame
+        if frame is not None:
+            dims = self._dims_of(self.weight)
+            frame.pixel_gather(dims)
+            frame.harmonic_gather(dims)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -681,7 +696,9 @@ class _Twirled(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._cache = None  # moved / cast: rebuild the cached filter
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._prepare_constants()  # for the new device and dtype
+        return out
 
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module first: fail here, with what to do instead,

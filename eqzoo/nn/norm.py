@@ -153,6 +153,8 @@ class FieldBatchNorm2d(nn.Module):
         B, C, H, W = x.shape
         if x.numel() == 0:  # an empty batch (as nn.BatchNorm2d allows): nothing to normalise or learn from
             return x.clone()
+        if self.permutation and (torch.compiler.is_compiling() or not x.is_contiguous()):
+            return self._channelwise(x)
         if self.permutation:
             update = self.training and self.track_running_stats
             momentum = self._momentum() if update else 0.0
@@ -184,6 +186,38 @@ class FieldBatchNorm2d(nn.Module):
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
         return y.view(B, C, H, W)
+
+    def _channelwise(self, x):
+        r"""The permutation fields' normalisation from per-channel statistics, for channels_last
+        inputs and for ``torch.compile``: the view ``[B, fields, d*H*W]`` of the fused path copies
+        a channels_last tensor, and a compiler turns it into scalar loops with a division per
+        element (measured: the stem of pe_resnet18 compiled for the CPU ran 2x slower than eager;
+        the general fields' view ``[B, fields, d, H*W]`` is a view in either layout).
+        With the channels' means m_c and variances v_c, the field's mean is μ = mean_c(m_c) and
+        its variance v = mean_c(v_c) + mean_c((m_c - μ)²) (the law of total variance: no
+        difference of large numbers); y = x s_c + shift_c keeps x's layout."""
+        if not self._use_batch_stats():
+            return F.batch_norm(x, *(t if t is None else t.to(x.dtype) for t in self._per_channel()),
+                                training=False, eps=self.eps)
+        B, C, H, W = x.shape
+        d = self.field_size
+        dtype = torch.promote_types(x.dtype, self._invariant.dtype)  # bf16 under autocast: float32 statistics
+        var_c, m = torch.var_mean(x.to(dtype), dim=(0, 2, 3), correction=0)
+        m, var_c = m.view(-1, d), var_c.view(-1, d)
+        mu = m.mean(1)
+        var = (var_c + (m - mu[:, None]).square()).mean(1)
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mu * scale if self.bias is None else self.bias.view(-1) - mu * scale
+        if self.training and self.track_running_stats:
+            n = B * H * W * d
+            with torch.no_grad():
+                momentum = self._momentum()
+                self.running_mean.lerp_(mu.detach().view_as(self.running_mean).to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
+        shift, scale = (t.repeat_interleave(d).view(1, C, 1, 1) for t in (shift, scale))
+        return torch.addcmul(shift, x.to(dtype), scale).to(x.dtype)
 
     def _per_channel(self):
         """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""
