@@ -884,6 +884,33 @@ def test_fourier_relu_is_sample_relu_project(monkeypatch, chunk_numbers):
     assert torch.autograd.gradcheck(layer, (x.requires_grad_(),))
 
 
+def test_fourier_relu_compiles_as_one_operator(monkeypatch):
+    """Under torch.compile the training path stays one operator (eqzoo::sampled_relu, chunks
+    and all, with its own backward) and gives eager's values and gradients."""
+    monkeypatch.setattr(activation, "_CHUNK_NUMBERS", 3 * 32 * 20)  # several chunks
+    torch.manual_seed(0)
+    ftype = get_group("O2").field_type(4)
+    layer = FourierReLU(ftype, dtype=torch.float64)
+    x = torch.randn(2, ftype.size, 5, 4, dtype=torch.float64)
+    probe = torch.randn_like(x)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    results = []
+    for run in (torch.compile(layer, backend=backend), layer):
+        t = x.clone().requires_grad_()
+        y = run(t)
+        (y * probe).sum().backward()
+        results.append((y.detach(), t.grad))
+    ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert "eqzoo.sampled_relu.default" in ops and not any("bmm" in op or "matmul" in op for op in ops), ops
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_norm_relu_definition_and_gradients():
     """Each 2-d (or 1-d non-trivial) irrep block is scaled by relu(|x| - b) / |x|, the invariant
     component goes through a ReLU; thresholds start where about half of unit-normal blocks pass."""

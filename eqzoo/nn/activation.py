@@ -66,41 +66,61 @@ def _sampled_relu(x: torch.Tensor, sample: torch.Tensor, project: torch.Tensor,
     return out, mask
 
 
-class _SampledReLU(torch.autograd.Function):
-    """``project @ relu(sample @ x)`` for x [n, d, pixels], keeping only the ReLU's mask for
-    backward (one byte per sample): autograd would keep the samples themselves, 2.3 times the
-    activations in float32, the largest part of an O(2) model's training memory. The mask is
-    read back as uint8, not bool: a float times a bool tensor first copies the bool tensor to
-    float (a pass as slow as the product), a uint8 one is cast on the fly."""
+# The sampled ReLU in training is one opaque operator (a torch.library custom op) with its own
+# backward: it keeps only the ReLU's mask for backward (one byte per sample), where autograd would
+# keep the samples themselves, 2.3 times the activations in float32, the largest part of an O(2)
+# model's training memory; and torch.compile calls it as it is, chunks and all, where tracing it
+# made one pass over the whole samples tensor per elementwise step (measured on the CPU: compiled
+# pe_resnet18 O2 ran slower than eager).
+@torch.library.custom_op("eqzoo::sampled_relu", mutates_args=(),
+                         schema="(Tensor x, Tensor sample, Tensor project) -> (Tensor, Tensor)")
+def _sampled_relu_train(x, sample, project):
+    """``project @ relu(sample @ x)`` for x [n, d, pixels] and the ReLU's mask [n, N, pixels]."""
+    return _sampled_relu(x.contiguous(), sample, project, keep_mask=True)
 
-    @staticmethod
-    def forward(ctx, x, sample, project):
-        # under autocast in its dtype, as a matmul would be; backward follows grad's dtype
-        dtype = torch.get_autocast_dtype(x.device.type) if autocast_enabled(x.device) else x.dtype
-        sample, project = sample.to(dtype), project.to(dtype)
-        with autocast_off(x.device):
-            out, mask = _sampled_relu(x.to(dtype), sample, project, keep_mask=True)
-        ctx.save_for_backward(mask, sample, project)
-        ctx.dtype = x.dtype
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        mask, sample, project = ctx.saved_tensors
-        mask = mask.view(torch.uint8)
-        sample, project = sample.to(grad.dtype), project.to(grad.dtype)
-        n, _, P = grad.shape
-        step = _rows_per_chunk(n, sample.shape[0] * P, grad.device)
-        if step >= n:
-            return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask)).to(ctx.dtype), None, None
-        grad = grad.contiguous()
-        dx = torch.empty_like(grad)
-        for i in range(0, n, step):
-            rows = slice(i, min(i + step, n))
-            d_samples = torch.bmm(project.T.expand(rows.stop - i, -1, -1), grad[rows]).mul_(mask[rows])
-            torch.bmm(sample.T.expand(rows.stop - i, -1, -1), d_samples, out=dx[rows])
-        return dx.to(ctx.dtype), None, None
+@_sampled_relu_train.register_fake
+def _(x, sample, project):
+    n, _, P = x.shape
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(n, sample.shape[0], P, dtype=torch.bool)
+
+
+@torch.library.custom_op("eqzoo::sampled_relu_backward", mutates_args=(),
+                         schema="(Tensor grad, Tensor mask, Tensor sample, Tensor project) -> Tensor")
+def _sampled_relu_backward(grad, mask, sample, project):
+    """``sampleᵀ @ (mask * (projectᵀ @ grad))``, chunk by chunk as the forward. The mask is read
+    as uint8, not bool: a float times a bool tensor first copies the bool tensor to float (a
+    pass as slow as the product), a uint8 one is cast on the fly."""
+    mask = mask.view(torch.uint8)
+    grad = grad.contiguous()
+    n, _, P = grad.shape
+    step = _rows_per_chunk(n, sample.shape[0] * P, grad.device)
+    if step >= n:
+        return torch.matmul(sample.T, torch.matmul(project.T, grad).mul_(mask))
+    dx = torch.empty_like(grad)
+    for i in range(0, n, step):
+        rows = slice(i, min(i + step, n))
+        d_samples = torch.bmm(project.T.expand(rows.stop - i, -1, -1), grad[rows]).mul_(mask[rows])
+        torch.bmm(sample.T.expand(rows.stop - i, -1, -1), d_samples, out=dx[rows])
+    return dx
+
+
+@_sampled_relu_backward.register_fake
+def _(grad, mask, sample, project):
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _sampled_relu_setup(ctx, inputs, output):
+    _, sample, project = inputs
+    ctx.save_for_backward(output[1], sample, project)
+
+
+def _sampled_relu_grad(ctx, grad, _grad_mask):
+    mask, sample, project = ctx.saved_tensors
+    return _sampled_relu_backward(grad, mask, sample, project), None, None
+
+
+_sampled_relu_train.register_autograd(_sampled_relu_grad, setup_context=_sampled_relu_setup)
 
 
 class FourierReLU(nn.Module):
@@ -159,7 +179,12 @@ class FourierReLU(nn.Module):
         sample, project = self._sample.to(x.dtype), self._project.to(x.dtype)
         if not torch.jit.is_scripting():  # (TorchScript takes no autograd functions: not in a script or trace)
             if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():
-                return _SampledReLU.apply(xf, sample, project).view(B, C, H, W)
+                # under autocast in its dtype, as a matmul would be (the cast's backward casts back)
+                if autocast_enabled(x.device):
+                    dtype = torch.get_autocast_dtype(x.device.type)
+                    xf, sample, project = xf.to(dtype), sample.to(dtype), project.to(dtype)
+                with autocast_off(x.device):
+                    return _sampled_relu_train(xf, sample, project)[0].view(B, C, H, W)
             if not torch.jit.is_tracing() and not autocast_enabled(x.device):
                 return _sampled_relu(xf, sample, project)[0].view(B, C, H, W)
         return torch.matmul(project, torch.matmul(sample, xf).relu_()).view(B, C, H, W)
