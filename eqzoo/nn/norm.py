@@ -11,6 +11,8 @@ and ``reset_running_stats()`` clears them.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,7 +53,9 @@ class _FieldStatsNorm(torch.autograd.Function):
                 shift = shift + bias @ E.T
             ctx.save_for_backward(xf, E, weight, mu, s)
             ctx.mark_non_differentiable(mean, var)
-            return torch.addcmul(shift[None, :, :, None], xf, scale[None, :, None, None]), mean, var
+            # in x's dtype, as nn.BatchNorm2d under autocast (bf16 activations stay bf16)
+            y = torch.addcmul(shift[None, :, :, None], xf, scale[None, :, None, None]).to(xf.dtype)
+            return y, mean, var
 
     @staticmethod
     @once_differentiable
@@ -153,9 +157,11 @@ class FieldBatchNorm2d(nn.Module):
         B, C, H, W = x.shape
         if x.numel() == 0:  # an empty batch (as nn.BatchNorm2d allows): nothing to normalise or learn from
             return x.clone()
-        if self.permutation and (torch.compiler.is_compiling() or not x.is_contiguous()):
+        # permutation fields: one fused batch norm of the view [B, fields, d*H*W], which would copy
+        # other layouts (channels_last); those take the general fields' view [B, fields, d, H*W]
+        if torch.compiler.is_compiling():
             return self._channelwise(x)
-        if self.permutation:
+        if self.permutation and x.is_contiguous():
             update = self.training and self.track_running_stats
             momentum = self._momentum() if update else 0.0
             running_mean = self.running_mean.view(-1) if update or not self._use_batch_stats() else None
@@ -178,46 +184,58 @@ class FieldBatchNorm2d(nn.Module):
         xf = x.reshape(B, self.num_fields, self.field_size, H * W)
         # statistics in at least the module's precision (bf16 activations under autocast: float32)
         E = self._invariant.to(torch.promote_types(x.dtype, self._invariant.dtype))
-        y, mean, var = _FieldStatsNorm.apply(xf, E, self.weight, self.bias, self.eps)
+        # a permutation field keeps the average of its channels and one bias: in the coordinates
+        # of its invariant basis E = ones / sqrt(d) both are sqrt(d) times larger
+        c = math.sqrt(self.field_size) if self.permutation else 1.0
+        if self.permutation:  # exact in any dtype (the buffer was made in float32)
+            E = torch.full_like(E, 1.0 / c)
+        bias = self.bias * c if self.permutation and self.bias is not None else self.bias
+        y, mean, var = _FieldStatsNorm.apply(xf, E, self.weight, bias, self.eps)
         if self.training and self.track_running_stats:
             n = B * H * W * self.field_size
             with torch.no_grad():
                 momentum = self._momentum()
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_mean.lerp_((mean / c).to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
-        return y.view(B, C, H, W)
+        if torch.jit.is_tracing():
+            return y.view(B, C, H, W)
+        return torch.ops.aten._unsafe_view(y, (B, C, H, W))  # not a view: see forward
 
     def _channelwise(self, x):
-        r"""The permutation fields' normalisation from per-channel statistics, for channels_last
-        inputs and for ``torch.compile``: the view ``[B, fields, d*H*W]`` of the fused path copies
-        a channels_last tensor, and a compiler turns it into scalar loops with a division per
-        element (measured: the stem of pe_resnet18 compiled for the CPU ran 2x slower than eager;
-        the general fields' view ``[B, fields, d, H*W]`` is a view in either layout).
-        With the channels' means m_c and variances v_c, the field's mean is μ = mean_c(m_c) and
-        its variance v = mean_c(v_c) + mean_c((m_c - μ)²) (the law of total variance: no
-        difference of large numbers); y = x s_c + shift_c keeps x's layout."""
+        r"""The normalisation from per-channel statistics, for ``torch.compile``: inductor gives
+        convolutions channels_last outputs, and turned the field views of the eager paths into
+        scalar loops with an integer division per element (the stem of pe_resnet18, compiled for
+        the CPU, ran 2x slower than eager). With the channels' means m_c and variances v_c, the
+        field's mean is μ = Π m and its variance v = mean_c(v_c) + mean_c((m_c - μ_c)²)
+        (Π is an orthogonal projection, and the law of total variance: no difference of large
+        numbers); y = x s_c + shift_c keeps x's layout."""
         if not self._use_batch_stats():
             return F.batch_norm(x, *(t if t is None else t.to(x.dtype) for t in self._per_channel()),
                                 training=False, eps=self.eps)
         B, C, H, W = x.shape
-        d = self.field_size
-        dtype = torch.promote_types(x.dtype, self._invariant.dtype)  # bf16 under autocast: float32 statistics
-        var_c, m = torch.var_mean(x.to(dtype), dim=(0, 2, 3), correction=0)
-        m, var_c = m.view(-1, d), var_c.view(-1, d)
-        mu = m.mean(1)
-        var = (var_c + (m - mu[:, None]).square()).mean(1)
+        F_, d = self.num_fields, self.field_size
+        E = self._invariant.to(torch.promote_types(x.dtype, self._invariant.dtype))
+        var_c, m = torch.var_mean(x.to(E.dtype), dim=(0, 2, 3), correction=0)
+        m = m.view(F_, d)
+        # a permutation field keeps the average of its channels and one bias per field, a general
+        # field the coordinates of its mean and bias in the invariant basis E
+        mean = m.mean(1, keepdim=True) if self.permutation else m @ E
+        mu = mean.expand(F_, d) if self.permutation else mean @ E.T
+        var = (var_c.view(F_, d) + (m - mu).square()).mean(1)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
-        shift = -mu * scale if self.bias is None else self.bias.view(-1) - mu * scale
+        shift = -mu * scale[:, None]
+        if self.bias is not None:
+            shift = shift + (self.bias.expand(F_, d) if self.permutation else self.bias @ E.T)
         if self.training and self.track_running_stats:
             n = B * H * W * d
             with torch.no_grad():
                 momentum = self._momentum()
-                self.running_mean.lerp_(mu.detach().view_as(self.running_mean).to(self.running_mean.dtype), momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var.detach() * n / max(n - 1, 1)).to(self.running_var.dtype), momentum)
-        shift, scale = (t.repeat_interleave(d).view(1, C, 1, 1) for t in (shift, scale))
-        return torch.addcmul(shift, x.to(dtype), scale).to(x.dtype)
+        y = torch.addcmul(shift.reshape(1, C, 1, 1), x.to(E.dtype), scale.repeat_interleave(d).view(1, C, 1, 1))
+        return y.to(x.dtype)
 
     def _per_channel(self):
         """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""
