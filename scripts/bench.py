@@ -334,6 +334,11 @@ def _replaced(module, kind, make):
     return module
 
 
+def _row_label(name: str, kwargs: dict) -> str:
+    """A table row's model: its name and group, e.g. ``pe_resnet18 D4``."""
+    return f"{name} {kwargs.get('group', '')}".strip()
+
+
 SYNTHESIS_ROWS = [("pe_resnet18", "resnet18", dict(group="D4")), ("pe_resnet50", "resnet50", dict(group="D4")),
                   ("pe_resnet18", "resnet18", dict(group="O2"))]
 
@@ -369,7 +374,7 @@ def bench_synthesis(batch: int = 16, size: int = 224, repeats: int = 7, rows=SYN
         fns = {k: train_step(m, x) for k, m in models.items()}
         fns["synthesis"] = synthesis
         t = interleaved(fns, repeats=repeats, warmup=2)
-        label = f"{name} {kwargs.get('group', '')}".strip()
+        label = _row_label(name, kwargs)
         print(f"| {label} | " + " | ".join(f"{t[k] * 1e3:.0f}" for k in fns) + " |")
         del models
 
@@ -394,7 +399,7 @@ def bench_compiled(batch: int = 16, size: int = 224, repeats: int = 5, rows=COMP
     torch.manual_seed(0)
     models = {"timm resnet18": timm.create_model("resnet18", num_classes=10)}
     for name, kwargs in rows:
-        models[f"{name} {kwargs.get('group', '')}".strip()] = timm.create_model(name, num_classes=10, **kwargs)
+        models[_row_label(name, kwargs)] = timm.create_model(name, num_classes=10, **kwargs)
     fns, first = {}, {}
     for label, model in models.items():
         fns[(label, "eager")] = train_step(model, x)
