@@ -9,6 +9,8 @@ rotmnist       MNIST, each digit rotated by a random angle (SO2)                
 c4mnist        MNIST, random multiples of 90 degrees (C4)                       28     10
 d4mnist        MNIST, random rotations by 90 degrees and flips (D4)             28     10
 ddmnist        double-digit MNIST, ``symmetry: [left, right]`` ([C1, SO2])      56     100
+fewshot_mnist  MNIST, ``train_size / 10`` labels per class (SO2), see fewshot    28     10
+fewshot_digits digits, ``train_size / 10`` labels per class (SO2), see fewshot   33     10
 cifar10/100    torchvision CIFAR (timm transforms)                              32     10/100
 stl10          torchvision STL-10 (timm transforms)                             96     10
 imagefolder    ``root/train/<class>/*``, optional ``root/val``, ``root/test``   model  #folders
@@ -22,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import ConfigError, DataNotFoundError
+from .fewshot import FEWSHOT, build_fewshot, check_fewshot_config
 from .mnist import (MNIST_FILES, ImageTensorDataset, Splits, build_ddmnist, build_digits,
                     build_mnist, make_ddmnist, make_transformed, mnist_missing_message)
 from .natural import build_natural, check_natural, natural_num_classes
@@ -35,7 +38,7 @@ DATASETS = {
     "digits": ("digits", "C4"), "mnist": ("mnist", "C1"), "rotmnist": ("mnist", "SO2"),
     "c4mnist": ("mnist", "C4"), "d4mnist": ("mnist", "D4"), "ddmnist": ("ddmnist", ("C1", "SO2")),
     "cifar10": ("natural", None), "cifar100": ("natural", None), "stl10": ("natural", None),
-    "imagefolder": ("natural", None),
+    "imagefolder": ("natural", None), "fewshot_mnist": ("mnist", "SO2"), "fewshot_digits": ("digits", "SO2"),
 }
 
 
@@ -70,6 +73,8 @@ def check_data_config(d: dict) -> None:
         if not c or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 9 for v in c) \
                 or len(set(c)) != len(c):
             raise ConfigError(f"config key 'data.classes' must be distinct digits 0..9, got {c!r}")
+    if name in FEWSHOT:
+        check_fewshot_config(d)
     if d["resample"] and kind != "ddmnist":
         raise ConfigError(f"config key 'data.resample' applies to ddmnist only, not to {name}")
     if kind == "ddmnist":
@@ -107,6 +112,8 @@ def build_datasets(d: dict, model=None) -> Splits:
     """Train / val / test splits of a resolved ``data`` section (``model`` gives timm's transforms
     for natural images)."""
     kind, default_sym = DATASETS[d["name"]]
+    if d["name"] in FEWSHOT:
+        return build_fewshot(d)
     if kind == "digits":
         return build_digits(d)
     if kind == "mnist":
