@@ -25,6 +25,7 @@ from ..errors import CheckpointError, HubConfigError, ModelArgError
 from ..sources import fetch
 from ..validate import check_arg, is_json
 from ._checkpoint import checkpoint_filter
+from ._pretrained import apply_published
 from ._schema import (CONFIG_NAME, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
                       register_architectures, validate_saved_config)
 
@@ -179,6 +180,7 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
                             "the dilation), so the weights would not fit; take features at stride 32, or "
                             "upsample the input")
     kwargs = dict(kwargs)
+    apply_published(variant, pretrained, kwargs)  # a published tag: its architecture, its checked weights
     checkpoint = _saved_checkpoint(model_cls, variant, pretrained, kwargs)
     for key in ("num_classes", "in_chans"):  # explicit overrides must make sense too
         if key in kwargs:
