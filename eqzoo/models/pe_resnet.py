@@ -26,13 +26,14 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import ResNet, generate_default_cfgs, register_model
+from timm.models import ResNet, register_model
 from timm.models._features import feature_take_indices
 
 from ..errors import ModelArgError
 from ..validate import check_size, check_widths, checked_args
 from ._builder import build_pe_model
 from ._layers import FieldLayers, check_pooled, head_likelihood, install_head, reset_layers
+from ._pretrained import published_default_cfgs
 from ._schema import register_architectures
 
 __all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck"]
@@ -338,7 +339,7 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = published_default_cfgs({  # + the published tags (_pretrained.py)
     "pe_resnet18": _cfg(),
     "pe_resnet34": _cfg(),
     "pe_resnet50": _cfg(),

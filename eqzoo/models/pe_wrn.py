@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath
-from timm.models import generate_default_cfgs, register_model
+from timm.models import register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
@@ -24,6 +24,7 @@ from ..errors import ModelArgError
 from ..validate import check_size, check_widths, checked_args
 from ._builder import build_pe_model
 from ._layers import FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
+from ._pretrained import published_default_cfgs
 from ._schema import register_architectures
 
 __all__ = ["WideResNet", "PEWideResNet", "WideBasicBlock"]
@@ -297,7 +298,7 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
+default_cfgs = published_default_cfgs({  # + the published tags (_pretrained.py)
     "pe_wrn16_8": _cfg(),
     "pe_wrn28_10": _cfg(),
 })
