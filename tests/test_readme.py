@@ -1,10 +1,12 @@
 """The README's code examples run as written and say what is true."""
+import importlib.util
 import re
 from pathlib import Path
 
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def run_example(section: str) -> dict:
@@ -16,22 +18,34 @@ def run_example(section: str) -> dict:
     return scope
 
 
+def test_readme_starts_with_the_two_commands():
+    head = README.read_text().split("```")[1]
+    assert "make demo" in head and "make test" in head
+
+
+def test_readme_is_short():
+    assert len(README.read_text().splitlines()) <= 300
+
+
+def test_quick_start_trains_one_step_and_reads_lambda():
+    torch.manual_seed(0)
+    scope = run_example("Quick start")
+    model = scope["model"]
+    assert model.num_classes == 10
+    assert scope["loss"].requires_grad and torch.isfinite(scope["loss"])
+    assert set(scope["parts"]) == {"alignment", "kl_chain", "kl_uniform"}
+    # the optimiser step reached the likelihoods: λ's coefficients have gradients
+    lam = scope["lams"]["layer1.0.conv1.likelihood"]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lam.parameters())
+    assert scope["summary"]["closest_subgroup"] == "D4" and scope["summary"]["group"] == "D4"
+
+
 def test_layer_example_runs():
     scope = run_example("The layers")
     assert tuple(scope["y"].shape) == (2, 64, 32, 32)
     assert scope["lam"].summary()["closest_subgroup"] == "D4"
     assert scope["a"].likelihood is scope["b"].likelihood
     assert scope["plain"].weight.shape == (64, 3, 5, 5)
-
-
-def test_readme_starts_with_the_two_commands():
-    head = README.read_text().split("```")[1]
-    assert "make demo" in head and "make test" in head
-
-
-def test_model_example_runs():
-    scope = run_example("The models")
-    assert type(scope["plain"]).__name__ == "ResNet" and scope["model"].num_classes == 10
 
 
 def test_deployment_example_runs():
@@ -42,3 +56,18 @@ def test_deployment_example_runs():
         outputs = [scope["program"].module()(x), scope["scripted"](x), scope["traced"](x), scope["skeleton"].eval()(x)]
     for out in outputs:
         assert torch.allclose(out, y, atol=1e-4)
+    # what gets scripted is timm's own model
+    assert type(scope["eqzoo"].export(model)).__name__ == "ResNet" and model.num_classes == 10
+
+
+def test_model_table_is_the_models_as_built():
+    """Params and GMACs in the README are those of the models built by default (regenerate the
+    table with ``python scripts/model_table.py --write``)."""
+    spec = importlib.util.spec_from_file_location("model_table", ROOT / "scripts" / "model_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    text = README.read_text()
+    assert table.HEADER in text, "README lost its model table"
+    rows = table.readme_rows(text)
+    assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(table.MODELS)
+    assert rows == [table.model_row(name) for name in table.MODELS]
