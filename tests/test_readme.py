@@ -60,6 +60,26 @@ def test_deployment_example_runs():
     assert type(scope["eqzoo"].export(model)).__name__ == "ResNet" and model.num_classes == 10
 
 
+def test_own_data_config_is_valid(tmp_path):
+    from eqzoo.config import load_config
+
+    block = re.search(r"## Bring your own data.*?```yaml\n(.*?)```", README.read_text(), re.S)
+    assert block, "README lost its example config"
+    (tmp_path / "my.yaml").write_text(block.group(1))
+    cfg = load_config(str(tmp_path / "my.yaml"))
+    assert cfg["data"]["name"] == "imagefolder" and cfg["model"] == "pe_resnet18"
+
+
+def test_paths_named_in_the_readmes_exist():
+    for readme in (README, ROOT / "scripts" / "README.md"):
+        text = readme.read_text()
+        links = re.findall(r"\]\(([^)#:]+)\)", text)  # relative links
+        paths = re.findall(r"(?<![\w/.])((?:scripts|configs|eqzoo|tests)/[\w/.*-]+\.(?:py|yaml|md))", text)
+        for path in links + paths:
+            base = ROOT if path.startswith(("scripts/", "configs/", "eqzoo/", "tests/")) else readme.parent
+            assert list(base.glob(path)), f"{readme.name} names {path}, which does not exist"
+
+
 def test_model_table_is_the_models_as_built():
     """Params and GMACs in the README are those of the models built by default (regenerate the
     table with ``python scripts/model_table.py --write``)."""
