@@ -78,7 +78,8 @@ def read_releases(configs: Path, out: Path, names=None) -> list[dict]:
     known = [f.stem for f in files]
     missing = [n for n in names or () if n not in known]
     if missing:
-        raise SystemExit(f"release.py: no release file for {', '.join(missing)} in {configs}; known: {', '.join(known)}")
+        raise SystemExit(f"release.py: no release file for {', '.join(missing)} in {configs}; "
+                         f"known: {', '.join(known)}")
     return [read_release(f, out) for f in files if not names or f.stem in names]
 
 
@@ -123,8 +124,8 @@ def _card(rel: dict, results: dict, history: list[dict], commit: str, command: s
     file = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
     description = (f"\nRelease checkpoint `{r['tag']}` of eqzoo, built with `{command}` at eqzoo commit "
                    f"`{commit}` from `{file}`. {r['description']}\n")
-    return {"model_name": r["tag"] or rel["name"], "dataset_name": r["dataset"], "split": "test", "results": {"accuracy": results["test_acc"]},
-            "training": training, "description": description, "tags": ["eqzoo-release"]}
+    return {"model_name": r["tag"] or rel["name"], "dataset_name": r["dataset"], "split": "test",
+            "results": {"accuracy": results["test_acc"]}, "training": training, "description": description, "tags": ["eqzoo-release"]}
 
 
 def _stage(rel: dict, card: dict, stage: Path) -> None:

@@ -44,6 +44,8 @@ _REQUIRED = {"hf_hub_id": str, "revision": str, "sha256": str, "model_args": dic
 _OPTIONAL = {"mean": list, "std": list, "interpolation": str, "crop_pct": float, "description": str,
              "license": str, "dataset": str, "test_accuracy": float}
 _HEX = re.compile(r"^[0-9a-f]+$")
+# what loading may change without changing the function of the published weights
+_LOAD_TIME_ARGS = ("num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate")
 
 
 def registry_path() -> Path:
@@ -160,13 +162,18 @@ def check_published_weights(tag: str, entry: dict) -> Path:
 
 
 def apply_published(variant: str, pretrained: bool, kwargs: dict) -> None:
-    """For a published tag: its model_args become defaults of ``kwargs`` (explicit ones win), and
-    with ``pretrained`` its weights are checked against the published sha256."""
+    """For a published tag: its model_args set the architecture in ``kwargs`` (over the entry
+    function's defaults, such as pe_resnet18's ``layers``), except what a fine-tune may change
+    (``num_classes``, ``in_chans``, the pool and drop rates: given ones win); with ``pretrained`` its
+    weights are checked against the published sha256."""
     found = published_entry(variant, kwargs.get("pretrained_cfg"))
     if found is None:
         return
     tag, entry = found
     for key, value in entry["model_args"].items():
-        kwargs.setdefault(key, value)
+        if key in _LOAD_TIME_ARGS:
+            kwargs.setdefault(key, value)
+        else:
+            kwargs[key] = value
     if pretrained:
         check_published_weights(tag, entry)
