@@ -125,7 +125,8 @@ def _card(rel: dict, results: dict, history: list[dict], commit: str, command: s
     description = (f"\nRelease checkpoint `{r['tag']}` of eqzoo, built with `{command}` at eqzoo commit "
                    f"`{commit}` from `{file}`. {r['description']}\n")
     return {"model_name": r["tag"] or rel["name"], "dataset_name": r["dataset"], "split": "test",
-            "results": {"accuracy": results["test_acc"]}, "training": training, "description": description, "tags": ["eqzoo-release"]}
+            "results": {"accuracy": results["test_acc"]}, "training": training, "description": description,
+            "tags": ["eqzoo-release"]}
 
 
 def _stage(rel: dict, card: dict, stage: Path) -> None:
