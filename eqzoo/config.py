@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from .data import DATASETS, check_data_config
+from ._yaml import MAX_CONFIG_BYTES, parse_yaml
 from .errors import ConfigError, ModelArgError
 from .models._schema import is_pe_architecture, model_arg_problem
 from .validate import NONE as _NONE
@@ -37,6 +39,10 @@ class Key:
         self.types = types if isinstance(types, tuple) else (types,)
         self.default, self.choices, self.doc, self.min, self.max = default, choices, doc, min, max
 
+
+# timm schedulers whose learning rate is a function of the update count alone: a resumed run
+# continues exactly ("plateau" needs the metric history, so is not offered)
+SCHEDULES = ("cosine", "tanh", "poly", "step", "multistep", "constant")
 
 # Caps on sizes that are materialised in memory (the synthetic data sets are built whole).
 MAX_IMAGE_SIZE = 1024
@@ -71,31 +77,37 @@ SCHEMA: dict[str, Any] = {
         "augment": Key(bool, True, doc="natural images: timm's training augmentation"),
         "resample": Key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
                                          "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
-        "batch_size": Key(int, 64, min=1, max=MAX_BATCH, doc="global batch size (split over the DDP processes)"),
+        "batch_size": Key(int, 64, min=1, max=MAX_BATCH,
+                          doc="the global batch: split over the DDP processes (timm's train.py -b is per process)"),
         "eval_batch_size": Key((int, _NONE), None, min=1, max=MAX_BATCH, doc="batch size for evaluation (default: 2x batch_size)"),
         "workers": Key(int, 0, min=0, max=256, doc="DataLoader worker processes"),
     },
     "optim": {
-        "name": Key(str, "adamw", choices=("adamw", "adam", "sgd")),
-        "lr": Key(_NUM, 1e-3, min=0),
-        "weight_decay": Key(_NUM, 0.01, min=0, doc="applied to conv/linear weights only: not to biases, "
-                                                   "norms or likelihoods"),
-        "momentum": Key(_NUM, 0.9, min=0, doc="SGD momentum"),
-        "betas": Key(list, [0.9, 0.999], doc="Adam(W) betas"),
-        "grad_clip": Key((_NUM + (_NONE,)), None, min=0, doc="clip the global gradient norm to this"),
-        "label_smoothing": Key(_NUM, 0.0, min=0),
-        "likelihood_lr_scale": Key(_NUM, 1.0, min=0, doc="the likelihoods' learning rate is lr times this: "
-                                                        "λ has few coefficients with small, noisy gradients"),
+        "name": Key(str, "adamw", doc="any optimizer of timm.optim.list_optimizers() (adamw, sgd, lamb, lion, ...), "
+                                      "built by timm.optim.create_optimizer_v2"),
+        "lr": Key(_NUM, 1e-3, min=0, max=10),
+        "weight_decay": Key(_NUM, 0.01, min=0, max=1, doc="applied to conv/linear weights only: not to biases, "
+                                                          "norms or likelihoods"),
+        "momentum": Key(_NUM, 0.9, min=0, max=0.9999, doc="momentum of the optimizers that have one (sgd, ...)"),
+        "betas": Key(list, [0.9, 0.999], doc="betas of the optimizers that have them (adam, adamw, lamb, ...)"),
+        "grad_clip": Key((_NUM + (_NONE,)), None, min=0, max=1e6, doc="clip the global gradient norm to this"),
+        "label_smoothing": Key(_NUM, 0.0, min=0, max=0.9999),
+        "likelihood_lr_scale": Key(_NUM, 1.0, min=0, max=1e4, doc="the likelihoods' learning rate is lr times this: "
+                                                                 "λ has few coefficients with small, noisy gradients"),
     },
     "schedule": {
-        "epochs": Key(int, 10, min=1),
-        "warmup_epochs": Key(_NUM, 0, min=0, doc="linear warm-up from 0, then cosine decay"),
-        "min_lr": Key(_NUM, 0.0, min=0, doc="learning rate at the end of the cosine"),
+        "name": Key(str, "cosine", choices=SCHEDULES, doc="timm scheduler, stepped after every optimizer update"),
+        "epochs": Key(int, 10, min=1, max=100_000),
+        "warmup_epochs": Key(_NUM, 0, min=0, doc="linear warm-up from 0 over this many epochs"),
+        "min_lr": Key(_NUM, 0.0, min=0, doc="learning rate at the end of the decay (cosine, tanh, poly)"),
+        "decay_epochs": Key(_NUM, 30, min=0, max=100_000, doc="step: epochs between decays"),
+        "decay_milestones": Key(list, [30, 60, 90], doc="multistep: the epochs at which to decay"),
+        "decay_rate": Key(_NUM, 0.1, min=0, max=1e3, doc="step, multistep: lr factor per decay; poly: the power"),
     },
     "regularizer": {
-        "alignment": Key(_NUM, 5.0, min=0, doc="α: the identity stays the mode of λ"),
-        "kl_chain": Key(_NUM, 3.0, min=0, doc="β: neighbouring layers' λ agree"),
-        "kl_uniform": Key(_NUM, 3.0, min=0, doc="γ: the first λ is pulled towards uniform"),
+        "alignment": Key(_NUM, 5.0, min=0, max=1e4, doc="α: the identity stays the mode of λ"),
+        "kl_chain": Key(_NUM, 3.0, min=0, max=1e4, doc="β: neighbouring layers' λ agree"),
+        "kl_uniform": Key(_NUM, 3.0, min=0, max=1e4, doc="γ: the first λ is pulled towards uniform"),
     },
     "freeze_likelihood": Key(bool, False, doc="keep every λ fixed (e.g. when fine-tuning a learnt model)"),
     "freeze_bn": Key(bool, False, doc="keep batch-norm layers in eval mode (running statistics fixed)"),
@@ -107,7 +119,7 @@ SCHEMA: dict[str, Any] = {
     "amp": Key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
     "channels_last": Key(bool, True, doc="channels_last memory format (CUDA only)"),
     "progress": Key(bool, True, doc="tqdm progress bars"),
-    "log_interval": Key(int, 10, min=1, doc="steps between progress-bar updates of λ-KL"),
+    "log_interval": Key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
     "tensorboard": Key(bool, True, doc="also log to TensorBoard when it is installed"),
     "save_model": Key(bool, True, doc="write the Hub-format model folder at the end"),
 }
@@ -138,8 +150,19 @@ def _type_names(types) -> str:
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
+def _non_finite(value, path: str) -> str | None:
+    """The dotted key of the first NaN or infinity in ``value`` (NaN passes every ``<`` check)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path}' is {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((p for k, v in items if (p := _non_finite(v, f"{path}.{k}")) is not None), None)
+
+
 def _check_value(path: str, key: Key, value) -> None:
     types = key.types
+    bad = _non_finite(value, path)
+    if bad is not None:
+        raise ConfigError(f"config key '{bad}; it must be a finite number")
     if not type_ok(value, types):  # YAML reads `true` as a bool, never a number
         raise ConfigError(f"config key {path!r} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
     if key.choices is not None and value not in key.choices:
@@ -147,8 +170,8 @@ def _check_value(path: str, key: Key, value) -> None:
     if key.min is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value < key.min:
         raise ConfigError(f"config key {path!r} must be >= {key.min}, got {value!r}")
     if key.max is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value > key.max:
-        raise ConfigError(f"config key {path!r} is {value!r}, above the maximum of {key.max} (a cap of "
-                          "eqzoo.config.SCHEMA: such sizes would exhaust the machine's memory)")
+        raise ConfigError(f"config key {path!r} is {value!r}, above the maximum of {key.max} "
+                          "(eqzoo.config.SCHEMA)")
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
@@ -195,6 +218,14 @@ def validate_config(cfg: dict) -> dict:
     if out["schedule"]["warmup_epochs"] > out["schedule"]["epochs"]:
         raise ConfigError(f"config key 'schedule.warmup_epochs' ({out['schedule']['warmup_epochs']}) must not "
                           f"exceed schedule.epochs ({out['schedule']['epochs']})")
+    sched = out["schedule"]
+    if sched["min_lr"] > out["optim"]["lr"]:
+        raise ConfigError(f"config key 'schedule.min_lr' ({sched['min_lr']}) must not exceed optim.lr "
+                          f"({out['optim']['lr']})")
+    ms = sched["decay_milestones"]
+    if not all(isinstance(m, int) and not isinstance(m, bool) and 0 < m <= 100_000 for m in ms):
+        raise ConfigError(f"config key 'schedule.decay_milestones' must be a list of epochs in [1, 100000], got {ms!r}")
+    _check_output(out["output"])
     dev = out["device"]
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {dev!r}")
@@ -203,10 +234,24 @@ def validate_config(cfg: dict) -> dict:
     for k in out["model_args"]:
         if not isinstance(k, str):
             raise ConfigError(f"config key 'model_args' must map names to values, got key {k!r}")
+    bad = _non_finite(out["model_args"], "model_args")
+    if bad is not None:
+        raise ConfigError(f"config key '{bad}; it must be a finite number")
     if "num_classes" in out["model_args"]:
         raise ConfigError("config key 'model_args.num_classes' is set from the data set: remove it")
     check_model_args(out["model"], out["model_args"])
     return out
+
+
+def _check_output(output) -> None:
+    """A run writes (and ``--overwrite`` deletes) its files in ``output``: it must be a folder of its
+    own, never the current folder or one above it."""
+    if output is None:
+        return
+    where = Path(output).expanduser()
+    if not output.strip() or where.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ConfigError(f"config key 'output' must name a run folder of its own (e.g. runs/NAME), not the current "
+                          f"folder or one above it, got {output!r}")
 
 
 def check_model_args(model: str, model_args: dict) -> None:
@@ -238,10 +283,7 @@ def parse_overrides(items) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
         key, text = item.split("=", 1)
-        try:
-            value = _yaml_number(yaml.safe_load(text)) if text != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        value = _yaml_number(parse_yaml(text, f"override {key}")) if text != "" else None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -263,32 +305,14 @@ def _deep_update(base: dict, new: dict) -> dict:
     return base
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML says
-    keys are unique, and PyYAML's silent "last one wins" hides a typo'd edit of a config."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: the base class reports it
-                break
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (first given on line {first})", key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, above the maximum of {MAX_CONFIG_BYTES} for a config")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raw = parse_yaml(path.read_text(encoding="utf-8"), str(path))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if raw is None:

@@ -5,7 +5,7 @@ One run = one config (see :mod:`eqzoo.config`) and one run folder (see
 :mod:`eqzoo.train.checkpoint`). The package, in the order a run uses it:
 
 - :mod:`~eqzoo.train.dist`: processes and devices (one process, or DDP under torchrun);
-- :mod:`~eqzoo.train.model`: the model, its optimiser, the learning-rate schedule, precision;
+- :mod:`~eqzoo.train.model`: the model, its optimiser and learning-rate schedule (timm's), precision;
 - :mod:`~eqzoo.train.run`: set-up, the epochs, the end (test, results, saved model);
 - :mod:`~eqzoo.train.loop`: one epoch, one evaluation pass;
 - :mod:`~eqzoo.train.checkpoint`: the run folder and its resumable checkpoints;
@@ -15,8 +15,8 @@ One run = one config (see :mod:`eqzoo.config`) and one run folder (see
 from ..errors import TrainingError
 from .api import evaluate, finetune, finetune_config, train
 from .checkpoint import RunDir
-from .model import build_model, lambda_kl, lr_at
+from .model import build_model, build_optimizer, build_scheduler, lambda_kl
 from .output import save_model_dir
 
-__all__ = ["train", "finetune", "evaluate", "finetune_config", "build_model", "lambda_kl", "lr_at", "RunDir",
+__all__ = ["train", "finetune", "evaluate", "finetune_config", "build_model", "lambda_kl", "build_optimizer", "build_scheduler", "RunDir",
            "save_model_dir", "TrainingError"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -31,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write, check_safetensors, locked, new_sibling_dir, save_tensors, write_json
+from .._io import atomic_write, check_safetensors, load_tensors, locked, new_sibling_dir, save_tensors, write_json
 from ..errors import CheckpointError, TrainingError
 from ..sources import HUB_DIR
 
-__all__ = ["RunDir", "rng_state", "set_rng_state", "optimizer_to_files", "optimizer_from_files"]
+__all__ = ["RunDir", "rng_state", "set_rng_state", "optimizer_to_files", "optimizer_from_files", "load_checkpoint"]
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -93,7 +94,7 @@ def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
 
 _CHECKPOINT = re.compile(r"epoch-(\d{4,})")
 _CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
-_STATE_KEYS = ("epoch", "step", "best_epoch", "best_val_acc", "history", "optimizer", "rng")
+_STATE_KEYS = ("epoch", "step", "best_epoch", "best_val_acc", "history", "optimizer", "rng", "config")
 
 
 class RunDir:
@@ -118,10 +119,10 @@ class RunDir:
         """Remove a previous run's files (``--overwrite``)."""
         for name in self.RUN_FILES:
             p = self.path / name
-            if p.is_dir():
+            if p.is_symlink() or (p.exists() and not p.is_dir()):
+                p.unlink()  # a link is removed, never what it points to
+            elif p.is_dir():
                 shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
 
     @contextmanager
     def claimed(self, resume: bool, overwrite: bool):
@@ -218,17 +219,18 @@ class RunDir:
                             + (f" ({'; '.join(problems)})" if problems else " (checkpoints/ is empty)")
                             + "; start the run again with --overwrite")
 
-    def save_checkpoint(self, epoch: int, model, opt, state: dict, rng: list, scaler) -> None:
+    def save_checkpoint(self, epoch: int, model, opt, state: dict, rng: list, scaler, config: dict) -> None:
         """Writes epoch-NNNN/ into a fresh folder and renames it into place, points latest.json at
         it (an atomic replace), then removes all but it and the previous checkpoint: a run killed
-        at any moment leaves a complete latest checkpoint, and one damaged later has a fallback."""
+        at any moment leaves a complete latest checkpoint, and one damaged later has a fallback.
+        The resolved ``config`` is pinned in state.json: a resume is checked against it."""
         folder = self.ckpts / f"epoch-{epoch:04d}"
         tmp = new_sibling_dir(folder)
         try:
             save_tensors(model.state_dict(), tmp / "model.safetensors")
             opt_t, opt_meta = optimizer_to_files(opt)
             save_tensors(opt_t, tmp / "optimizer.safetensors")
-            write_json(tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng,
+            write_json(tmp / "state.json", dict(state, optimizer=opt_meta, rng=rng, config=config,
                                                  scaler=scaler.state_dict() if scaler is not None else None))
             if folder.exists():  # from a run resumed at an earlier epoch
                 shutil.rmtree(folder)
@@ -245,6 +247,12 @@ class RunDir:
             if old.is_dir() and stale:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def clear_failed_start(self) -> None:
+        """After a start that failed before its first checkpoint: remove what it wrote, so that the
+        same command can be run again."""
+        if not self.has_checkpoint():
+            self.clear()
+
     def write_metrics(self, history: list[dict]) -> None:
         write_json(self.path / "metrics.json", history)
         keys = list(dict.fromkeys(k for row in history for k in row))
@@ -255,3 +263,54 @@ class RunDir:
                 w.writeheader()
                 w.writerows(history)
         atomic_write(self.path / "metrics.csv", write)
+
+
+def _non_finite(value, where: str) -> str | None:
+    """Where in a JSON value a NaN or infinity is (Python's json reads and writes them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next((w for k, v in items if (w := _non_finite(v, f"{where}.{k}")) is not None), None)
+
+
+def _finite_tensors(path: Path) -> dict:
+    tensors = load_tensors(path)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    return tensors
+
+
+def load_checkpoint(folder: Path, model, opt, scaler, state: dict, steps_per_epoch: int) -> dict:
+    """Apply checkpoint ``folder`` to the model, optimizer, scaler and ``state`` (updated in place);
+    returns its state.json. Raises :class:`CheckpointError` naming the file and what is wrong:
+    non-finite tensors, or a state.json whose values do not fit this run (step, param groups, RNG)."""
+    weights = _finite_tensors(folder / "model.safetensors")
+    opt_tensors = _finite_tensors(folder / "optimizer.safetensors")
+    path = folder / "state.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        bad = _non_finite(saved["optimizer"], "optimizer")
+        if bad is not None:
+            raise ValueError(f"{bad} is not a finite number")
+        epoch, step = saved["epoch"], saved["step"]
+        if not (type(epoch) is int and type(step) is int and step == epoch * steps_per_epoch):
+            raise ValueError(f"step {step!r} is not epoch {epoch!r} times the {steps_per_epoch} steps of an epoch")
+        if not (isinstance(saved["rng"], list) and saved["rng"] and isinstance(saved["history"], list)
+                and len(saved["history"]) == epoch):
+            raise ValueError("rng or history does not fit the epoch")
+        now = rng_state()
+        for s in saved["rng"]:  # every process's RNG state must be applicable
+            set_rng_state(s)
+        set_rng_state(now)
+        optimizer_from_files(opt, opt_tensors, saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        state.update({k: saved[k] for k in state})
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the model ({str(e).splitlines()[0]})") from None
+    return saved

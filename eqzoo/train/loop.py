@@ -8,10 +8,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from ..errors import ConfigError
+from timm.utils import accuracy
+
+from ..errors import ConfigError, TrainingError
 from ..regularizers import regularization
 from .dist import Dist, Shard, all_sum
-from .model import lambda_kl, lr_at, set_train
+from .model import lambda_kl, set_train
 
 REGULARIZERS = ("alignment", "kl_chain", "kl_uniform")
 
@@ -49,18 +51,32 @@ def _to_device(x, y, device, channels_last: bool):
 
 @torch.no_grad()
 def evaluate_loader(model, loader, device, autocast, d: Dist, channels_last: bool = False) -> dict:
-    """Loss, accuracy and count over a loader, summed over the processes."""
+    """Loss, top-1 (``acc``) and top-5 accuracy and count over a loader, summed over the processes."""
     model.eval()
-    loss_sum, correct, n = 0.0, 0.0, 0.0
+    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0.0
     for x, y in loader:
         x, y = _to_device(x, y, device, channels_last)
         with autocast():
-            logits = model(x)
-        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-        correct += float((logits.argmax(-1) == y).sum())
-        n += len(y)
-    loss_sum, correct, n = all_sum([loss_sum, correct, n], d, device)
-    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": int(n)}
+            logits = model(x).float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        a1, a5 = accuracy(logits, y, topk=(1, min(5, logits.shape[-1])))  # percentages of the batch
+        top1, top5, n = top1 + float(a1) * len(y) / 100, top5 + float(a5) * len(y) / 100, n + len(y)
+    loss_sum, top1, top5, n = all_sum([loss_sum, top1, top5, n], d, device)
+    return {"loss": loss_sum / max(n, 1), "acc": round(top1) / max(n, 1), "top5": round(top5) / max(n, 1), "n": int(n)}
+
+
+def _check_finite(r, ce, parts) -> None:
+    """Stop at the first non-finite loss, naming the step and the term: training on would only
+    spread NaN into every weight. All processes stop together (DDP would wait forever otherwise)."""
+    terms = {"task loss (cross-entropy)": ce, **{f"regulariser {k}": v for k, v in parts.items()}}
+    bad = [name for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
+    flag = torch.tensor([float(bool(bad))])
+    if r.d.on:
+        flag = torch.tensor(all_sum([float(bool(bad))], r.d, r.device))
+    if flag.item():
+        what = ", ".join(f"{name} = {float(terms[name])}" for name in bad) if bad else "on another process"
+        raise TrainingError(f"non-finite loss at step {r.state['step'] + 1} (epoch {r.state['epoch'] + 1}): {what}; "
+                            "training stopped (lower optim.lr, set optim.grad_clip, or check the data)")
 
 
 def _step(r, x, y):
@@ -73,6 +89,7 @@ def _step(r, x, y):
     # gradient averaging leaves its gradient unchanged. Computed outside autocast: softmax/log/KL
     # of the likelihoods must stay in fp32
     reg, parts = regularization(r.model, **cfg["regularizer"])
+    _check_finite(r, ce, parts)
     loss = ce + reg
     r.opt.zero_grad(set_to_none=True)
     if r.scaler is not None:
@@ -91,14 +108,6 @@ def _step(r, x, y):
     return logits, loss, ce, parts
 
 
-def _set_lr(r) -> float:
-    """The schedule's learning rate at the run's step, on every parameter group (times its scale)."""
-    lr = lr_at(r.state["step"], r.total_steps, r.warmup_steps, r.cfg["optim"]["lr"], r.cfg["schedule"]["min_lr"])
-    for g in r.opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-    return lr
-
-
 def train_epoch(r, epoch: int) -> dict:
     """Train ``r.model`` for one epoch; returns the epoch's metrics row (training part)."""
     r.sampler.set_epoch(epoch)
@@ -109,7 +118,8 @@ def train_epoch(r, epoch: int) -> dict:
     bar = tqdm(r.train_loader, desc=f"epoch {epoch + 1}/{r.cfg['schedule']['epochs']}", leave=False,
                disable=not (r.cfg["progress"] and r.d.main), dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
-        lr = _set_lr(r)
+        r.sched.step_update(r.state["step"])  # the schedule's lr for this update (times each group's lr_scale)
+        lr = r.opt.param_groups[0]["lr"]
         x, y = _to_device(x, y, r.device, r.channels_last)
         logits, loss, ce, parts = _step(r, x, y)
         n = len(y)

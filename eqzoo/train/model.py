@@ -1,10 +1,14 @@
-"""The model of a run and how it is optimised: build, optimiser, learning-rate schedule, precision."""
+"""The model of a run and how it is optimised: build, optimiser and learning-rate schedule (timm's),
+precision."""
 from __future__ import annotations
 
-import math
+import difflib
+import importlib.util
 from contextlib import nullcontext
 
 import timm
+import timm.optim
+import timm.scheduler
 import torch
 from torch import nn
 
@@ -87,22 +91,47 @@ def _param_groups(model: nn.Module, weight_decay: float, likelihood_lr_scale: fl
             {"params": lam, "weight_decay": 0.0, "lr_scale": float(likelihood_lr_scale)}]
 
 
+def check_optimizer(name: str) -> None:
+    """``optim.name`` is one of timm's optimizers that a plain ``loss.backward()`` drives (checked
+    when a run starts, before anything is built)."""
+    names = timm.optim.list_optimizers()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        raise ConfigError(f"config key 'optim.name': unknown optimizer {name!r}"
+                          + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + "; accepted: timm.optim.list_optimizers(), e.g. adamw, sgd, lamb, lion, adan")
+    info = timm.optim.get_optimizer_info(name)
+    if info.second_order:
+        raise ConfigError(f"config key 'optim.name': {name} is a second-order optimizer (it needs "
+                          "loss.backward(create_graph=True)), which the eqzoo engine does not run")
+    if isinstance(info.opt_class, str):  # apex / bitsandbytes: a CUDA package, imported by name
+        package = info.opt_class.split(".")[0]
+        if importlib.util.find_spec(package) is None or not torch.cuda.is_available():
+            raise ConfigError(f"config key 'optim.name': {name} needs CUDA and {package}, which is not installed "
+                              "or has no GPU here")
+
+
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    """``timm.optim.create_optimizer_v2`` on the engine's parameter groups (λ in a group of its own)."""
     o = cfg["optim"]
+    check_optimizer(o["name"])
+    info = timm.optim.get_optimizer_info(o["name"])
+    extra = {"betas": tuple(o["betas"])} if info.has_betas and info.num_betas == 2 else {}
     groups = _param_groups(model, o["weight_decay"], o["likelihood_lr_scale"])
-    if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=o["lr"], momentum=o["momentum"], nesterov=o["momentum"] > 0)
-    cls = torch.optim.AdamW if o["name"] == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o["lr"], betas=tuple(o["betas"]))
+    return timm.optim.create_optimizer_v2(groups, opt=o["name"], lr=o["lr"], weight_decay=o["weight_decay"],
+                                          momentum=o["momentum"], **extra)
 
 
-def lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
-    """Linear warm-up from 0 over ``warmup`` steps, then cosine from ``base`` to ``min_lr`` at ``total``.
-    A pure function of the step: the schedule's whole state is the step counter."""
-    if warmup and step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * t))
+def build_scheduler(cfg: dict, opt: torch.optim.Optimizer, updates_per_epoch: int):
+    """timm's scheduler of ``schedule.name``, stepped after every update (``step_update``): its
+    learning rate is a function of the update count alone, so a resumed run continues exactly. It
+    sets each group's lr to the schedule's value times the group's ``lr_scale``."""
+    s = cfg["schedule"]
+    sched, _ = timm.scheduler.create_scheduler_v2(
+        opt, sched=s["name"], num_epochs=s["epochs"], decay_epochs=s["decay_epochs"],
+        decay_milestones=s["decay_milestones"], decay_rate=s["decay_rate"], min_lr=s["min_lr"], warmup_lr=0.0,
+        warmup_epochs=s["warmup_epochs"], step_on_epochs=False, updates_per_epoch=max(1, updates_per_epoch))
+    return sched
 
 
 def mixed_precision(cfg: dict, device: torch.device):

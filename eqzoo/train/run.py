@@ -26,14 +26,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .._io import atomic_write, load_tensors, save_tensors, write_json
-from ..config import RESUME_SAFE, config_diff, dump_config, read_yaml, validate_config
+from ..config import RESUME_SAFE, config_diff, dump_config, validate_config
 from ..data import build_datasets, data_info
-from ..errors import TrainingError
+from ..errors import CheckpointError, TrainingError
 from ..sources import HUB_DIR
 from . import loop
-from .checkpoint import RunDir, optimizer_from_files, rng_state, set_rng_state
+from .checkpoint import RunDir, load_checkpoint, rng_state, set_rng_state
 from .dist import Dist, init_dist, log, run_device
-from .model import build_model, build_optimizer, lambda_kl, mixed_precision
+from .model import build_model, build_optimizer, build_scheduler, check_optimizer, lambda_kl, mixed_precision
 from .output import record_input, save_model_dir
 
 
@@ -56,21 +56,24 @@ class Run:
     val_loader: Any
     test_loader: Any
     channels_last: bool
-    total_steps: int
-    warmup_steps: int
+    sched: Any  # timm scheduler, stepped per update
     state: dict
     writer: Any = None
 
 
 # -- set-up -------------------------------------------------------------------------------------------
 def _check_resume_config(cfg: dict, folder: RunDir) -> None:
-    saved_path = folder.path / "config.yaml"
-    if not saved_path.is_file():
-        raise TrainingError(f"cannot resume: {saved_path} is missing")
-    changed = [k for k in config_diff(validate_config(read_yaml(saved_path)), cfg) if k not in RESUME_SAFE]
+    """A resumed run computes what its checkpoint began: the config is compared with the one the
+    checkpoint pinned (its state.json), not with config.yaml, which anyone may have edited since."""
+    latest, _ = folder.resume_point()
+    pinned = json.loads((latest / "state.json").read_text(encoding="utf-8")).get("config")
+    if not isinstance(pinned, dict):
+        raise TrainingError(f"cannot resume {folder.path}: {latest / 'state.json'} has no pinned config")
+    changed = [k for k in config_diff(pinned, cfg) if k not in RESUME_SAFE]
     if changed:
-        raise TrainingError(f"cannot resume {folder.path}: the config differs from the run's in {', '.join(changed)}; "
-                            f"only {', '.join(sorted(RESUME_SAFE))} may change when resuming")
+        raise TrainingError(f"cannot resume {folder.path}: the config differs from the one its checkpoint "
+                            f"{latest.name} was trained with in {', '.join(changed)} (config.yaml edited, or "
+                            f"overrides given); only {', '.join(sorted(RESUME_SAFE))} may change when resuming")
 
 
 def _check_folder(cfg: dict, folder: RunDir, resume: bool, overwrite: bool) -> None:
@@ -108,18 +111,28 @@ def _seed(seed: int) -> None:
 
 
 def _restore(r: Run) -> None:
-    """Continue from the run's last usable checkpoint: weights, optimiser, scaler, state, RNGs."""
+    """Continue from the run's last usable checkpoint: weights, optimiser, scaler, state, RNGs. A
+    checkpoint that cannot be applied (non-finite tensors, damaged state.json) is named, and the
+    previous one is used."""
     latest, problems = r.folder.resume_point()
+    older = [p for p in r.folder.checkpoints() if int(p.name[6:]) < int(latest.name[6:])]
+    for folder in [latest] + older:
+        problem = r.folder.check_checkpoint(folder)
+        if problem is not None:
+            problems.append(problem)
+            continue
+        try:
+            saved = load_checkpoint(folder, r.model, r.opt, r.scaler, r.state, len(r.train_loader))
+            break
+        except CheckpointError as e:
+            problems.append(str(e))
+    else:
+        raise TrainingError(f"nothing to resume in {r.folder.path}: no usable checkpoint ({'; '.join(problems)}); "
+                            "start the run again with --overwrite")
     for problem in problems:  # a damaged newer checkpoint: say so, and which one is used
-        log(r.d, f"warning: {problem}; resuming from {latest.name} instead")
-    log(r.d, f"resuming {r.folder.path} from {latest.name}")
-    r.model.load_state_dict(load_tensors(latest / "model.safetensors"))
-    saved = json.loads((latest / "state.json").read_text())
-    optimizer_from_files(r.opt, load_tensors(latest / "optimizer.safetensors"), saved["optimizer"])
-    if r.scaler is not None and saved.get("scaler"):
-        r.scaler.load_state_dict(saved["scaler"])
-    r.state = {k: saved[k] for k in r.state}
-    r.folder.previous = latest
+        log(r.d, f"warning: {problem}; resuming from {folder.name} instead")
+    log(r.d, f"resuming {r.folder.path} from {folder.name}")
+    r.folder.previous = folder
     if len(saved["rng"]) == r.d.world:
         set_rng_state(saved["rng"][r.d.rank])
     else:
@@ -133,6 +146,8 @@ def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: CSV and JSON are always written
     except ImportError:
+        log(d, "tensorboard: true, but TensorBoard is not installed (pip install tensorboard): metrics go to "
+               "metrics.csv and metrics.json only")
         return None
     return SummaryWriter(str(folder.path / "tb"))
 
@@ -140,6 +155,7 @@ def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
 def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, stack: ExitStack) -> Run:
     """Build everything a run needs (data files and folder checked before anything is built)."""
     device = run_device(cfg, d)
+    check_optimizer(cfg["optim"]["name"])
     _check_folder(cfg, folder, resume, overwrite)
     info = data_info(cfg["data"])  # missing data files fail here, before anything is built
     _seed(cfg["seed"])  # same initial weights on every process
@@ -157,9 +173,9 @@ def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, st
     autocast, scaler = mixed_precision(cfg, device)
     train_loader, sampler, val_loader, test_loader = loop.make_loaders(cfg, splits, d, device)
     steps = len(train_loader)
-    r = Run(cfg, d, device, folder, model, model, build_optimizer(cfg, model), autocast, scaler, splits,
-            train_loader, sampler, val_loader, test_loader, channels_last, cfg["schedule"]["epochs"] * steps,
-            round(cfg["schedule"]["warmup_epochs"] * steps),
+    opt = build_optimizer(cfg, model)
+    r = Run(cfg, d, device, folder, model, model, opt, autocast, scaler, splits, train_loader, sampler, val_loader,
+            test_loader, channels_last, build_scheduler(cfg, opt, steps),
             {"epoch": 0, "step": 0, "best_epoch": None, "best_val_acc": None, "history": []})
     if resume:
         _restore(r)
@@ -169,7 +185,8 @@ def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, st
         r.net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     r.writer = _tensorboard(cfg, folder, d)
     log(d, f"{cfg['model']} on {cfg['data']['name']}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-           f"{len(splits.train)} training images, {steps} steps/epoch, {d.world} process(es), {device}")
+           f"{len(splits.train)} training images, {steps} steps/epoch, {d.world} process(es), {device}; batch "
+           f"{cfg['data']['batch_size']} in all (data.batch_size), {cfg['data']['batch_size'] // d.world} per process")
     return r
 
 
@@ -192,7 +209,7 @@ def _end_epoch(r: Run, epoch: int, row: dict, t0: float) -> None:
         rng = [None] * r.d.world
         dist.all_gather_object(rng, rng_state())
     if r.d.main:
-        r.folder.save_checkpoint(epoch + 1, r.model, r.opt, state, rng, r.scaler)
+        r.folder.save_checkpoint(epoch + 1, r.model, r.opt, state, rng, r.scaler, r.cfg)
         r.folder.write_metrics(state["history"])
         if r.writer is not None:
             for k, v in row.items():
@@ -251,11 +268,13 @@ def run_training(cfg: dict, resume: bool = False, stop_after_epoch: int | None =
             return dict(result, status="stopped")
         results, model_dir = _finish(r)
         return dict(result, status="finished", results=results, model_dir=model_dir)
-    except KeyboardInterrupt:
-        if d.main and folder.held:  # Ctrl-C while training: say how to go on
+    except BaseException as e:
+        if d.main and folder.held and not folder.has_checkpoint():
+            folder.clear_failed_start()  # nothing to resume: the same command may simply be run again
+        if isinstance(e, KeyboardInterrupt) and d.main and folder.held:  # Ctrl-C while training: how to go on
             latest = folder.latest()
             hint = (f"resume from {latest.name} with: eqzoo train --resume {folder.path}" if latest is not None else
-                    f"no epoch was completed: start again with --overwrite (output={folder.path})")
+                    "no epoch was completed and the run's files were removed: run the same command again")
             print(f"\ninterrupted; {hint}", file=sys.stderr)
         raise
     finally:
