@@ -10,8 +10,11 @@ snapshots. The server is stdlib-only; `redirect_hub`, `offline` and `serve_hub` 
         path = hf_hub_download("me/model", "config.json")
         assert hub.files("me/model")["config.json"] == ...
 
-Simplifications: every file is a "regular" (non-LFS, non-Xet) upload; commit shas are random
-(not content hashes); no pull requests or tags; repo ids always have a namespace ("ns/name").
+Pull requests: `create_pr=True` (a commit with `?create_pr=1`, or `create_pull_request` then
+commits to its `refs/pr/N`) opens one against main; its files resolve at revision "refs/pr/N" and
+`pull_requests(repo_id)` lists them. Simplifications: every file is a "regular" (non-LFS, non-Xet)
+upload; commit shas are random (not content hashes); PRs are never merged; no tags; repo ids
+always have a namespace ("ns/name").
 Like the real Hub, a new repo starts with an "initial commit" holding a `.gitattributes` file.
 """
 
@@ -72,8 +75,9 @@ class Repo:
     id: str
     private: bool
     created: str
-    branches: dict[str, str] = field(default_factory=dict)  # branch name -> commit sha
+    branches: dict[str, str] = field(default_factory=dict)  # branch name (or "refs/pr/N") -> commit sha
     commits: dict[str, Commit] = field(default_factory=dict)  # every commit ever made, so old shas resolve
+    discussions: list[dict] = field(default_factory=list)  # pull requests: num, title, description, created
 
     def resolve(self, revision: str) -> Commit:
         """A branch name or a full commit sha."""
@@ -164,6 +168,12 @@ class LocalHub:
         self._save()
         return commit
 
+    def pull_requests(self, repo_id: str, repo_type: str = "model") -> list[dict]:
+        """The pull requests of a repo: ``{"num", "title", "ref"}`` each, oldest first."""
+        with self._lock:
+            return [{"num": d["num"], "title": d["title"], "ref": f"refs/pr/{d['num']}"}
+                    for d in self.repos[repo_type, repo_id].discussions]
+
     def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """Server-side content of a revision, for assertions that bypass the client."""
         with self._lock:
@@ -211,6 +221,8 @@ class LocalHub:
             raise HubError(404, f"LocalHub has no route for {method} /api/{'/'.join(segs)}")
         repo = self._repo(REPO_TYPES[segs[0]], f"{segs[1]}/{segs[2]}", auth)
         action, args = (segs[3], segs[4:]) if len(segs) > 3 else ("", [])
+        if action == "discussions":
+            return self._discussions(repo, method, args, auth, body)
         revision = "/".join(args[:1]) or "main"
         if method == "GET" and action in ("", "revision"):
             return 200, self._info(repo, revision), {}
@@ -218,8 +230,11 @@ class LocalHub:
             recursive = query.get("recursive", ["false"])[0].lower() in ("1", "true")
             return 200, self._tree(repo, revision, "/".join(args[1:]), recursive), {}
         if method == "GET" and action == "refs":
-            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha} for b, sha in repo.branches.items()]
-            return 200, {"branches": branches, "converts": [], "tags": [], "pullRequests": []}, {}
+            branches = [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": sha} for b, sha in repo.branches.items()
+                        if not b.startswith("refs/pr/")]
+            prs = [{"name": b, "ref": b, "targetCommit": sha} for b, sha in repo.branches.items()
+                   if b.startswith("refs/pr/")]
+            return 200, {"branches": branches, "converts": [], "tags": [], "pullRequests": prs}, {}
         if method == "GET" and action == "commits":
             return 200, self._history(repo, revision), {}
         if method == "POST" and action == "preupload":
@@ -259,8 +274,6 @@ class LocalHub:
         self._require_token(auth)
         if self.fail_commits:
             raise HubError(500, "Internal error (LocalHub.fail_commits is set)")
-        if "create_pr" in query:
-            raise HubError(400, "LocalHub does not support pull requests")
         if branch not in repo.branches:  # cannot commit on top of a sha, only to an existing branch
             raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
         head = repo.commits[repo.branches[branch]]
@@ -285,9 +298,39 @@ class LocalHub:
                 files = {p: oid for p, oid in files.items() if not p.startswith(prefix)}
             else:  # lfsFile / copy: never requested since preupload answers "regular"
                 raise HubError(400, f"LocalHub does not support {key!r} commit operations")
+        pr_url = None
+        if query.get("create_pr", ["0"])[0] in ("1", "true"):  # a new PR against `branch`, this commit on it
+            num = self._open_pr(repo, title, message, base=branch)
+            branch, pr_url = f"refs/pr/{num}", f"{self.url}/{URL_PREFIX[repo.type]}{repo.id}/discussions/{num}"
         commit = self._new_commit(repo, branch, files, title, message)
         commit_url = f"{self.url}/{URL_PREFIX[repo.type]}{repo.id}/commit/{commit.sha}"
-        return 200, {"success": True, "commitOid": commit.sha, "commitUrl": commit_url, "pullRequestUrl": None}, {}
+        return 200, {"success": True, "commitOid": commit.sha, "commitUrl": commit_url, "pullRequestUrl": pr_url}, {}
+
+    def _open_pr(self, repo: Repo, title: str, description: str, base: str = "main") -> int:
+        """A pull request against ``base``: its ref refs/pr/N starts at base's head."""
+        num = len(repo.discussions) + 1
+        repo.discussions.append({"num": num, "title": title, "description": description, "created": _now()})
+        repo.branches[f"refs/pr/{num}"] = repo.branches[base]
+        self._save()
+        return num
+
+    def _discussions(self, repo: Repo, method: str, args: list[str], auth: str | None, body: bytes):
+        """Pull requests only: POST .../discussions {"pullRequest": true} opens one, GET
+        .../discussions/N describes it as `get_discussion_details` reads it."""
+        if method == "POST" and not args:
+            self._require_token(auth)
+            payload = json.loads(body or b"{}")
+            if not payload.get("pullRequest"):
+                raise HubError(400, "LocalHub supports pull requests, not discussions")
+            num = self._open_pr(repo, payload.get("title", ""), payload.get("description", ""))
+            return 200, {"num": num, "url": f"{self.url}/{URL_PREFIX[repo.type]}{repo.id}/discussions/{num}"}, {}
+        if method == "GET" and len(args) == 1 and args[0].isdigit() and 0 < int(args[0]) <= len(repo.discussions):
+            d = repo.discussions[int(args[0]) - 1]
+            return 200, {"num": d["num"], "title": d["title"], "status": "open", "isPullRequest": True,
+                         "createdAt": d["created"], "author": {"name": USER}, "events": [],
+                         "repo": {"name": repo.id, "type": repo.type}, "filesWithConflicts": [],
+                         "changes": {"base": "refs/heads/main"}}, {}
+        raise HubError(404, "Discussion not found")
 
     def _blob_size(self, oid: str) -> int:
         return len(self._blobs[oid]) if self.root is None else (self.root / "blobs" / oid).stat().st_size

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import (
+    CommitOperationAdd,
     HfApi,
     create_repo,
     hf_hub_download,
@@ -202,3 +203,21 @@ def test_create_repo_without_namespace_uses_user(api):
     url = create_repo("bare-name", token="hf_test")
     assert url.repo_id == "test-user/bare-name"
     assert api.repo_exists("test-user/bare-name")
+
+
+def test_pull_requests(hub, api, model_dir):
+    main = push(api, model_dir)
+    (model_dir / "config.json").write_text(json.dumps({"architecture": "resnet50"}))
+    pr = api.upload_folder(repo_id=REPO, folder_path=model_dir, commit_message="propose resnet50", create_pr=True)
+    assert pr.pr_num == 1 and pr.pr_revision == "refs/pr/1" and pr.pr_url.endswith(f"{REPO}/discussions/1")
+    assert api.model_info(REPO).sha == main.oid  # main did not move
+    assert json.loads(Path(hf_hub_download(REPO, "config.json", revision="refs/pr/1")).read_text()) == \
+        {"architecture": "resnet50"}
+    assert hub.pull_requests(REPO) == [{"num": 1, "title": "propose resnet50", "ref": "refs/pr/1"}]
+    assert [r.ref for r in api.list_repo_refs(REPO, include_pull_requests=True).pull_requests] == ["refs/pr/1"]
+    assert {b.name for b in api.list_repo_refs(REPO).branches} == {"main"}
+    # a single commit with ?create_pr=1 (the client's create_commit) opens a second one
+    second = api.create_commit(REPO, operations=[CommitOperationAdd("extra.txt", b"x")], commit_message="extra",
+                               create_pr=True)
+    assert second.pr_revision == "refs/pr/2" and hub.files(REPO, "refs/pr/2")["extra.txt"] == b"x"
+    assert "extra.txt" not in hub.files(REPO)
