@@ -1,0 +1,246 @@
+"""The fine-tuning benchmark: what a release checkpoint is worth on a downstream task with few labels.
+
+    python scripts/transfer.py run [--releases runs/release] [--out runs/transfer] [--source staged|hub]
+                                   [--tasks TASK ...] [--labels N ...] [--seeds S ...] [--models MODEL ...]
+    python scripts/transfer.py report [--out runs/transfer]
+
+Each release checkpoint (``scripts/release.py build``) is loaded as a user would load it:
+``local-dir:`` of its staged folder (``--source staged``), or ``hf-hub:ORG/NAME@REVISION`` as
+``release.py publish`` recorded it (``--source hub``; add ``--endpoint URL`` for another Hub),
+and fine-tuned with ``eqzoo.train.finetune`` (what ``eqzoo finetune --from SOURCE`` runs) with a
+new head. Against it, the same architecture (the checkpoint's config.json) trained from scratch
+with ``eqzoo.train.train`` on the same labelled images (the data seed is the run's seed).
+
+Tasks (data sets of :mod:`eqzoo.data.fewshot`, every image rotated by its own random angle):
+
+- ``rotmnist``: from the upright-MNIST checkpoints (``*_mnist``) to MNIST digits rotated by any
+  angle, 10 / 100 / 1,000 labels per class; tested on MNIST's 10,000 test digits, rotated;
+- ``digits``: from the rotated-MNIST checkpoints (``*_rotmnist``) to scikit-learn's 8x8 digits
+  (other writers), upsampled to 33x33 and rotated, 10 / 50 labels per class; tested on the rest.
+
+Models: ``cnn`` (resnet18), ``strict`` (strict D4) and ``learnt`` (learnt D4); modes ``scratch``,
+``finetuned`` (λ keeps learning) and, for ``learnt``, ``frozen`` (fine-tuned with λ fixed: the
+ablation that asks whether λ adapts to the downstream symmetry). No validation split: every run
+trains for the same number of updates (``--steps``) and is tested with its final weights.
+
+``run`` writes ``OUT/TASK/kLABELS/MODEL-MODE/seedS`` (a finished run is skipped, a killed one
+resumes). ``report`` writes ``OUT/transfer.md``: test accuracy by task x labels x model x mode
+(mean ± std over seeds), the issue's targets checked, and the λ read-out of the fine-tuned learnt
+models next to their checkpoint's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+TASKS = {
+    "rotmnist": dict(sources={"cnn": "resnet18_mnist", "strict": "d4_strict_mnist", "learnt": "d4_mnist"},
+                     data=dict(name="fewshot_mnist", symmetry="SO2", image_size=33, val_size=0, test_size=None),
+                     labels=(10, 100, 1000)),
+    "digits": dict(sources={"cnn": "resnet18_rotmnist", "strict": "d4_strict_rotmnist", "learnt": "d4_rotmnist"},
+                   data=dict(name="fewshot_digits", symmetry="SO2", image_size=33, val_size=0, test_size=None),
+                   labels=(10, 50)),
+}
+MODELS = ("cnn", "strict", "learnt")
+MODES = {"cnn": ("scratch", "finetuned"), "strict": ("scratch", "finetuned"),
+         "learnt": ("scratch", "finetuned", "frozen")}
+SEEDS = (0, 1, 2)
+# the recipe (the same for every run; placeholders until measured): AdamW, a fixed number of updates
+RECIPE = dict(steps=500, batch_size=32, lr=1e-3, weight_decay=0.01, likelihood_lr_scale=10.0)
+
+
+def source_of(releases: Path, name: str, kind: str) -> str:
+    """How a user names checkpoint ``name``: ``local-dir:`` of its staged folder, or with ``hub``
+    the ``hf-hub:`` repo at the commit ``release.py publish`` recorded (baselines are not published:
+    always their folder)."""
+    stage = releases / name / "stage"
+    if not (stage / "config.json").is_file():
+        raise SystemExit(f"transfer.py: {stage} holds no staged checkpoint: run scripts/release.py build {name}")
+    published = releases / name / "published.json"
+    if kind == "hub" and published.is_file():
+        p = json.loads(published.read_text())
+        return f"hf-hub:{p['repo_id']}@{p['revision']}"
+    return f"local-dir:{stage}"
+
+
+def run_config(task: str, labels: int, model: str, mode: str, seed: int, args) -> tuple[dict, str | None]:
+    """(run config, fine-tuning source or None for a run from scratch)."""
+    releases = Path(args.releases)
+    name = TASKS[task]["sources"][model]
+    source = source_of(releases, name, args.source)
+    saved = json.loads((releases / name / "stage" / "config.json").read_text())
+    data = dict(TASKS[task]["data"], root=args.root, seed=seed, train_size=10 * labels, batch_size=RECIPE["batch_size"])
+    if args.image_size:
+        data["image_size"] = args.image_size
+    if args.test_size:
+        data["test_size"] = args.test_size
+    per_epoch = math.ceil(10 * labels / RECIPE["batch_size"])
+    epochs = max(1, math.ceil(args.steps / per_epoch))
+    cfg = dict(
+        model=saved["architecture"] if mode == "scratch" else source,
+        model_args={k: v for k, v in saved.get("model_args", {}).items() if k != "num_classes"}
+        if mode == "scratch" else {},
+        data=data, seed=seed, threads=1, progress=False, freeze_likelihood=mode == "frozen",
+        optim=dict(name="adamw", lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
+                   likelihood_lr_scale=RECIPE["likelihood_lr_scale"]),
+        schedule=dict(epochs=epochs, warmup_epochs=epochs / 10),
+        save_model=model == "learnt",  # the report reads the fine-tuned λ
+        output=str(Path(args.out) / task / f"k{labels}" / f"{model}-{mode}" / f"seed{seed}"),
+    )
+    return cfg, None if mode == "scratch" else source
+
+
+def all_runs(args):
+    for task in args.tasks:
+        for labels in args.labels or TASKS[task]["labels"]:
+            for seed in args.seeds:
+                for model in args.models:
+                    for mode in MODES[model]:
+                        yield task, labels, model, mode, seed
+
+
+def _run_one(job) -> str:
+    cfg, source = job
+    import eqzoo.train
+
+    run = Path(cfg["output"])
+    resume = (run / "checkpoints" / "latest.json").is_file()
+    if source is None:
+        eqzoo.train.train(cfg, resume=resume, overwrite=not resume)
+    else:  # what `eqzoo finetune --config C --from SOURCE` runs
+        eqzoo.train.finetune(cfg, source, resume=resume, overwrite=not resume)
+    return str(run)
+
+
+def cmd_run(args) -> None:
+    if args.endpoint:  # huggingface_hub reads it when imported
+        os.environ["HF_ENDPOINT"] = args.endpoint.rstrip("/")
+    todo = []
+    for task, labels, model, mode, seed in all_runs(args):
+        cfg, source = run_config(task, labels, model, mode, seed, args)
+        if not (Path(cfg["output"]) / "results.json").is_file():
+            todo.append((cfg, source))
+    print(f"{len(todo)} runs to do", flush=True)
+    if args.workers == 1:
+        for job in todo:
+            print("done", _run_one(job), flush=True)
+        return
+    with ProcessPoolExecutor(args.workers) as pool:
+        for done in pool.map(_run_one, todo):
+            print("done", done, flush=True)
+
+
+# -- the report --------------------------------------------------------------------------------------
+def _mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def _results(out: Path) -> dict:
+    """{(task, labels, model, mode): [test accuracy per finished seed]}."""
+    found = {}
+    for res in sorted(out.glob("*/k*/*-*/seed*/results.json")):
+        run = res.parent
+        task, labels, (model, mode) = run.parents[2].name, int(run.parents[1].name[1:]), run.parent.name.split("-")
+        found.setdefault((task, labels, model, mode), []).append(json.loads(res.read_text())["test_acc"])
+    return found
+
+
+def _targets(acc: dict, budgets) -> list[str]:
+    """The benchmark's targets, each said to hold or not, from the mean accuracies."""
+    lines = []
+    for task, labels in budgets:
+        m = lambda model, mode: acc.get((task, labels, model, mode))  # noqa: E731
+        learnt, cnn, strict = m("learnt", "finetuned"), m("cnn", "finetuned"), m("strict", "finetuned")
+        if learnt is not None and cnn is not None and strict is not None:
+            best = max(cnn, strict)
+            lines.append(f"- {task}, {labels}/class: fine-tuned learnt {100 * learnt:.1f} vs best of CNN/strict "
+                         f"{100 * best:.1f}: {'holds' if learnt >= best - 0.01 else 'does not hold'} (≥ best − 1)")
+            if labels == 10:
+                lines.append(f"- {task}, 10/class: learnt − CNN = {100 * (learnt - cnn):+.1f} points: "
+                             f"{'holds' if learnt - cnn >= 0.05 else 'does not hold'} (≥ +5)")
+        if labels <= 100:
+            for model in MODELS:
+                ft, sc = m(model, "finetuned"), m(model, "scratch")
+                if ft is not None and sc is not None:
+                    lines.append(f"- {task}, {labels}/class, {model}: fine-tuned {100 * ft:.1f} vs scratch "
+                                 f"{100 * sc:.1f}: {'holds' if ft > sc else 'does not hold'} (fine-tuned > scratch)")
+    return lines
+
+
+def _lambda_lines(out: Path, releases: Path) -> list[str]:
+    import eqzoo
+
+    def readout(folder: Path) -> str:
+        rows = eqzoo.degree_of_equivariance(eqzoo.load_likelihoods(folder))
+        return ", ".join(f"{r['layer']} {r['closest_subgroup']} ({r['kl_uniform']:.2f})" for r in rows)
+
+    lines = []
+    for task, spec in TASKS.items():
+        source = releases / spec["sources"]["learnt"] / "stage"
+        runs = sorted(out.glob(f"{task}/k*/learnt-finetuned/seed*/hub"))
+        if not runs:
+            continue
+        if (source / "likelihoods.json").is_file():
+            lines.append(f"- {task}, checkpoint `{spec['sources']['learnt']}`: {readout(source)}")
+        for hub in runs:
+            lines.append(f"- {task}, {hub.parents[2].name[1:]}/class, fine-tuned, {hub.parent.name}: {readout(hub)}")
+    return lines
+
+
+def cmd_report(args) -> None:
+    out = Path(args.out)
+    found = _results(out)
+    budgets = sorted({(t, k) for t, k, _, _ in found}, key=lambda b: (list(TASKS).index(b[0]), b[1]))
+    columns = [(model, mode) for model in MODELS for mode in MODES[model]]
+    names = {"scratch": "scratch", "finetuned": "fine-tuned", "frozen": "fine-tuned, λ frozen"}
+    lines = ["| task | labels/class | " + " | ".join(f"{model} {names[mode]}" for model, mode in columns) + " |",
+             "|---|--:|" + "--:|" * len(columns)]
+    for task, labels in budgets:
+        cells = []
+        for model, mode in columns:
+            xs = found.get((task, labels, model, mode))
+            cells.append(f"{100 * _mean_std(xs)[0]:.1f} ± {100 * _mean_std(xs)[1]:.1f} ({len(xs)})" if xs else "-")
+        lines.append(f"| {task} | {labels} | " + " | ".join(cells) + " |")
+    means = {key: _mean_std(xs)[0] for key, xs in found.items()}
+    text = ["Test accuracy (%), mean ± std over seeds (number of seeds).", "", *lines, "", "Targets:", "",
+            *(_targets(means, budgets) or ["- (no complete budget yet)"]), "",
+            "λ per layer (closest subgroup, KL to uniform) of the learnt checkpoints and of their fine-tunes:", "",
+            *(_lambda_lines(out, Path(args.releases)) or ["- (no fine-tuned learnt model yet)"])]
+    (out / "transfer.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+    print("\n".join(text))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="fine-tune and train from scratch (resumable)")
+    r.add_argument("--source", choices=("staged", "hub"), default="staged",
+                   help="load the checkpoints from their staged folders (local-dir:) or from the Hub (hf-hub:)")
+    r.add_argument("--endpoint", help="Hub URL for --source hub (default: huggingface_hub's)")
+    r.add_argument("--tasks", nargs="*", choices=list(TASKS), default=list(TASKS))
+    r.add_argument("--labels", nargs="*", type=int, help="labels per class (default: each task's)")
+    r.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    r.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
+    r.add_argument("--steps", type=int, default=RECIPE["steps"],
+                   help=f"updates per run (batch {RECIPE['batch_size']})")
+    r.add_argument("--image-size", type=int, help="override the tasks' image size (the checkpoints' own)")
+    r.add_argument("--test-size", type=int, help="test on the first N test images only")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--root", default=os.environ.get("EQZOO_MNIST_ROOT", "data"), help="folder holding MNIST/")
+    rep = sub.add_parser("report", help="write OUT/transfer.md")
+    for q in (r, rep):
+        q.add_argument("--releases", default="runs/release", help="scripts/release.py's --out")
+        q.add_argument("--out", default="runs/transfer")
+    args = p.parse_args(argv)
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
