@@ -2,7 +2,8 @@
 
     eqzoo inspect MODEL [--out PNG] [--equivariance SIZE]
     eqzoo push RUN_DIR_OR_MODEL REPO_ID [--revision REV] [--private] [--message MSG]
-    eqzoo publish RUN_DIR REPO_ID [--revision REV] [--private] [--message MSG]
+    eqzoo publish REPO_ID RUN_DIR [--commit-message MSG] [--revision REV | --create-pr] [--private]
+                  [--overwrite-card]
     eqzoo train --config configs/NAME.yaml [key=value ...] [--resume [RUN_DIR]] [--stop-after-epoch N]
     eqzoo finetune --config C.yaml --from MODEL [key=value ...]
     eqzoo eval RUN_DIR_OR_MODEL [--config C.yaml] [--split test] [--output FILE]
@@ -35,6 +36,7 @@ from .errors import FAILURES, USAGE_ERRORS, CliError, ConfigError, TrainingError
 from .hub import load_likelihoods, publish, push_to_hub
 from .sources import model_folder, resolve_model
 from .train import evaluate, finetune_config
+from .train.api import config_model
 from .train.run import run_training
 from .viz import plot_likelihoods
 
@@ -66,9 +68,24 @@ def _build(source: str, pretrained: bool = True):
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="hf-hub:ORG/NAME[@REV], local-dir:PATH, a saved folder or a timm model name")
     p.add_argument("--out", help="write the plot of the learnt distributions here (PNG)")
-    p.add_argument("--equivariance", type=int, metavar="SIZE", default=None,
-                   help="also build the model and measure its equivariance error on a random SIZExSIZE input "
-                        "(odd sizes such as 33 or 65 keep strided feature maps centred)")
+    p.add_argument("--equivariance", type=_input_side, metavar="SIZE", default=None,
+                   help=f"also build the model and measure its equivariance error on a random SIZExSIZE input, "
+                        f"SIZE in [{MIN_SIDE}, {MAX_SIDE}] (odd sizes such as 33 or 65 keep strided feature maps centred)")
+
+
+# The equivariance measurement runs the model on every element of the group at once: its memory
+# grows with SIZE squared.
+MIN_SIDE, MAX_SIDE = 8, 512
+
+
+def _input_side(text: str) -> int:
+    try:
+        side = int(text)
+    except ValueError:
+        side = None
+    if side is None or not MIN_SIDE <= side <= MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"SIZE must be an integer in [{MIN_SIDE}, {MAX_SIDE}], got {text!r}")
+    return side
 
 
 def _inspect(args) -> int:
@@ -83,7 +100,7 @@ def _inspect(args) -> int:
     if args.out:
         plot_likelihoods(lams, args.out, title=args.model)
         print(f"\nplot written to {args.out}")
-    if args.equivariance:
+    if args.equivariance is not None:
         model = model or _build(args.model)
         in_chans = getattr(model, "in_chans", 3)
         x = torch.randn(2, in_chans, args.equivariance, args.equivariance, generator=torch.Generator().manual_seed(0))
@@ -110,12 +127,26 @@ def _push(args) -> int:
     return 0
 
 
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    # the order and flags of `hf upload REPO_ID LOCAL_PATH`
+    p.add_argument("repo_id", metavar="REPO_ID")
+    p.add_argument("source", metavar="RUN_DIR", help="a folder written by eqzoo.save_pretrained, or a run folder")
+    p.add_argument("--commit-message", default="Add model", help="commit message")
+    p.add_argument("--revision", help="branch to upload to (created if needed); default main")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--overwrite-card", action="store_true",
+                   help="replace the README.md already on the Hub (kept by default)")
+
+
 def _publish(args) -> int:
     folder = model_folder(args.source)
     if folder is None:
         raise CliError(f"{args.source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
-    info = publish(folder, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
-    print(f"published {folder} to {args.repo_id} (commit {getattr(info, 'oid', '?')})")
+    info = publish(folder, args.repo_id, args.commit_message, revision=args.revision, private=args.private,
+                   create_pr=args.create_pr, overwrite_card=args.overwrite_card)
+    where = f"pull request {info.pr_url}" if getattr(info, "pr_url", None) else f"commit {getattr(info, 'oid', '?')}"
+    print(f"published {folder} to {args.repo_id} ({where})")
     return 0
 
 
@@ -163,27 +194,24 @@ def _resolve(args) -> dict:
         return load_config(source, list(args.overrides) + [f"output={resume_dir}"])
     if source is None:
         raise ConfigError("--config is required (or --resume RUN_DIR)")
+    if args.command == "finetune":
+        return finetune_config(source, args.source, args.overrides)
     return load_config(source, list(args.overrides))
 
 
 def _train(args: argparse.Namespace) -> int:
     """``eqzoo train`` and ``eqzoo finetune`` (which has ``--from``)."""
-    cfg = _resolve(args)
-    resumed_dir = args.resume and args.config is None  # its config.yaml is already the run's
-    if args.command == "finetune" and not resumed_dir:
-        explicit = parse_overrides(args.overrides).get("model_args") or {}
-        cfg = finetune_config(cfg, args.source, explicit)
-    run_training(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
+    run_training(_resolve(args), bool(args.resume), args.stop_after_epoch, args.overwrite)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     resolve_model(args.source)  # a mistyped path is named as such, before the config is looked for
     run_cfg = Path(args.source) / "config.yaml"
-    source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else None)
-    overrides = list(args.overrides)
-    if source is None:
-        overrides.append(f"model={args.source}")
+    source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else {})
+    overrides = parse_overrides(args.overrides)
+    if not config_model(source):  # the model evaluated is SOURCE
+        overrides.setdefault("model", args.source)
     out = evaluate(load_config(source, overrides), args.source, args.split)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(out, indent=1))
@@ -194,7 +222,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 register("inspect", "print the learnt degree of equivariance per layer (and plot it)", _inspect_args, _inspect)
 register("push", "save a model in the Hub layout (card, likelihoods, plot) and upload it", _push_args, _push)
-register("publish", "upload a folder written by eqzoo.save_pretrained, with its card", _push_args, _publish)
+register("publish", "upload a folder written by eqzoo.save_pretrained, with its card", _publish_args, _publish)
 register("train", "train a model from a YAML config (eqzoo train --config configs/NAME.yaml [KEY=VALUE ...])",
          _train_args, _train)
 register("finetune", "fine-tune a pretrained model on a new data set with a new head", _finetune_args, _train)
@@ -249,8 +277,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, with ``KEY=VALUE`` overrides accepted anywhere after the subcommand (argparse
+    stops collecting a positional list at the first option) and never taken for ``--resume``'s folder."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides = list(args.overrides)
+        resume = getattr(args, "resume", None)
+        if isinstance(resume, str) and "=" in resume and not Path(resume).is_dir():
+            args.overrides.append(resume)  # `--resume key=value`: resume the config's output, with the override
+            args.resume = True
+        overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+        args.overrides += overrides
+        rest = [a for a in rest if a not in overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return guarded(f"eqzoo {args.command}", lambda: SUBCOMMANDS[args.command].run(args), args.debug)
 
 

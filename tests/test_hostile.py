@@ -411,6 +411,20 @@ def test_previous_checkpoint_is_kept(reference_run):
     assert [p.name for p in RunDir(stopped).checkpoints()] == ["epoch-0002", "epoch-0001"]
 
 
+def _poison(path):
+    tensors = load_file(str(path))
+    name = next(k for k, t in tensors.items() if t.is_floating_point() and t.numel() > 1)
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(path))
+
+
+def _edit_state(run, fn):
+    path = run / "checkpoints/epoch-0002/state.json"
+    state = json.loads(path.read_text())
+    fn(state)
+    path.write_text(json.dumps(state))
+
+
 def _final_weights(run):
     return load_file(str(run / "checkpoints" / "epoch-0003" / "model.safetensors"))
 
@@ -423,6 +437,19 @@ def _final_weights(run):
     # latest.json naming another run's checkpoint: ignored, this run's newest good one is used
     (lambda run: (run / "checkpoints/latest.json").write_text(json.dumps({"dir": "../../full/checkpoints/epoch-0003"})),
      r"names '../../full/checkpoints/epoch-0003', which is not a checkpoint of this run", "epoch-0002"),
+    # non-finite tensors, and state.json values that do not fit the run
+    (lambda run: _poison(run / "checkpoints/epoch-0002/model.safetensors"),
+     r"epoch-0002/model.safetensors: tensor '[\w.]+' holds NaN or infinite values", "epoch-0001"),
+    (lambda run: _poison(run / "checkpoints/epoch-0002/optimizer.safetensors"),
+     r"epoch-0002/optimizer.safetensors: tensor '\d+\.exp_avg\w*' holds NaN or infinite values", "epoch-0001"),
+    (lambda run: _edit_state(run, lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan"))),
+     r"epoch-0002/state.json is damaged .*optimizer.param_groups.0.lr is not a finite number", "epoch-0001"),
+    (lambda run: _edit_state(run, lambda s: s["rng"][0].update(torch="AAAA")),
+     r"epoch-0002/state.json is damaged \(RuntimeError", "epoch-0001"),
+    (lambda run: _edit_state(run, lambda s: s.update(step=3)),
+     r"epoch-0002/state.json is damaged .*step 3 is not epoch 2 times the 2 steps of an epoch", "epoch-0001"),
+    (lambda run: _edit_state(run, lambda s: s["optimizer"].update(param_groups=s["optimizer"]["param_groups"][:1])),
+     r"epoch-0002/state.json is damaged \(ValueError", "epoch-0001"),
 ])
 def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path, capsys, damage, problem, start):
     full, stopped, _ = reference_run
@@ -591,3 +618,135 @@ def test_saves_from_before_the_auto_basis_load_antialiased(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), old(x))
+
+
+# -- run configs, training and resume ----------------------------------------------------------------------------
+_BOMB = "a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 9))  # 10**9 values once expanded
+
+
+@pytest.mark.parametrize("text, match", [
+    (_BOMB, r"bad.yaml: more than 100000 values once its YAML aliases are expanded \(eqzoo._yaml.MAX_CONFIG_NODES\)"),
+    ("x: " + "[" * 1500 + "]" * 1500, r"bad.yaml: nested more than 32 deep \(eqzoo._yaml.MAX_CONFIG_DEPTH\)"),
+    ('{"model_args": {"x": ' + "[" * 40 + "]" * 40 + "}}", r"bad.yaml: nested more than 32 deep"),  # JSON
+    ("a: &a [1, *a]", r"bad.yaml: a YAML alias refers to a node that contains it"),
+    ("x: " + "1" * (1 << 20), r"bad.yaml: \d+ bytes, above the maximum of 1048576"),
+])
+def test_config_files_are_read_within_bounds(tmp_path, capsys, text, match):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert re.search(match, err) and len(err.splitlines()) == 1, err
+
+
+def test_override_values_are_read_within_bounds():
+    value = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".join(
+        f"&b{i} [{', '.join([f'*b{i - 1}' if i > 1 else '*a'] * 10)}]" for i in range(1, 8)) + "]"
+    with pytest.raises(ConfigError, match=r"override model_args.x: more than 100000 values"):
+        load_config(TINY, [f"model_args.x={value}"])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=.inf", r"config key 'optim.lr' is inf; it must be a finite number"),
+    ("optim.weight_decay=.nan", r"config key 'optim.weight_decay' is nan; it must be a finite number"),
+    ("regularizer.alignment=.nan", r"config key 'regularizer.alignment' is nan; it must be a finite number"),
+    ("schedule.warmup_epochs=-.inf", r"config key 'schedule.warmup_epochs' is -inf"),
+    ("optim.betas=[.nan,0.9]", r"config key 'optim.betas.0' is nan"),
+    ("model_args.drop_rate=.nan", r"config key 'model_args.drop_rate' is nan; it must be a finite number"),
+    ("optim.lr=100", r"config key 'optim.lr' is 100, above the maximum of 10"),
+    ("optim.weight_decay=5", r"config key 'optim.weight_decay' is 5, above the maximum of 1"),
+    ("regularizer.kl_chain=1e9", r"config key 'regularizer.kl_chain' is 1000000000.0, above the maximum of 10000.0"),
+    ("optim.momentum=1", r"config key 'optim.momentum' is 1, above the maximum of 0.9999"),
+    ("schedule.min_lr=1", r"config key 'schedule.min_lr' \(1\) must not exceed optim.lr"),
+    ("output=.", r"config key 'output' must name a run folder of its own"),
+    ("output=''", r"config key 'output' must name a run folder of its own"),
+])
+def test_run_config_numbers_are_finite_and_bounded(tmp_path, capsys, override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, [override])
+    assert main(["train", "--config", str(TINY), override]) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("term, step", [("kl_chain", 3), ("task loss (cross-entropy)", 7)])
+def test_non_finite_loss_stops_at_once(tmp_path, monkeypatch, term, step):
+    import eqzoo.train.loop as loop
+
+    calls, real_reg, real_ce = [], loop.regularization, loop.F.cross_entropy
+
+    def reg(model, **kw):
+        total, parts = real_reg(model, **kw)
+        calls.append(1)
+        if term == "kl_chain" and len(calls) == step:
+            parts = dict(parts, kl_chain=parts["kl_chain"] * float("nan"))
+        return total, parts
+
+    def ce(logits, y, **kw):
+        out = real_ce(logits, y, **kw)
+        return out * float("inf") if term.startswith("task") and len(calls) == step - 1 and logits.requires_grad else out
+
+    monkeypatch.setattr(loop, "regularization", reg)
+    monkeypatch.setattr(loop.F, "cross_entropy", ce)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=rf"non-finite loss at step {step} \(epoch {1 + (step > 4)}\): "
+                                            rf"{re.escape('regulariser ' + term if term == 'kl_chain' else term)} ="):
+        train(tiny(out, data={"train_size": 128}))  # 4 steps per epoch
+    assert not (out / "hub").exists() and not (out / "results.json").exists()
+    if step <= 4:  # stopped before the first checkpoint: nothing is left that blocks the same command
+        assert RunDir(out).holds_run() == []
+        monkeypatch.undo()
+        assert train(tiny(out, data={"train_size": 128}, schedule={"epochs": 1}))["status"] == "finished"
+    else:
+        assert [p.name for p in RunDir(out).checkpoints()] == ["epoch-0001"]
+
+
+def test_resume_checks_the_config_pinned_by_the_checkpoint(reference_run, tmp_path, capsys):
+    _, stopped, _ = reference_run
+    run = Path(shutil.copytree(stopped, tmp_path / "run"))
+    saved = run / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    cfg["optim"]["lr"] = 0.5  # an edit of the run's own config.yaml between stop and resume
+    saved.write_text(yaml.safe_dump(cfg))
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the one its checkpoint epoch-0002 was trained with in optim.lr" in err, err
+    cfg["optim"]["lr"] = yaml.safe_load(TINY.read_text())["optim"]["lr"]
+    saved.write_text(yaml.safe_dump(cfg))
+    # an override after --resume is an override, not the run folder
+    assert main(["train", "--config", str(saved), "--resume", "schedule.epochs=4"]) == 2
+    assert "in schedule.epochs" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "device=cpu"]) == 0
+
+
+def test_overwrite_removes_links_not_what_they_point_to(tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("x")
+    out.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    assert train(tiny(out, schedule={"epochs": 1}), overwrite=True)["status"] == "finished"
+    assert (elsewhere / "keep.txt").read_text() == "x" and (out / "checkpoints").is_dir()
+    link = tmp_path / "file-link"
+    link.symlink_to(tmp_path / "missing")
+    with pytest.raises(TrainingError, match=r"output .*file-link is not a folder \(a file, or a link to nothing\)"):
+        train(tiny(link), overwrite=True)
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "100000", "x"])
+def test_equivariance_size_is_bounded(capsys, size):
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "pe_resnet18", "--equivariance", size])
+    assert e.value.code == 2
+    assert f"SIZE must be an integer in [8, 512], got '{size}'" in capsys.readouterr().err
+
+
+def test_eval_takes_overrides_after_its_options(reference_run, tmp_path):
+    full, _, _ = reference_run
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(full), "--config", str(full / "config.yaml"), "--output", str(out), "data.test_size=8"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 8 and 0 <= result["acc"] <= result["top5"] <= 1
+

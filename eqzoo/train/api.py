@@ -7,7 +7,7 @@ import sys
 
 import timm
 
-from ..config import load_config, parse_overrides, validate_config
+from ..config import load_config, parse_overrides, read_yaml, validate_config
 from ..data import build_datasets, data_info
 from ..errors import ConfigError, TrainingError
 from ..sources import resolve_model
@@ -29,20 +29,32 @@ def train(cfg, resume: bool = False, stop_after_epoch: int | None = None, overri
     return run_training(load_config(cfg, overrides), resume, stop_after_epoch, overwrite)
 
 
-def finetune_config(cfg: dict, source: str | None, explicit_model_args: dict) -> dict:
-    """The config a fine-tuning run uses and records. With a ``source``, the model and its
-    architecture come from it: the config's own ``model`` and ``model_args`` describe another
-    model (e.g. the CNN baseline a data config was written for) and are replaced; only model_args
-    given as overrides (``model_args.drop_path_rate=0.1``) apply."""
-    cfg = dict(cfg)
+def config_model(cfg) -> str | None:
+    """The ``model`` a config (path or dict) names, if any."""
+    raw = read_yaml(cfg) if isinstance(cfg, (str, os.PathLike)) else (cfg or {})
+    return raw.get("model")
+
+
+def finetune_config(cfg, source: str | None, overrides=None) -> dict:
+    """The config a fine-tuning run uses and records (``cfg``: path, dict or resolved config). With a
+    ``source``, the model and its architecture come from it: the config need not name a model, and
+    when it does (e.g. the CNN baseline a data config was written for) its ``model`` and
+    ``model_args`` are replaced; only model_args given as overrides (``model_args.drop_path_rate=0.1``)
+    apply."""
+    overrides = parse_overrides(overrides) if isinstance(overrides, (list, tuple)) else dict(overrides or {})
+    explicit = dict(overrides.get("model_args") or {})
     if source is not None:
         resolve_model(source)  # a mistyped path fails first
-        unused = [k for k in cfg["model_args"] if k not in explicit_model_args]
+        if not config_model(cfg):
+            overrides.setdefault("model", source)
+    cfg = dict(load_config(cfg, overrides))
+    if source is not None:
+        unused = [k for k in cfg["model_args"] if k not in explicit]
         if (cfg["model"] != source or unused) and int(os.environ.get("RANK", "0")) == 0:
             print(f"fine-tuning {source}: the config's model ({cfg['model']})"
                   + (f" and model_args ({', '.join(unused)})" if unused else "")
                   + " describe another model and are not used", file=sys.stderr)
-        cfg.update(model=source, model_args=dict(explicit_model_args))
+        cfg.update(model=source, model_args=explicit)
     cfg["model"], cfg["pretrained"] = resolve_model(cfg["model"]), True
     return validate_config(cfg)
 
@@ -54,11 +66,7 @@ def finetune(cfg, source: str | None = None, resume: bool = False, stop_after_ep
     on ``cfg.data`` with a new classifier for its classes. λ keeps learning unless
     ``freeze_likelihood``. With ``source``, the config's model and model_args are not used (see
     :func:`finetune_config`)."""
-    if isinstance(overrides, (list, tuple)):
-        overrides = parse_overrides(overrides)
-    explicit = dict((overrides or {}).get("model_args") or {})
-    return run_training(finetune_config(load_config(cfg, overrides), source, explicit), resume, stop_after_epoch,
-                        overwrite)
+    return run_training(finetune_config(cfg, source, overrides), resume, stop_after_epoch, overwrite)
 
 
 def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:

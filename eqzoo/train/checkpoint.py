@@ -111,6 +111,11 @@ class RunDir:
         self.previous: Path | None = None  # the checkpoint this process last saved or resumed from
         self.held = False  # this process holds the folder for a run (see claimed)
 
+    def check_is_folder(self) -> None:
+        if (self.path.is_symlink() or self.path.exists()) and not self.path.is_dir():
+            raise TrainingError(f"output {self.path} is not a folder (a file, or a link to nothing); "
+                                "set output=<a folder>")
+
     def holds_run(self) -> list[str]:
         """The run files in the folder (empty: no run)."""
         return [name for name in self.RUN_FILES if (self.path / name).exists()]
@@ -129,7 +134,11 @@ class RunDir:
         """Hold the run folder for a run: refuses a folder another run is writing to right now,
         and (unless resuming) one that holds a run, except with ``overwrite``. The check and the
         claim are one step under the lock, so of two runs started at once one is refused."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_is_folder()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"cannot create the run folder {self.path}: {e.strerror}") from None
         with locked(self.path / self.LOCK, blocking=False) as got:
             if not got:
                 raise TrainingError(f"another eqzoo run is writing to {self.path} right now; wait for it to "

@@ -74,7 +74,7 @@ def _check_finite(r, ce, parts) -> None:
     if r.d.on:
         flag = torch.tensor(all_sum([float(bool(bad))], r.d, r.device))
     if flag.item():
-        what = ", ".join(f"{name} = {float(terms[name])}" for name in bad) if bad else "on another process"
+        what = ", ".join(f"{name} = {float(terms[name].detach())}" for name in bad) if bad else "on another process"
         raise TrainingError(f"non-finite loss at step {r.state['step'] + 1} (epoch {r.state['epoch'] + 1}): {what}; "
                             "training stopped (lower optim.lr, set optim.grad_clip, or check the data)")
 

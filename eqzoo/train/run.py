@@ -78,6 +78,7 @@ def _check_resume_config(cfg: dict, folder: RunDir) -> None:
 
 def _check_folder(cfg: dict, folder: RunDir, resume: bool, overwrite: bool) -> None:
     """Read-only checks first, so that a mistake costs no build (the claim repeats them)."""
+    folder.check_is_folder()
     if resume and not folder.has_checkpoint():
         raise TrainingError(f"nothing to resume in {folder.path}: no checkpoint (checkpoints/latest.json)"
                             + ("; start the run again with --overwrite" if folder.holds_run() else ""))
