@@ -74,7 +74,11 @@ SCHEMA: dict[str, Any] = {
         "test_size": Key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of test images (null: all)"),
         "seed": Key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
                                 "apart from the training seed so that runs with different seeds see the same data"),
-        "augment": Key(bool, True, doc="natural images: timm's training augmentation"),
+        "augment": Key(bool, True, doc="natural images: timm's training augmentation (random resized crop, colour "
+                                       "jitter), without flips"),
+        "hflip": Key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a horizontal flip in training (a "
+                                                  "flip adds a symmetry to the data, which λ measures)"),
+        "vflip": Key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a vertical flip in training"),
         "resample": Key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
                                          "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
         "batch_size": Key(int, 64, min=1, max=MAX_BATCH,

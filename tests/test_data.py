@@ -220,3 +220,57 @@ def test_ddmnist_resampled_draws_new_elements_each_read(mnist_root):
 def test_resample_only_for_ddmnist():
     with pytest.raises(ConfigError, match="data.resample"):
         data_cfg(name="digits", resample=True)
+
+
+def _image_folder(root, mode, side=12, per_class=4):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                shape = (side, side) if mode == "L" else (side, side, 3)
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_grayscale_image_folder_follows_the_model_channels(tmp_path):
+    import json
+
+    from eqzoo.train import train
+
+    root = _image_folder(tmp_path / "gray", "L")
+    cfg = {"model": "pe_resnet18", "data": {"name": "imagefolder", "root": str(root), "batch_size": 4},
+           "model_args": {"in_chans": 1, "group": "C4", "layers": [1, 1, 1, 1], "stem_width": 8,
+                          "channels": [8, 8, 8, 8]},
+           "schedule": {"epochs": 1}, "output": str(tmp_path / "run"), "progress": False, "tensorboard": False}
+    d = load_config(cfg)["data"]
+    assert data_info(d, 1) == {"num_classes": 2, "in_chans": 1}
+    assert build_datasets(d, None, 1).train[0][0].shape == (1, 12, 12)  # the images' own size, one channel
+    assert build_datasets(d, None, 3).train[0][0].shape == (3, 12, 12)
+    res = train(cfg)
+    assert res["status"] == "finished"
+    saved = json.loads((tmp_path / "run" / "hub" / "config.json").read_text())["pretrained_cfg"]
+    assert saved["input_size"] == [1, 12, 12] and len(saved["mean"]) == len(saved["std"]) == 1
+    # channels the data cannot give: refused before anything is written
+    for args, match in (({"in_chans": 2}, r"'model_args.in_chans' is 2: an ImageFolder is read as grayscale"),):
+        with pytest.raises(ConfigError, match=match):
+            train(dict(cfg, model_args=dict(cfg["model_args"], **args), output=str(tmp_path / "bad")))
+    with pytest.raises(ConfigError, match=r"'model_args.in_chans' is 3, but digits has grayscale images"):
+        train(dict(cfg, data={"name": "digits"}, model_args=dict(cfg["model_args"], in_chans=3),
+                   output=str(tmp_path / "bad")))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_augmentation_adds_no_flip_unless_asked(tmp_path):
+    root = _image_folder(tmp_path / "rgb", "RGB", side=20, per_class=1)
+    plain = build_datasets(data_cfg(name="imagefolder", root=str(root)), None, 3).train.dataset.transform
+    names = [type(t).__name__ for t in plain.transforms]
+    assert not any("Flip" in n for n in names) and "RandomResizedCropAndInterpolation" in names, names
+    flipped = build_datasets(data_cfg(name="imagefolder", root=str(root), hflip=0.5), None, 3).train.dataset.transform
+    assert "RandomHorizontalFlip" in [type(t).__name__ for t in flipped.transforms]
+    assert plain.transforms[0].size == (20, 20)  # the data set's own size, not the model's 224
+    with pytest.raises(ConfigError, match=r"'data.hflip' applies to natural images; the digit sets' flips are "
+                                          r"data.symmetry"):
+        data_cfg(name="digits", hflip=0.5)

@@ -13,7 +13,12 @@ fewshot_mnist  MNIST, ``train_size / 10`` labels per class (SO2), see fewshot   
 fewshot_digits digits, ``train_size / 10`` labels per class (SO2), see fewshot   33     10
 cifar10/100    torchvision CIFAR (timm transforms)                              32     10/100
 stl10          torchvision STL-10 (timm transforms)                             96     10
-imagefolder    ``root/train/<class>/*``, optional ``root/val``, ``root/test``   model  #folders
+imagefolder    ``root/train/<class>/*``, optional ``root/val``, ``root/test``   first  #folders
+=============  ===============================================================  =====  ========
+
+(size: the default ``image_size``; an ImageFolder's is its first training image's.) Augmentation
+adds no symmetry of its own: the digit sets' transforms are ``symmetry``, and flips of natural
+images are ``hflip``/``vflip`` probabilities (default 0).
 =============  ===============================================================  =====  ========
 
 :func:`data_info` checks the data files without loading them (so a missing data set is reported
@@ -75,6 +80,10 @@ def check_data_config(d: dict) -> None:
             raise ConfigError(f"config key 'data.classes' must be distinct digits 0..9, got {c!r}")
     if name in FEWSHOT:
         check_fewshot_config(d)
+    for flip in ("hflip", "vflip"):
+        if d[flip] and kind != "natural":
+            raise ConfigError(f"config key 'data.{flip}' applies to natural images; the digit sets' flips are "
+                              f"data.symmetry (e.g. D4 or O2), got {d[flip]!r} for {name}")
     if d["resample"] and kind != "ddmnist":
         raise ConfigError(f"config key 'data.resample' applies to ddmnist only, not to {name}")
     if kind == "ddmnist":
@@ -93,10 +102,14 @@ def check_data_config(d: dict) -> None:
                               "(MAX_DDMNIST_BYTES in eqzoo/data/__init__.py)")
 
 
-def data_info(d: dict) -> dict:
+def data_info(d: dict, in_chans: int | None = None) -> dict:
     """``{"num_classes", "in_chans"}`` of a data section; checks that its files exist (raises
-    :class:`DataNotFoundError` with the command that gets them) without loading them."""
+    :class:`DataNotFoundError` with the command that gets them) without loading them, and that
+    they can be read with the model's ``in_chans`` (default: the data set's own)."""
     kind = DATASETS[d["name"]][0]
+    if kind != "natural" and in_chans not in (None, 1):
+        raise ConfigError(f"config key 'model_args.in_chans' is {in_chans}, but {d['name']} has grayscale "
+                          "images (1 channel)")
     if kind == "digits":
         return {"num_classes": len(d["classes"] or range(10)), "in_chans": 1}
     if kind in ("mnist", "ddmnist"):
@@ -104,13 +117,13 @@ def data_info(d: dict) -> dict:
         if not all((raw / f).is_file() for f in MNIST_FILES):
             raise DataNotFoundError(mnist_missing_message(d["root"]))
         return {"num_classes": 100 if kind == "ddmnist" else len(d["classes"] or range(10)), "in_chans": 1}
-    check_natural(d["name"], d["root"])
-    return {"num_classes": natural_num_classes(d["name"], d["root"]), "in_chans": 3}
+    check_natural(d["name"], d["root"], in_chans or 3)
+    return {"num_classes": natural_num_classes(d["name"], d["root"]), "in_chans": in_chans or 3}
 
 
-def build_datasets(d: dict, model=None) -> Splits:
+def build_datasets(d: dict, model=None, in_chans: int | None = None) -> Splits:
     """Train / val / test splits of a resolved ``data`` section (``model`` gives timm's transforms
-    for natural images)."""
+    for natural images, ``in_chans`` an ImageFolder's channels)."""
     kind, default_sym = DATASETS[d["name"]]
     if d["name"] in FEWSHOT:
         return build_fewshot(d)
@@ -120,4 +133,4 @@ def build_datasets(d: dict, model=None) -> Splits:
         return build_mnist(d, default_sym)
     if kind == "ddmnist":
         return build_ddmnist(d)
-    return build_natural(d, model)
+    return build_natural(d, model, in_chans or 3)

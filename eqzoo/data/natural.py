@@ -1,9 +1,12 @@
 """Natural-image data sets for fine-tuning: torchvision's CIFAR-10/100, STL-10 and ImageFolder trees.
 
 Transforms are timm's: ``resolve_data_config`` from the model (mean/std/interpolation/crop of its
-pretrained cfg, ``image_size`` overriding the input size) and ``create_transform`` (training
-augmentation when ``augment``). Nothing is downloaded: a missing data set raises
-:class:`DataNotFoundError` with the command that gets it.
+pretrained cfg) and ``create_transform`` (training augmentation when ``augment``). The input size
+is ``image_size``, else the data set's own (32 for CIFAR, 96 for STL-10, an ImageFolder's first
+training image), never the model's 224. Flips are a symmetry added to the data, which is what λ
+measures: they are off unless ``hflip``/``vflip`` give their probability. An ImageFolder is read
+with as many channels as the model takes (1: grayscale, 3: RGB). Nothing is downloaded: a missing
+data set raises :class:`DataNotFoundError` with the command that gets it.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Subset
 
+from ..errors import ConfigError
 from .mnist import DataNotFoundError, Splits
 
 __all__ = ["check_natural", "natural_num_classes", "build_natural"]
@@ -19,6 +23,7 @@ __all__ = ["check_natural", "natural_num_classes", "build_natural"]
 _TV = {"cifar10": ("CIFAR10", "cifar-10-batches-py", 10), "cifar100": ("CIFAR100", "cifar-100-python", 100),
        "stl10": ("STL10", "stl10_binary", 10)}
 _DEFAULT_VAL = {"cifar10": 5000, "cifar100": 5000, "stl10": 500, "imagefolder": 0}
+_SIDE = {"cifar10": 32, "cifar100": 32, "stl10": 96}
 
 
 def _download_hint(name: str, root: str) -> str:
@@ -37,10 +42,16 @@ def _imagefolder_dirs(root: str) -> dict:
     return dirs
 
 
-def check_natural(name: str, root: str) -> None:
+def check_natural(name: str, root: str, in_chans: int = 3) -> None:
+    """The data files exist, and hold images of ``in_chans`` channels (raises before anything is built)."""
     if name == "imagefolder":
         _imagefolder_dirs(root)
+        if in_chans not in (1, 3):
+            raise ConfigError(f"config key 'model_args.in_chans' is {in_chans}: an ImageFolder is read as grayscale "
+                              "(in_chans 1) or RGB (in_chans 3)")
         return
+    if in_chans != 3:
+        raise ConfigError(f"config key 'model_args.in_chans' is {in_chans}, but {name} has RGB images (3 channels)")
     if not (Path(root) / _TV[name][1]).is_dir():
         raise DataNotFoundError(f"{name} not found: expected {Path(root) / _TV[name][1]}. Get it with "
                                 f"{_download_hint(name, root)}")
@@ -52,14 +63,40 @@ def natural_num_classes(name: str, root: str) -> int:
     return _TV[name][2]
 
 
-def _load(name, root, train: bool, transform):
+def _image_folder(folder, transform, in_chans: int):
+    from PIL import Image
+    from torchvision import datasets
+
+    mode = "L" if in_chans == 1 else "RGB"
+
+    def load(path):
+        with open(path, "rb") as f:
+            return Image.open(f).convert(mode)
+    return datasets.ImageFolder(str(folder), transform=transform, loader=load)
+
+
+def _own_side(name: str, root: str) -> int:
+    """The data set's own image side: fixed for torchvision's sets, an ImageFolder's first image."""
+    if name != "imagefolder":
+        return _SIDE[name]
+    from PIL import Image
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    train = _imagefolder_dirs(root)["train"]
+    first = next((p for p in sorted(train.rglob("*")) if p.suffix.lower() in IMG_EXTENSIONS), None)
+    if first is None:
+        raise DataNotFoundError(f"imagefolder: no images under {train}")
+    with Image.open(first) as im:
+        return max(im.size)
+
+
+def _load(name, root, train: bool, transform, in_chans: int = 3):
     from torchvision import datasets
 
     try:
         if name == "imagefolder":
             dirs = _imagefolder_dirs(root)
-            return datasets.ImageFolder(str(dirs["train"] if train else dirs.get("test", dirs.get("val"))),
-                                        transform=transform)
+            return _image_folder(dirs["train"] if train else dirs.get("test", dirs.get("val")), transform, in_chans)
         cls = getattr(datasets, _TV[name][0])
         if name == "stl10":
             return cls(root, split="train" if train else "test", download=False, transform=transform)
@@ -69,15 +106,18 @@ def _load(name, root, train: bool, transform):
                                 f"{_download_hint(name, root)}") from None
 
 
-def build_natural(d: dict, model) -> Splits:
+def build_natural(d: dict, model, in_chans: int = 3) -> Splits:
     from timm.data import create_transform, resolve_data_config
 
-    args = {"input_size": (3, d["image_size"], d["image_size"])} if d["image_size"] else {}
-    dcfg = resolve_data_config(args, model=model)
-    train_tf = create_transform(**dcfg, is_training=d["augment"])
-    eval_tf = create_transform(**dcfg, is_training=False)
     name, root = d["name"], d["root"]
-    train_aug, train_plain = _load(name, root, True, train_tf), _load(name, root, True, eval_tf)
+    side = d["image_size"] or _own_side(name, root)
+    dcfg = resolve_data_config({"input_size": (in_chans, side, side)}, model=model)
+    if len(dcfg["mean"]) != in_chans:  # a grayscale input to a model whose pretrained cfg is RGB
+        dcfg.update(mean=(sum(dcfg["mean"]) / len(dcfg["mean"]),) * in_chans,
+                    std=(sum(dcfg["std"]) / len(dcfg["std"]),) * in_chans)
+    train_tf = create_transform(**dcfg, is_training=d["augment"], hflip=d["hflip"], vflip=d["vflip"])
+    eval_tf = create_transform(**dcfg, is_training=False)
+    train_aug, train_plain = _load(name, root, True, train_tf, in_chans), _load(name, root, True, eval_tf, in_chans)
     n = len(train_aug)
     explicit_val = name == "imagefolder" and (Path(root) / "val").is_dir()
     n_val = 0 if explicit_val else (d["val_size"] if d["val_size"] is not None else _DEFAULT_VAL[name])
@@ -89,9 +129,8 @@ def build_natural(d: dict, model) -> Splits:
     train = Subset(train_aug, perm[:n_train].tolist())
     val = Subset(train_plain, perm[n_train:n_train + n_val].tolist()) if n_val else None
     if explicit_val:
-        from torchvision import datasets
-        val = datasets.ImageFolder(str(Path(root) / "val"), transform=eval_tf)
-    test = _load(name, root, False, eval_tf)
+        val = _image_folder(Path(root) / "val", eval_tf, in_chans)
+    test = _load(name, root, False, eval_tf, in_chans)
     if d["test_size"] is not None:
         test = Subset(test, np.random.default_rng(d["seed"] + 1).permutation(len(test))[:d["test_size"]].tolist())
-    return Splits(train, val, test, natural_num_classes(name, root), 3)
+    return Splits(train, val, test, natural_num_classes(name, root), in_chans)

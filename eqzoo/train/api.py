@@ -78,7 +78,7 @@ def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
     src = resolve_model(source or cfg["model"])
-    info = data_info(cfg["data"])
+    info = data_info(cfg["data"], cfg["model_args"].get("in_chans"))
     d = init_dist(cfg["device"])
     try:
         device = run_device(cfg, d)
@@ -87,7 +87,7 @@ def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
             raise TrainingError(f"{src} has {model.num_classes} classes, data set {cfg['data']['name']} has "
                                 f"{info['num_classes']}: evaluate it on the data it was trained for")
         model.to(device)
-        ds = getattr(build_datasets(cfg["data"], model), split)
+        ds = getattr(build_datasets(cfg["data"], model, info["in_chans"]), split)
         if ds is None:
             raise ConfigError(f"the {split} split of {cfg['data']['name']} is empty (data.{split}_size)")
         autocast, _ = mixed_precision(cfg, device)

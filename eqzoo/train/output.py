@@ -48,9 +48,11 @@ def record_input(model: nn.Module, train_set, cfg: dict) -> None:
         return
     x, _ = train_set[0]
     pc = dict(pc, input_size=tuple(x.shape))
+    c = x.shape[0]
     if DATASETS[cfg["data"]["name"]][0] != "natural":
-        c = x.shape[0]
         pc.update(mean=(0.0,) * c, std=(1.0,) * c, crop_pct=1.0, interpolation="bilinear")
+    elif len(pc.get("mean") or ()) not in (0, c):  # grayscale images: the one-channel mean the data used
+        pc.update(mean=(sum(pc["mean"]) / len(pc["mean"]),) * c, std=(sum(pc["std"]) / len(pc["std"]),) * c)
     model.pretrained_cfg = pc
 
 

@@ -158,10 +158,11 @@ def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, st
     device = run_device(cfg, d)
     check_optimizer(cfg["optim"]["name"])
     _check_folder(cfg, folder, resume, overwrite)
-    info = data_info(cfg["data"])  # missing data files fail here, before anything is built
+    in_chans = cfg["model_args"].get("in_chans")
+    info = data_info(cfg["data"], in_chans)  # missing data files, or channels that do not fit: before any build
     _seed(cfg["seed"])  # same initial weights on every process
     model = build_model(cfg, info, pretrained=cfg["pretrained"] and not resume)
-    splits = build_datasets(cfg["data"], model)
+    splits = build_datasets(cfg["data"], model, info["in_chans"])
     if splits.num_classes != info["num_classes"]:
         raise TrainingError(f"data set has {splits.num_classes} classes, expected {info['num_classes']}")
     _claim(folder, resume, overwrite, d, stack)
