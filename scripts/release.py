@@ -108,6 +108,8 @@ def _train(rel: dict) -> dict:
 
 
 def _card(rel: dict, results: dict, history: list[dict], commit: str, command: str) -> dict:
+    from eqzoo.hub.card import run_card_data
+
     cfg, r = rel["train"], rel["release"]
     d, o, s = cfg["data"], cfg["optim"], cfg["schedule"]
     curve = ", ".join(f"{h['val_acc']:.4f}" for h in history if "val_acc" in h)
@@ -124,9 +126,10 @@ def _card(rel: dict, results: dict, history: list[dict], commit: str, command: s
     file = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
     description = (f"\nRelease checkpoint `{r['tag']}` of eqzoo, built with `{command}` at eqzoo commit "
                    f"`{commit}` from `{file}`. {r['description']}\n")
-    return {"model_name": r["tag"] or rel["name"], "dataset_name": r["dataset"], "split": "test",
-            "results": {"accuracy": results["test_acc"]}, "training": training, "description": description,
-            "tags": ["eqzoo-release"]}
+    card = run_card_data(cfg, results)  # the accuracies in the card's model-index, as eqzoo train files them
+    card.update(model_name=r["tag"] or rel["name"], dataset_name=r["dataset"], training=training,
+                description=description, tags=["eqzoo-release"])
+    return card
 
 
 def _stage(rel: dict, card: dict, stage: Path) -> None:
@@ -223,11 +226,12 @@ def cmd_report(args) -> None:
 # -- publish -----------------------------------------------------------------------------------------
 def registry_entry(stage: Path, record: dict, repo_id: str, revision: str) -> dict:
     """The registry entry of a published folder: what its config.json says, pinned to ``revision``."""
+    from eqzoo._io import sha256
     from eqzoo.hub import read_config
 
     cfg = read_config(f"local-dir:{stage}")
     pc = cfg.get("pretrained_cfg", {})
-    entry = {"hf_hub_id": repo_id, "revision": revision, "sha256": cfg["eqzoo"]["weights_sha256"],
+    entry = {"hf_hub_id": repo_id, "revision": revision, "sha256": sha256(stage / "model.safetensors"),
              "model_args": cfg["model_args"], "num_classes": cfg["num_classes"], "input_size": list(pc["input_size"]),
              "dataset": record["dataset"], "test_accuracy": record["test_accuracy"]}
     for key in ("mean", "std"):
@@ -243,6 +247,7 @@ def cmd_publish(args) -> None:
     if args.endpoint:  # huggingface_hub reads it when imported, so before eqzoo is
         os.environ["HF_ENDPOINT"] = args.endpoint.rstrip("/")
     import eqzoo.hub
+    from eqzoo._io import sha256
     from eqzoo.models._pretrained import read_registry, registry_path, write_registry
 
     out = Path(args.out)
@@ -256,7 +261,7 @@ def cmd_publish(args) -> None:
         stage, repo_id = Path(r["stage"]), f"{args.org}/{r['repo']}"
         done_file = out / r["name"] / "published.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
-        weights = eqzoo.hub.read_config(f"local-dir:{stage}")["eqzoo"]["weights_sha256"]
+        weights = sha256(stage / "model.safetensors")
         if done.get("repo_id") == repo_id and done.get("sha256") == weights and r["tag"] in tags:
             print(f"{r['name']}: already published as {repo_id}@{done['revision']}", flush=True)
             continue
