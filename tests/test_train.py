@@ -220,3 +220,21 @@ def test_bad_runtime_configs_fail_before_training(tmp_path):
         train(tiny(tmp_path / "bad", model="pe_resnet999"))
     assert not (tmp_path / "bad").exists()
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_example_configs_for_your_own_images(full_run, tmp_path):
+    from test_data import _image_folder
+
+    root = _image_folder(tmp_path / "images", "L")
+    base = ["progress=false", "tensorboard=false", "schedule.epochs=1", "schedule.warmup_epochs=0",
+            f"data.root={root}", "data.batch_size=4"]
+    cfg = load_config(ROOT / "configs" / "imagefolder.yaml", base)
+    assert cfg["model"] == "pe_resnet18" and cfg["data"]["hflip"] == 0.0
+    # fine-tuning from a saved run: the config names no model, the model comes from --from
+    _, run = full_run
+    assert "model" not in yaml.safe_load((ROOT / "configs" / "finetune_imagefolder.yaml").read_text())
+    assert main(["finetune", "--config", str(ROOT / "configs" / "finetune_imagefolder.yaml"), "--from", str(run),
+                 *base, f"output={tmp_path / 'ft'}"]) == 0
+    recorded = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
+    assert recorded["model"] == f"local-dir:{run / 'hub'}" and recorded["data"]["name"] == "imagefolder"
+    assert json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())["num_classes"] == 2
