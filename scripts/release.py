@@ -158,8 +158,12 @@ def build_one(rel: dict, out: Path) -> dict:
     folder = out / rel["name"]
     record_file = folder / "release.json"
     if record_file.is_file():
-        print(f"{rel['name']}: built (delete {record_file} to stage it again)", flush=True)
-        return json.loads(record_file.read_text())
+        record = json.loads(record_file.read_text())
+        if record["train"] != json.loads(json.dumps(rel["train"])):
+            raise SystemExit(f"release.py: {rel['file']} has changed since {rel['name']} was built; delete "
+                             f"{folder} to build it again with the new config")
+        print(f"{rel['name']}: built (delete {folder} to build it again)", flush=True)
+        return record
     print(f"{rel['name']}: training into {rel['train']['output']}", flush=True)
     results = _train(rel)
     history = json.loads((Path(rel["train"]["output"]) / "metrics.json").read_text())
@@ -171,7 +175,7 @@ def build_one(rel: dict, out: Path) -> dict:
     check = eqzoo.train.evaluate(rel["train"], f"local-dir:{stage}", "test")
     pe = eqzoo.hub.is_pe_architecture(rel["train"]["model"])
     record = {
-        "name": rel["name"], **rel["release"], "architecture": rel["train"]["model"],
+        "name": rel["name"], **rel["release"], "architecture": rel["train"]["model"], "train": rel["train"],
         "model_args": rel["train"]["model_args"], "data": rel["train"]["data"],
         "test_accuracy": results["test_acc"], "eval_test_accuracy": check["acc"], "eval_seconds": time.time() - t0,
         "val_accuracy": results.get("val_acc"), "best_epoch": results["best_epoch"],

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import eqzoo
+import eqzoo.train
 from eqzoo.errors import ConfigError, HubConfigError
 from eqzoo.models import _pretrained
 from hub_server import serve_hub
@@ -136,6 +137,26 @@ def test_publish_pins_tags_that_load_online_offline_and_refuse_a_changed_repo(bu
         changed = run_load("pe_resnet18.d4_rotmnist", dict(env, HF_HUB_CACHE=str(tmp / "fresh-cache")))
         assert changed.returncode != 0
         assert "changed after publication" in changed.stderr and "pe_resnet18.d4_rotmnist" in changed.stderr
+
+
+def test_a_killed_build_resumes_and_a_changed_config_is_refused(tmp_path, one_thread):
+    release = load_script("release")
+    configs, out = tmp_path / "configs", tmp_path / "out"
+    write_release(configs, "strict", "pe_resnet18", {"learn_likelihood": False}, None)
+    doc = yaml.safe_load((configs / "strict.yaml").read_text())
+    doc["train"]["schedule"]["epochs"] = 2
+    (configs / "strict.yaml").write_text(yaml.safe_dump(doc))
+    rel = release.read_release(configs / "strict.yaml", out)
+    eqzoo.train.train(rel["train"], stop_after_epoch=1)  # as if the build had been killed after epoch 1
+    first = json.loads((out / "strict" / "run" / "metrics.json").read_text())
+    release.main(["build", "--configs", str(configs), "--out", str(out)])
+    history = json.loads((out / "strict" / "run" / "metrics.json").read_text())
+    assert len(history) == 2 and history[0] == first[0]  # epoch 1 kept, epoch 2 added
+    assert json.loads((out / "strict" / "release.json").read_text())["val_curve"] == [h["val_acc"] for h in history]
+    doc["train"]["optim"] = {"lr": 0.5}
+    (configs / "strict.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(SystemExit, match=r"strict.yaml has changed since strict was built"):
+        release.main(["build", "--configs", str(configs), "--out", str(out)])
 
 
 def test_bad_release_files_and_registries_are_named(tmp_path):
