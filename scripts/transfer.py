@@ -61,8 +61,11 @@ def source_of(releases: Path, name: str, kind: str) -> str:
     stage = releases / name / "stage"
     if not (stage / "config.json").is_file():
         raise SystemExit(f"transfer.py: {stage} holds no staged checkpoint: run scripts/release.py build {name}")
-    published = releases / name / "published.json"
-    if kind == "hub" and published.is_file():
+    if kind == "hub" and json.loads((releases / name / "release.json").read_text())["publish"]:
+        published = releases / name / "published.json"
+        if not published.is_file():
+            raise SystemExit(f"transfer.py: {name} is not published yet: run scripts/release.py publish, or use "
+                             "--source staged")
         p = json.loads(published.read_text())
         return f"hf-hub:{p['repo_id']}@{p['revision']}"
     return f"local-dir:{stage}"
@@ -208,7 +211,10 @@ def cmd_report(args) -> None:
             cells.append(f"{100 * _mean_std(xs)[0]:.1f} ± {100 * _mean_std(xs)[1]:.1f} ({len(xs)})" if xs else "-")
         lines.append(f"| {task} | {labels} | " + " | ".join(cells) + " |")
     means = {key: _mean_std(xs)[0] for key, xs in found.items()}
-    text = ["Test accuracy (%), mean ± std over seeds (number of seeds).", "", *lines, "", "Targets:", "",
+    recipe = (f"AdamW, lr {RECIPE['lr']}, batch {RECIPE['batch_size']}, {RECIPE['steps']} updates per run unless "
+              "`--steps` said otherwise, final weights")
+    text = [f"Test accuracy (%), mean ± std over seeds (number of seeds); `python scripts/transfer.py run` ({recipe}) "
+            f"and `report`, runs in `{out}`.", "", *lines, "", "Targets:", "",
             *(_targets(means, budgets) or ["- (no complete budget yet)"]), "",
             "λ per layer (closest subgroup, KL to uniform) of the learnt checkpoints and of their fine-tunes:", "",
             *(_lambda_lines(out, Path(args.releases)) or ["- (no fine-tuned learnt model yet)"])]
