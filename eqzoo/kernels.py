@@ -1,38 +1,22 @@
-r"""Build-time maths of relaxed steerable kernels.
+r"""The functions steerable kernels are expanded in, and facts about representations.
 
 An unconstrained, band-limited kernel between a field of type ρ_in and one of type ρ_out is
 
 .. math:: κ_0(x) = \sum_h W_h\, ψ_h(x), \qquad W_h ∈ \mathbb{R}^{d_{out} × d_{in}},
 
-with ψ_h the ring harmonics escnn uses for R2Conv (Gaussian rings × cos/sin(fφ), frequency cut
-off per ring; same rings, widths and cut-offs). Rotating or reflecting the plane maps these
-functions into their own span: ``ψ_h(M(g)^{-1} x) = Σ_k T(g)_{hk} ψ_k(x)``. So the λ-twirl
+with ψ_h ring harmonics: Gaussian rings × cos/sin(fφ), the frequency cut off per ring (escnn's
+R2Conv rings, or a ring through every pixel radius: see :data:`BASES`). Rotating or reflecting the
+plane maps these functions into their own span, ``ψ_h(M(g)^{-1} x) = Σ_k T(g)_{hk} ψ_k(x)``, so a
+group acts on kernels through their coefficients alone (:meth:`RingHarmonics.action`); the twirl
+built on this is :mod:`eqzoo.nn.twirl`. Where the harmonics are linearly dependent on the pixels,
+:func:`kernel_basis` keeps exactly a basis of the kernels they span (:class:`SampledHarmonics`).
 
-.. math:: κ_λ(x) = \int_G λ(g)\, ρ_{out}(g)\, κ_0(g^{-1}x)\, ρ_{in}(g)^{-1}\, dg
-
-acts on the coefficients only: ``W'_k = Σ_g w_g Σ_h T(g)_{hk} ρ_out(g) W_h ρ_in(g)^T`` with the
-quadrature weights ``w_g`` of :meth:`GroupLikelihood.kernel_weights`. Written as one matrix on the
-coefficients of a field pair, indexed (out component, in component, harmonic),
-
-.. math:: W' = A(w)\,W, \qquad A(w) = \sum_g w_g\; ρ_{out}(g) ⊗ ρ_{in}(g) ⊗ T(g)^{T},
-
-and A(w) is sparse with a pattern that does not depend on w: T(g) only mixes a harmonic with its
-partner of the same frequency, regular fields of finite groups have permutation matrices ρ(g), and
-escnn's band-limited regular fields of O(2)/SO(2) are sums of irreps with 2 x 2 blocks. So a layer
-keeps A's pattern and its per-element values (:class:`SparseTwirl`), and a step computes A(w)'s few
-values per row with one small matmul, however many elements the grid has. The integrand is a
-trigonometric polynomial of degree ≤ F = (max frequency of ρ_in, ρ_out, ψ), so a grid of more than
-F + L_out rotations integrates it exactly; finite groups sum over all their elements.
-Uniform λ gives the projection onto the G-equivariant kernels of this band-limited space (escnn's
-strict basis), λ = δ_e leaves κ_0 free, and λ uniform on a subgroup K gives K-equivariance.
-
-Everything here depends only on the group, the field types, kernel size and band-limits: it is
-computed once per process (and cached on disk) while a layer is built.
+Everything here depends only on the group, the field types, kernel size and band-limits, and is
+computed while a layer is built.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -40,10 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
 from .groups import Group
-
-CACHE_VERSION = 6
 
 
 def cache_dir() -> Path:
@@ -143,13 +124,19 @@ BASES = ("auto", "antialiased", "complete")
 _COMPLETE_SIGMA = 0.4  # ring width in pixels: narrow enough to tell neighbouring radii apart
 
 
+def maps_grid_to_itself(group) -> bool:
+    """Whether every element of ``group`` (a :class:`~eqzoo.groups.Group`) permutes the pixels of
+    a square kernel: the subgroups of the 90-degree rotations and reflections."""
+    return group.is_finite and group.n_rot in (1, 2, 4)
+
+
 def resolved_basis(basis: str, group) -> str:
     """The basis ``"auto"`` stands for over ``group`` (a :class:`~eqzoo.groups.Group`); others as given."""
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
     if basis != "auto":
         return basis
-    return "complete" if group.is_finite and group.n_rot in (1, 2, 4) else "antialiased"
+    return "complete" if maps_grid_to_itself(group) else "antialiased"
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,6 +165,101 @@ def _complete_harmonics(kernel_size: int, dilation: int) -> RingHarmonics:
     return RingHarmonics(kernel_size, dilation, rings)
 
 
+# -- a basis of the sampled kernels ------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SampledHarmonics:
+    r"""Orthonormal coordinates ``c`` of the kernels the ring harmonics give on the pixels.
+
+    Sampled on a k x k grid, H ring harmonics can be linearly dependent (the complete basis has
+    11 for the 9 pixels of a 3x3 kernel): the coefficients W with ``Σ_h W_h ψ_h(pixels) = 0``
+    form a null space N. Where every element of the group permutes the pixels, the group's action
+    T(g) maps N to itself, and, being orthogonal, maps N⊥ to itself too. So W = U c with U an
+    orthonormal basis of N⊥ gives the same filters for every λ with exactly as many coefficients
+    as the kernel space has dimensions; the pixel basis is Uᵀ ψ and the action Uᵀ T(g) U.
+
+    U is chosen per isotypic component of the 90-degree rotations and reflections (D4): cos fφ
+    and sin fφ of f ≡ 0 (mod 4), of f ≡ 2 (mod 4), and the pairs (cos fφ, ±sin fφ) of odd f, so
+    that Uᵀ T(g) U is a signed permutation, as sparse as T(g). Components without null vectors
+    keep their harmonics as they are."""
+
+    harmonics: RingHarmonics
+    coordinates: np.ndarray  # U [H, r]
+
+    @property
+    def kernel_size(self) -> int:
+        return self.harmonics.kernel_size
+
+    @property
+    def size(self) -> int:
+        return self.coordinates.shape[1]
+
+    @property
+    def max_frequency(self) -> int:
+        return self.harmonics.max_frequency
+
+    def on_pixels(self) -> np.ndarray:
+        """[r, k, k]."""
+        return np.einsum("hr,hxy->rxy", self.coordinates, self.harmonics.on_pixels())
+
+    def action(self, s: int, theta: float) -> np.ndarray:
+        """Uᵀ T U with T the ring harmonics' :meth:`RingHarmonics.action`, for elements that map the
+        pixel grid to itself: a signed permutation, rounded to exactly one (so that a change to
+        and from the regular frame gives the same numbers back)."""
+        action = self.coordinates.T @ self.harmonics.action(s, theta) @ self.coordinates
+        exact = np.round(action)
+        if not np.allclose(action, exact, atol=1e-9):
+            raise ValueError(f"({s}, {theta}) does not map the pixel grid of {self.harmonics} to itself")
+        return exact + 0.0  # (no negative zeros)
+
+
+def kernel_basis(kernel_size: int, dilation: int, basis: str, group) -> "RingHarmonics | SampledHarmonics":
+    """The functions a layer over ``group`` expands its filters in: the ring harmonics of
+    ``basis``, reduced to a basis of the kernels they span on the pixels (see
+    :class:`SampledHarmonics`) where that is exact, i.e. where the group maps the pixel grid to
+    itself; elsewhere the null space is not invariant and the harmonics are kept as they are."""
+    harm = ring_harmonics(kernel_size, dilation, basis)
+    return _sampled(harm) if maps_grid_to_itself(group) else harm
+
+
+@functools.lru_cache(maxsize=None)
+def _sampled(harm: RingHarmonics) -> "RingHarmonics | SampledHarmonics":
+    pixels = harm.on_pixels().reshape(harm.size, -1)
+    tol = 1e-8 * np.linalg.norm(pixels, 2)
+    # each harmonic's D4 isotypic component and, for the 2-d one, its component and sign there
+    kinds = {}
+    for h, (_, _, f, trig) in enumerate(harm.elements):
+        if f % 2:
+            kinds.setdefault("E", {}).setdefault(trig, []).append((h, -1.0 if trig and f % 4 == 3 else 1.0))
+        else:
+            kinds.setdefault((f % 4, trig), {}).setdefault(0, []).append((h, 1.0))
+    columns, reduced = [], False
+    for parts in kinds.values():
+        members = list(parts.values())  # one list per component, alike in rings and order
+        stacked = np.concatenate([np.stack([sign * pixels[h] for h, sign in m]) for m in members], axis=1)
+        u, sv, _ = np.linalg.svd(stacked, full_matrices=False)
+        keep = int((sv > tol).sum())
+        if keep < len(members[0]):
+            reduced = True
+        else:
+            u, keep = np.eye(len(members[0])), len(members[0])
+        for j in range(keep):
+            for m in members:
+                col = np.zeros(harm.size)
+                for (h, sign), x in zip(m, u[:, j]):
+                    col[h] = sign * x
+                columns.append(col)
+    if not reduced or not columns:  # (nothing to reduce, or nothing left: escnn's 2 x 2 rings miss every pixel)
+        return harm
+    U = np.stack(columns, 1)
+    rank = np.linalg.matrix_rank(pixels, tol)
+    for s, theta in ((0, np.pi / 2), (1, 0.0)):  # N⊥ invariant: T U = U (Uᵀ T U)
+        T = harm.action(s, theta)
+        if U.shape[1] != rank or not np.allclose(T @ U, U @ (U.T @ T @ U), atol=1e-9):
+            raise AssertionError(f"the sampled harmonics of {harm} do not reduce exactly")
+    return SampledHarmonics(harm, U)
+
+
 # -- representations ---------------------------------------------------------------------------
 
 def repr_max_frequency(rep) -> int:
@@ -204,82 +286,6 @@ def permutation_indices(mats: np.ndarray) -> np.ndarray | None:
     return np.argmax(mats, axis=-1) if ok else None
 
 
-@dataclass
-class SparseTwirl:
-    r"""The pattern and per-element values of :math:`A(w) = Σ_g w_g A_g` (see the module docstring).
-
-    Rows and columns are (out component, in component, harmonic). Row r of A(w) has its non-zeros
-    in columns ``cols[r]`` with values ``Σ_g w_g values[g, r]``; rows with fewer than K non-zeros
-    are padded with column 0 and value 0. ``rows_t`` / ``values_t`` describe Aᵀ the same way.
-    """
-
-    cols: np.ndarray  # [R, K]
-    values: np.ndarray  # [m, R, K]
-    rows_t: np.ndarray  # [R, K_t]
-    values_t: np.ndarray  # [m, R, K_t]
-
-
-def sparse_twirl(harmonic_action: np.ndarray, rho_in: np.ndarray, rho_out: np.ndarray) -> SparseTwirl:
-    """The sparse form of ``Σ_g w_g ρ_out(g) ⊗ ρ_in(g) ⊗ T(g)ᵀ`` for the operators of a grid."""
-    import scipy.sparse as sps
-
-    m = harmonic_action.shape[0]
-    R = harmonic_action.shape[1] * rho_out.shape[1] * rho_in.shape[1]
-    parts = []
-    for g in range(m):
-        A = sps.kron(sps.csr_matrix(rho_out[g]), sps.kron(sps.csr_matrix(rho_in[g]),
-                                                           sps.csr_matrix(harmonic_action[g].T)), format="coo")
-        keep = np.abs(A.data) > 1e-12  # cos(π/2) and friends are zeros, not pattern
-        parts.append((np.full(keep.sum(), g), A.row[keep], A.col[keep], A.data[keep]))
-    g, row, col, val = (np.concatenate(p) for p in zip(*parts))
-    # the union of the elements' patterns, sorted by row then column
-    entries, which = np.unique(row.astype(np.int64) * R + col, return_inverse=True)
-    e_row, e_col = np.divmod(entries, R)
-    slot = _slots(e_row, R)
-    cols = np.zeros((R, max(1, slot.max(initial=-1) + 1)), dtype=np.int64)
-    cols[e_row, slot] = e_col
-    values = np.zeros((m,) + cols.shape)
-    np.add.at(values, (g, e_row[which], slot[which]), val)
-    # Aᵀ: the same entries grouped by column
-    order = np.argsort(e_col, kind="stable")
-    slot_t = _slots(e_col[order], R)
-    rows_t = np.zeros((R, max(1, slot_t.max(initial=-1) + 1)), dtype=np.int64)
-    rows_t[e_col[order], slot_t] = e_row[order]
-    values_t = np.zeros((m,) + rows_t.shape)
-    values_t[:, e_col[order], slot_t] = values[:, e_row[order], slot[order]]
-    return SparseTwirl(cols, values, rows_t, values_t)
-
-
-def _slots(sorted_rows: np.ndarray, n: int) -> np.ndarray:
-    """Position of each entry within its row, for entries sorted by row."""
-    counts = np.bincount(sorted_rows, minlength=n)
-    start = np.cumsum(counts) - counts
-    return np.arange(len(sorted_rows)) - start[sorted_rows]
-
-
-@dataclass
-class TwirlOperators:
-    """Precomputed per-grid-element operators of one (ρ_in, ρ_out, kernel size) layer."""
-
-    n_rot: int
-    basis: np.ndarray  # [H, k, k]
-    harmonic_action: np.ndarray  # [m, H, H]
-    rho_in: np.ndarray  # [m, d_in, d_in]
-    rho_out: np.ndarray  # [m, d_out, d_out]
-    invariant_out: np.ndarray  # [d_out, t] orthonormal basis of ρ_out's invariant vectors (bias)
-    sparse: SparseTwirl
-
-    def __deepcopy__(self, memo):
-        return self  # never modified, and shared through twirl_operators' cache (copies would not be)
-
-    @property
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for a in (self.basis, self.harmonic_action, self.rho_in, self.rho_out, self.invariant_out):
-            h.update(np.ascontiguousarray(np.round(a, 6) + 0.0).tobytes())
-        return h.hexdigest()[:16]
-
-
 def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out_bandlimit) -> int:
     """Rotations the twirl needs: all of a finite group; for O(2)/SO(2) more than F + L_out."""
     if group.is_finite:
@@ -289,56 +295,3 @@ def quadrature_size(group: Group, rep_in, rep_out, harmonics: RingHarmonics, out
     # also more than 2 L_out, so that λ_out itself is sampled without aliasing (kernel_weights
     # refuses fewer); this binds for low-frequency layers, e.g. a PELinear to trivial fields
     return max(F + L, 2 * L) + 1
-
-
-_MEMORY: dict = {}
-SPARSE_FIELDS = ("cols", "values", "rows_t", "values_t")
-
-
-def twirl_operators(group: Group, rep_in, rep_out, kernel_size: int, dilation: int,
-                    n_rot: int, basis: str = "antialiased") -> TwirlOperators:
-    """The operators for one layer, cached in memory and on disk."""
-    key = (group.spec, rep_in.name, rep_out.name, kernel_size, dilation, n_rot)
-    if basis != "antialiased":  # (the default's key is unchanged: existing caches stay valid)
-        key += (basis,)
-    if key in _MEMORY:
-        return _MEMORY[key]
-    name = hashlib.sha256(repr((CACHE_VERSION,) + key).encode()).hexdigest()[:24]
-    path = cache_dir() / "bases" / f"{name}.npz"
-    ops = None
-    if path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                sparse = SparseTwirl(*(z[f"sparse_{f}"] for f in SPARSE_FIELDS))
-                ops = TwirlOperators(int(z["n_rot"]), z["basis"], z["harmonic_action"], z["rho_in"],
-                                     z["rho_out"], z["invariant_out"], sparse)
-        except Exception:  # a corrupt cache entry is rebuilt, never trusted
-            ops = None
-    if ops is None:
-        ops = _compute_operators(group, rep_in, rep_out, ring_harmonics(kernel_size, dilation, basis), n_rot)
-        _write_cache(path, ops)
-    _MEMORY[key] = ops
-    return ops
-
-
-def _compute_operators(group, rep_in, rep_out, harm: RingHarmonics, n_rot) -> TwirlOperators:
-    s, theta = group.grid(n_rot)
-    elements = group.elements(n_rot)
-    T = np.stack([harm.action(si, ti) for si, ti in zip(s, theta)])
-    r_in = np.stack([rep_in(g) for g in elements])
-    r_out = np.stack([rep_out(g) for g in elements])
-    return TwirlOperators(n_rot, harm.on_pixels(), T, r_in, r_out, invariant_basis(rep_out),
-                          sparse_twirl(T, r_in, r_out))
-
-
-def _write_cache(path: Path, ops: TwirlOperators) -> None:
-    def write(tmp: Path):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-            np.savez(f, n_rot=ops.n_rot, basis=ops.basis, harmonic_action=ops.harmonic_action,
-                     rho_in=ops.rho_in, rho_out=ops.rho_out, invariant_out=ops.invariant_out,
-                     **{f"sparse_{f}": getattr(ops.sparse, f) for f in SPARSE_FIELDS})
-
-    try:
-        atomic_write(path, write)
-    except OSError:
-        pass  # a read-only home only costs rebuild time

@@ -10,7 +10,6 @@ from escnn import nn as enn
 import eqzoo
 from eqzoo import GroupLikelihood
 from eqzoo.groups import get_group
-from eqzoo.kernels import twirl_operators
 from eqzoo.nn import FieldBatchNorm2d, FourierReLU, NormReLU, PEConv2d, PELinear, field_relu
 from eqzoo.nn import activation
 from trained import generic_kernels
@@ -169,35 +168,6 @@ def test_likelihood_at_identity_frees_the_kernel(spec, fields, expected):
     lam.set_density(lambda s, t: np.where((s == 0) & np.isclose(t, 0), 1.0, 1e-12))
     conv = PEConv2d(G.field_type(fields), G.field_type(fields), 3, likelihood=lam, basis="antialiased").double()
     assert rank(kernel_space(conv), 1e-9) == expected
-
-
-@pytest.mark.parametrize("k", [1, 3, 5, 7])
-def test_complete_basis_spans_every_kernel(k):
-    """basis="complete": over C1 (and with λ at the identity of D4) the filters span every k x k
-    kernel of every channel pair, as nn.Conv2d's; the antialiased default spans fewer."""
-    C1, D4 = get_group("C1"), get_group("D4")
-    conv = PEConv2d(C1.trivial_type(2), C1.trivial_type(3), k, basis="complete").double()
-    assert rank(kernel_space(conv), 1e-9) == 2 * 3 * k * k
-    smooth = PEConv2d(C1.trivial_type(2), C1.trivial_type(3), k, basis="antialiased").double()
-    assert (rank(kernel_space(smooth), 1e-9) < 2 * 3 * k * k) == (k > 1)
-    if k == 3:  # (larger kernels: thousands of weight vectors to synthesise)
-        lam = GroupLikelihood(D4, learnable=False)
-        lam.set_density(lambda s, t: np.where((s == 0) & np.isclose(t, 0), 1.0, 1e-12))
-        free = PEConv2d(D4.field_type(1), D4.field_type(1), k, likelihood=lam, basis="complete").double()
-        assert rank(kernel_space(free), 1e-9) == 8 * 8 * k * k
-
-
-@pytest.mark.parametrize("spec", ["D4", "C4", "O2"])
-def test_complete_basis_is_equivariant_on_the_pixel_grid(spec):
-    """At uniform λ the complete basis is as equivariant as the antialiased one to the elements
-    that map the pixel grid to itself."""
-    torch.manual_seed(0)
-    G = get_group(spec)
-    fin, fout = G.field_type(1), G.field_type(2)
-    conv = PEConv2d(fin, fout, 5, padding=2, basis="complete").double()
-    x = torch.randn(2, fin.size, 13, 13, dtype=torch.float64)
-    errs = equivariance_errors(conv.eval(), fin, fout, x, pixel_elements(G))
-    assert max(errs) <= 1e-5, errs
 
 
 def test_o2_likelihood_kernel_weights_are_positive_and_normalised():
@@ -377,39 +347,6 @@ def test_state_dict_cache_and_export():
         assert rel_err(conv(x), y) > 1e-4
 
 
-@pytest.mark.parametrize("spec", ["D4", "D8"])
-def test_regular_frame_storage_and_canonical_state_dict(spec):
-    """Layers with regular out fields store their coefficients in the group's regular frame
-    (where the twirl is one |G| x |G| product); state_dict() holds the canonical layout, which
-    loads back exactly, and the frame is an orthogonal change of coordinates (for D4 a signed
-    permutation, so that Adam's steps are the same in both)."""
-    torch.manual_seed(0)
-    G = get_group(spec)
-    conv = PEConv2d(G.field_type(2), G.field_type(3), 3, padding=1).double()
-    assert conv._constants().frame is not None
-    assert PELinear(G.field_type(2), G.trivial_type(3))._constants().frame is None  # trivial out: canonical
-    with torch.no_grad():
-        conv.likelihood.coefficients.normal_()
-        conv.weight_breaking.normal_()
-    sd = conv.state_dict()
-    assert torch.equal(sd["weight"], conv.canonical_weight().detach())
-    assert torch.equal(sd["weight_breaking"], conv.canonical_weight(conv.weight_breaking).detach())
-    assert not torch.allclose(sd["weight"], conv.weight)  # a different layout, the same numbers' norm
-    assert torch.allclose(sd["weight"].norm(), conv.weight.detach().norm())
-    fresh = PEConv2d(G.field_type(2), G.field_type(3), 3, padding=1).double()
-    fresh.load_state_dict(sd)
-    assert torch.allclose(fresh.weight, conv.weight, atol=1e-12)
-    # (a loaded likelihood rebuilds its constants in float64, the original's were cast from float32)
-    assert rel_err(fresh.filter_and_bias()[0], conv.filter_and_bias()[0]) <= 1e-7
-    unit = torch.zeros_like(conv.weight)
-    unit.view(-1)[::97] = 1
-    image = conv.canonical_weight(unit)
-    if spec == "D4":  # every unit coefficient goes to ± a unit coefficient
-        rounded = image.round()
-        assert torch.allclose(image, rounded, atol=1e-12) and torch.equal(rounded.abs().sum(), unit.sum())
-    assert torch.allclose(conv._stored(image), unit, atol=1e-12)
-
-
 def test_models_share_no_likelihood_unless_told():
     m1, m2 = _tiny_model(), _tiny_model()
     ids1 = {id(v) for v in eqzoo.likelihoods(m1).values()}
@@ -471,122 +408,6 @@ def test_bad_input_gives_clear_errors():
         GroupLikelihood("D4").set_density(np.zeros(8))
     with pytest.raises(ValueError, match="kernel_size"):
         PEConv2d(G.field_type(1), G.field_type(1), 0)
-
-
-def _dense_twirl_filter(conv, q, weight=None):
-    """The twirl written out from its definition, one dense term per grid element:
-    W'_k = Σ_g q_g Σ_h T(g)_hk ρ_out(g) W_h ρ_in(g)ᵀ, then the filter Σ_k W'_k ψ_k."""
-    G = conv.group
-    ops = twirl_operators(G, conv.in_type.representations[0], conv.out_type.representations[0],
-                          conv.kernel_size, conv.dilation, conv.n_rot, conv.basis)
-    T, r_in, r_out, basis = (torch.tensor(a) for a in (ops.harmonic_action, ops.rho_in, ops.rho_out, ops.basis))
-    w = conv.canonical_weight(conv.weight if weight is None else weight).view(conv._dims.shape)  # [c, e, h, o, i]
-    twirled = torch.einsum("g,ghk,gac,gbe,cehoi->oaibk", q, T, r_out, r_in, w)
-    filt = torch.einsum("oaibk,kxy->oaibxy", twirled, basis)
-    return filt.reshape(conv.out_channels, conv.in_channels, conv.kernel_size, conv.kernel_size)
-
-
-@pytest.mark.parametrize("spec, k", [("D4", 3), ("C4", 3), ("D8", 3), ("D1", 3), ("O2", 3), ("SO2", 3),
-                                     ("D4", 1), ("D8", 1), ("O2", 1), ("D4", 5)])
-def test_sparse_twirl_equals_the_dense_sum(spec, k):
-    """The layer's twirl (sparse, or in the regular frame) equals the twirl's definition,
-    κ_λ = A_λ κ_0 + (A_λ - P) κ_1, for a random λ and random κ_0, κ_1; gradients too."""
-    torch.manual_seed(0)
-    G = get_group(spec)
-    fin = G.field_type(2, None if G.is_finite else 2)
-    fout = G.field_type(3, None if G.is_finite else 2)
-    conv = PEConv2d(fin, fout, k).double()
-    with torch.no_grad():
-        conv.likelihood.coefficients.normal_()
-        conv.weight.normal_()
-        conv.weight_breaking.normal_()
-
-    def dense():
-        q = conv.likelihood.kernel_weights(conv.n_rot)
-        return _dense_twirl_filter(conv, q) + _dense_twirl_filter(conv, q - 1 / q.numel(), conv.weight_breaking)
-
-    probe = torch.randn(conv.out_channels, conv.in_channels, k, k, dtype=torch.float64)
-    results = []
-    for filter_of in (lambda: conv.filter_and_bias()[0], dense):
-        conv.zero_grad()
-        filt = filter_of()
-        (filt * probe).sum().backward()
-        results.append((filt.detach(), conv.weight.grad.clone(), conv.weight_breaking.grad.clone(),
-                        conv.likelihood.coefficients.grad.clone()))
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-12), float((a - b).abs().max())
-
-
-@pytest.mark.parametrize("spec, stride, padding, dilation", [("D4", 1, 1, 1), ("O2", 2, 0, 1), ("D1", 1, 2, 2)])
-def test_harmonic_domain_conv_equals_the_pixel_filter_conv(spec, stride, padding, dilation):
-    """Training steps with few output pixels convolve against the ring harmonics; that must equal
-    the convolution with the synthesised pixel filter, input, weight, bias and λ gradients too."""
-    torch.manual_seed(0)
-    G = get_group(spec)
-    L = None if G.is_finite else 2
-    conv = PEConv2d(G.field_type(2, L), G.field_type(33, L), 3, stride, padding, dilation).double()  # 66 field pairs: padded rows
-    with torch.no_grad():
-        conv.likelihood.coefficients.normal_()
-        if conv.bias is not None:
-            conv.bias.normal_()
-    x = torch.randn(1, conv.in_channels, 5, 3, dtype=torch.float64, requires_grad=True)
-    assert conv._harmonic_domain_pays(x)  # so forward takes the harmonic path
-    results = []
-    for run in (conv, lambda x: torch.nn.functional.conv2d(x, *conv.filter_and_bias(), stride, padding, dilation)):
-        conv.zero_grad()
-        x.grad = None
-        y = run(x)
-        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        grads = [p.grad.clone() for p in (x, conv.weight, conv.bias, conv.likelihood.coefficients) if p is not None]
-        results.append([y.detach()] + grads)
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-10), float((a - b).abs().max())
-
-
-def test_harmonic_domain_conv_compiles():
-    """torch.compile of a training step through the harmonic path matches eager, gradients too."""
-    torch.manual_seed(0)
-    G = get_group("D4")
-    conv = PEConv2d(G.field_type(4), G.field_type(8), 3, padding=1)
-    x = torch.randn(2, conv.in_channels, 3, 3)
-    assert conv._harmonic_domain_pays(x)
-    results = []
-    for run in (torch.compile(conv, backend="aot_eager"), conv):  # compiled first: empty caches
-        conv.zero_grad()
-        y = run(x)
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        results.append((y.detach(), conv.weight.grad.clone(), conv.likelihood.coefficients.grad.clone()))
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
-
-
-def test_layers_share_their_operator_tensors():
-    """Layers with the same operators share one copy of their tensors per dtype (the D8 twirl
-    values are ~10 MB per 3x3 layer), cast from float64, so ``.double()`` layers get float64."""
-    G = get_group("D8")
-    a, b = (PEConv2d(G.field_type(2), G.field_type(3), 3) for _ in range(2))
-    c = PEConv2d(G.field_type(2), G.field_type(3), 5)
-    assert a._constants() is b._constants() and a._constants() is not c._constants()
-    assert a._constants().values.dtype == torch.float32
-    assert a.double()._constants().values.dtype == torch.float64
-    assert b._constants().values.dtype == torch.float32
-
-
-def test_harmonic_domain_conv_trains_under_autocast():
-    """A bf16 autocast training step through the harmonic path: bf16 output close to the float32
-    one, and float32 gradients for the weight and λ."""
-    torch.manual_seed(0)
-    G = get_group("D4")
-    conv = PEConv2d(G.field_type(4), G.field_type(8), 3, padding=1)
-    x = torch.randn(2, conv.in_channels, 3, 3)
-    assert conv._harmonic_domain_pays(x)
-    ref = conv(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv(x)
-    assert y.dtype == torch.bfloat16 and rel_err(y.float(), ref) < 5e-2
-    y.float().sum().backward()
-    assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.abs().sum() > 0
-    assert conv.likelihood.coefficients.grad is not None
 
 
 def test_field_batch_norm_output_takes_an_inplace_relu():
@@ -726,94 +547,6 @@ def test_field_batch_norm_is_the_same_in_every_layout_and_compiled(spec, affine,
     if track:  # eval: the running statistics, per channel
         compiled.eval(), ref.eval()
         assert torch.allclose(torch.compile(compiled, backend="aot_eager")(x), ref(x), atol=1e-12)
-
-
-def test_frame_constants_are_made_before_compiling():
-    """A layer makes its regular frame's gathers when built and when moved or cast, so that a
-    compiled graph reads them instead of rebuilding them (index arithmetic and a permutation of
-    every layer at every step)."""
-    torch.manual_seed(0)
-    G = get_group("D4")
-    conv = PEConv2d(G.field_type(3), G.field_type(5), 3, padding=1)
-    for dtype in (torch.float32, torch.float64):
-        conv.to(dtype)
-        keys = conv._constants().frame.gathers.keys()
-        assert {("pixels", 5, 3), ("harmonics", 5, 3)} <= set(keys)
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    x = torch.randn(2, conv.in_channels, 8, 8, dtype=torch.float64)
-    torch.compile(conv, backend=backend)(x).sum().backward()
-    ops = {str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"}
-    assert graphs and not any("arange" in op or "meshgrid" in op for op in ops), sorted(ops)
-
-
-def test_symmetry_breaking_part():
-    """κ_λ = A_λ κ_0 + (A_λ - P) κ_1: κ_1 is a parameter where λ is learnable (a zero buffer where
-    it is frozen), starts at 0, has no effect at uniform λ, gets its own gradient, and a state
-    dict without it (saved before it existed) loads as κ_1 = 0."""
-    torch.manual_seed(0)
-    G = get_group("D4")
-    ftype = G.field_type(2)
-    strict = PEConv2d(ftype, ftype, 3, likelihood=GroupLikelihood(G, learnable=False))
-    assert "weight_breaking" in dict(strict.named_buffers()) and not strict._uses_breaking()
-    conv = PEConv2d(ftype, ftype, 3, padding=1).double()
-    assert conv.weight_breaking.shape == conv.weight.shape and float(conv.weight_breaking.abs().max()) == 0
-    x = torch.randn(2, ftype.size, 9, 9, dtype=torch.float64)
-    generic_kernels(conv)
-    with torch.no_grad():
-        conv.likelihood.coefficients.zero_()  # uniform λ: κ_1 drops out
-        y_uniform = conv(x)
-        conv.weight_breaking.normal_()
-        assert torch.allclose(conv(x), y_uniform, atol=1e-10)
-    conv.likelihood.reset_parameters()
-    conv(x).square().sum().backward()
-    assert float(conv.weight_breaking.grad.abs().max()) > 0
-    old = {k: v for k, v in conv.state_dict().items() if k != "weight_breaking"}
-    fresh = PEConv2d(ftype, ftype, 3, padding=1).double()
-    fresh.load_state_dict(old)
-    assert float(fresh.weight_breaking.abs().max()) == 0
-    with torch.no_grad():
-        conv.weight_breaking.zero_()
-        assert torch.allclose(fresh(x), conv(x), atol=1e-10)
-        # a learnt layer's state loaded into a frozen-λ layer is the same function
-        conv.weight_breaking.normal_()
-        frozen = PEConv2d(ftype, ftype, 3, padding=1, likelihood=GroupLikelihood(G, learnable=False)).double()
-        frozen.load_state_dict(conv.state_dict())
-        assert frozen._uses_breaking() and torch.allclose(frozen(x), conv(x), atol=1e-10)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("spec", ["D4", "O2"])
-def test_cuda_twirl_and_harmonic_path_match_the_cpu(spec):
-    """The twirl's CUDA paths (D4: the regular frame's products and row gathers; O(2): the
-    embedding_bag gathers and the per-sample-weights backward) and the harmonic-domain
-    convolution give the CPU's outputs and gradients."""
-    torch.manual_seed(0)
-    G = get_group(spec)
-    L = None if G.is_finite else 2
-    conv = PEConv2d(G.field_type(2, L), G.field_type(8, L), 3, padding=1).double()
-    with torch.no_grad():
-        for t in (conv.likelihood.coefficients, conv.weight, conv.weight_breaking, conv.bias):
-            if t is not None:
-                t.normal_()
-    x = torch.randn(1, conv.in_channels, 3, 3, dtype=torch.float64)
-    assert conv._harmonic_domain_pays(x)
-    results = []
-    for device in ("cpu", "cuda"):
-        conv = conv.to(device)
-        conv.zero_grad()
-        xd = x.to(device)
-        outs = [conv.filter_and_bias()[0], conv(xd)]  # the second: harmonic path where it pays
-        sum((o * o).sum() for o in outs).backward()
-        params = [p.grad for p in (conv.weight, conv.weight_breaking, conv.likelihood.coefficients, conv.bias)
-                  if p is not None]
-        results.append([t.detach().cpu() for t in outs + params])
-    for a, b in zip(*results):
-        assert torch.allclose(a, b, atol=1e-9), float((a - b).abs().max())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

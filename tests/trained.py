@@ -17,7 +17,7 @@ def generic_kernels(module):
         if isinstance(m, (PEConv2d, PELinear)):
             std = float(m.weight.std())
             m.weight.normal_(0, std)
-            if m.likelihood.learnable:
+            if m.weight_breaking is not None:
                 m.weight_breaking.normal_(0, std)
     return module
 
