@@ -129,6 +129,10 @@ def cmd_run(args) -> None:
         if not (Path(cfg["output"]) / "results.json").is_file():
             todo.append((cfg, source))
     print(f"{len(todo)} runs to do", flush=True)
+    if args.dry_run:
+        for cfg, source in todo:
+            print(cfg["output"], "<-", source or f"{cfg['model']} from scratch", flush=True)
+        return
     if args.workers == 1:
         for job in todo:
             print("done", _run_one(job), flush=True)
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
                    help=f"updates per run (batch {RECIPE['batch_size']})")
     r.add_argument("--image-size", type=int, help="override the tasks' image size (the checkpoints' own)")
     r.add_argument("--test-size", type=int, help="test on the first N test images only")
-    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--workers", type=int, default=1, help="runs in parallel (one thread each)")
+    r.add_argument("--dry-run", action="store_true", help="list the runs still to do, and stop")
     r.add_argument("--root", default=os.environ.get("EQZOO_MNIST_ROOT", "data"), help="folder holding MNIST/")
     rep = sub.add_parser("report", help="write OUT/transfer.md")
     for q in (r, rep):
