@@ -176,12 +176,11 @@ def build_one(rel: dict, out: Path) -> dict:
     pe = eqzoo.hub.is_pe_architecture(rel["train"]["model"])
     record = {
         "name": rel["name"], **rel["release"], "architecture": rel["train"]["model"], "train": rel["train"],
-        "model_args": rel["train"]["model_args"], "data": rel["train"]["data"],
         "test_accuracy": results["test_acc"], "eval_test_accuracy": check["acc"], "eval_seconds": time.time() - t0,
         "val_accuracy": results.get("val_acc"), "best_epoch": results["best_epoch"],
         "val_curve": [h.get("val_acc") for h in history], "train_loss_curve": [h.get("train_loss") for h in history],
         "epoch_seconds": [h.get("time") for h in history], "wall_seconds": sum(h.get("time", 0.0) for h in history),
-        "commit": commit, "command": command, "card": card if pe else None, "stage": str(stage),
+        "commit": commit, "command": command, "card": card if pe else None,
         "lambda": [{k: row[k] for k in ("layer", "group", "kl_uniform", "closest_subgroup")}
                    for row in eqzoo.degree_of_equivariance(eqzoo.load_likelihoods(stage))] if pe else [],
     }
@@ -262,7 +261,7 @@ def cmd_publish(args) -> None:
     if not records:
         raise SystemExit(f"release.py: nothing to publish in {out} (build first; only publish: true checkpoints go)")
     for r in records:
-        stage, repo_id = Path(r["stage"]), f"{args.org}/{r['repo']}"
+        stage, repo_id = out / r["name"] / "stage", f"{args.org}/{r['repo']}"
         done_file = out / r["name"] / "published.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
         weights = sha256(stage / "model.safetensors")
