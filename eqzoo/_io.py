@@ -1,23 +1,29 @@
-"""Files: atomic writes and folder claims (a reader, or a killed process, never leaves or sees
+"""Files: atomic writes and folder swaps (a reader, or a killed process, never leaves or sees
 half a file or a folder mixed from two writers), and safetensors files written and read whole.
 
 Files and folders get the user's umask, as any file a program writes (``tempfile`` would make
 them 0600 / 0700, which leaves shared run folders and caches unreadable to the group): temporary
 folders are made with ``os.mkdir(..., 0o777)``, and a temporary file is given ``0o666 & ~umask``
 before it is renamed into place.
+
+Temporary names are ``.NAME.PID.HEX.{tmp,new,old}`` next to their target. A writer that is
+killed leaves its temporary behind; the next write of the same target removes those whose
+process is gone.
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import struct
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -25,6 +31,47 @@ from .errors import CheckpointError
 
 def _unique_sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine. Where that cannot be asked safely (Windows:
+    ``os.kill`` would end the process), every process counts as alive, so nothing is removed."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(path: Path) -> None:
+    """Remove the temporaries of ``path`` (``.NAME.PID.HEX.{tmp,new,old}``) left by writers that
+    were killed: those whose process is gone. A live writer's temporaries are never touched."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.(tmp|new|old)")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:  # no parent yet, or not readable: nothing of ours there
+        return
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None or _pid_alive(int(m.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _target(path: Path) -> Path:
+    """Where a write of ``path`` lands: a symbolic link is written through, into its target
+    (replacing the link by a folder would leave the target stale and every other link to it)."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def _umask() -> int:
@@ -42,8 +89,9 @@ def _umask() -> int:
 
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` into a temporary file next to ``path``, then ``os.replace`` onto it."""
-    path = Path(path)
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = _unique_sibling(path, "tmp")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
@@ -109,32 +157,30 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def locked(lock_path: Path, blocking: bool = True):
-    """Hold an exclusive ``flock`` on ``lock_path`` (a folder, or a file created if needed) for
-    the ``with`` block; yields False instead of waiting when ``blocking`` is False and another
-    process holds it. The kernel drops the lock when its process dies, so a killed holder never
-    blocks anyone."""
-    lock_path = Path(lock_path)
-    if lock_path.is_dir():
-        fd = os.open(lock_path, os.O_RDONLY)
-    else:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o666)
+def locked(lock_file: Path, blocking: bool = True):
+    """Hold an exclusive lock on ``lock_file`` (created if needed) for the ``with`` block; yields
+    False instead of waiting when ``blocking`` is False and another holder has it. The operating
+    system drops the lock when its process dies, so a killed holder never blocks anyone."""
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_file, thread_local=False)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
+        lock.acquire(timeout=-1 if blocking else 0)
+    except Timeout:
+        yield False
+        return
+    try:
         yield True
     finally:
-        os.close(fd)  # closing releases the lock
+        lock.release()
 
 
 def new_sibling_dir(path: Path) -> Path:
-    """A fresh, empty folder next to ``path`` (same file system, so it can be renamed onto it)."""
-    path = Path(path)
+    """A fresh, empty folder next to ``path`` (same file system, so it can be renamed onto it);
+    the temporaries of killed writes of ``path`` are removed first."""
+    path = _target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     tmp = _unique_sibling(path, "new")
     os.mkdir(tmp, 0o777)
     return tmp
@@ -143,21 +189,33 @@ def new_sibling_dir(path: Path) -> Path:
 def replace_dir(new: Path, path: Path) -> None:
     """Move the complete folder ``new`` to ``path``, replacing what is there.
 
-    Writers swap under a lock on the parent folder (no lock file is left behind), so concurrent
-    writers serialise and the last one's folder wins whole. ``rename`` cannot replace a
-    non-empty folder in one step: the old one is renamed aside first, so a reader sees the old
-    folder, the new one, or (for that instant) none, never a mix."""
-    new, path = Path(new), Path(path)
-    with locked(path.parent):
-        old = None
-        if path.exists():
-            old = _unique_sibling(path, "old")
-            os.rename(path, old)
-        try:
-            os.rename(new, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old, path)
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    ``rename`` cannot replace a non-empty folder in one step: the folder in place is renamed
+    aside first, so a reader sees the old folder, the new one, or (for that instant) none, never
+    a mix. Concurrent writers need no lock: a writer whose rename finds ``path`` taken again
+    moves that folder aside too and retries, so the last writer's folder ends up there whole.
+    Each writer deletes the folders it moved aside."""
+    new, path = Path(new), _target(path)
+    aside = []
+    try:
+        while True:
+            if path.exists():
+                old = _unique_sibling(path, "old")
+                try:
+                    os.rename(path, old)
+                    aside.append(old)
+                except FileNotFoundError:  # another writer moved it aside first
+                    pass
+            try:
+                os.rename(new, path)
+                break
+            except OSError as e:  # another writer's folder arrived in between
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) and not isinstance(e, FileExistsError):
+                    raise
+    except BaseException:
+        if aside and not path.exists():  # put back what was there
+            with contextlib.suppress(OSError):
+                os.rename(aside.pop(), path)
+        raise
+    finally:
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 __all__ = ["HUB_DIR", "parse_source", "model_folder", "resolve_model", "fetch"]
@@ -76,8 +76,12 @@ def fetch(kind: str, location: str, filename: str) -> Path:
     repo_id, _, revision = location.partition("@")
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: the file was never looked up online
+        if constants.is_offline_mode():
+            raise FileNotFoundError(f"{filename} of hf-hub:{location} is not in the offline cache (HF_HUB_OFFLINE "
+                                    "is set): download it once with the Hub reachable, or unset HF_HUB_OFFLINE"
+                                    ) from None
+        raise FileNotFoundError(f"{filename} of hf-hub:{location} is not in the local cache and the Hub cannot be "
+                                "reached: connect once to download it") from None
     except EntryNotFoundError:
         raise FileNotFoundError(f"{filename} not found in Hub repo {location}") from None
-    except LocalEntryNotFoundError as e:
-        raise FileNotFoundError(f"{filename} of {location} is not in the local cache and the Hub cannot be "
-                                f"reached ({e.__class__.__name__}); connect once, or unset HF_HUB_OFFLINE") from None

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,9 @@ from hub_server import offline, serve_hub
 
 REPO = "eqzoo-test/pe-resnet18-c4"
 TOKEN = "hf_test_secret_token"
-CARD = dict(license="mit", datasets=["mnist"], dataset_name="rotated MNIST", split="test",
-            results={"accuracy": 0.987}, training="Rotated MNIST, 10 epochs.")
+CARD = dict(license="mit", datasets=["mnist"], dataset_name="rotated MNIST",
+            results={"test": {"accuracy": 0.987}, "validation": {"accuracy": 0.99}}, training="Rotated MNIST, 10 epochs.")
+LABELS = [f"digit {i}" for i in range(10)]
 
 
 def _lambdas(model):
@@ -37,6 +39,15 @@ def model():
     torch.manual_seed(0)
     m = timm.create_model("pe_resnet18", group="C4", num_classes=10)
     return trained_looking(m, 0.5).eval()  # a learnt-looking, non-uniform λ in every layer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small model for pushes whose weights do not matter."""
+    torch.manual_seed(0)
+    m = timm.create_model("pe_resnet18", group="C4", num_classes=3, layers=[1, 1, 1, 1], stem_width=8,
+                          channels=[8, 8, 16, 16])
+    return trained_looking(m, 0.5).eval()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +74,9 @@ def local_hub(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pushed(model, local_hub):
-    return hub.push_to_hub(model, REPO, card_data=CARD)
+    # timm's push_to_hf_hub order: commit_message third, model_config (label names) after create_pr
+    return hub.push_to_hub(model, REPO, "Add model", TOKEN, None, False, False, dict(label_names=LABELS),
+                           card_data=CARD)
 
 
 def _load(spec, **kwargs):
@@ -141,16 +154,53 @@ def test_likelihoods_json_matches_model(saved, model):
 def test_model_card(saved, model):
     card = ModelCard.load(saved / "README.md")
     d = card.data.to_dict()
-    assert d["library_name"] == "timm" and d["license"] == "mit" and d["datasets"] == ["mnist"]
-    assert {"eqzoo", "c4", "image-classification"} <= set(d["tags"])
-    result = d["model-index"][0]["results"][0]
-    assert result["metrics"][0] == {"type": "accuracy", "value": 0.987}
+    # not timm: the Hub's timm snippet calls timm.create_model without `import eqzoo`, which fails
+    assert d["library_name"] == "eqzoo" and d["pipeline_tag"] == "image-classification"
+    assert d["license"] == "mit" and d["datasets"] == ["mnist"] and d["metrics"] == ["accuracy"]
+    assert {"eqzoo", "c4", "image-classification"} <= set(d["tags"]) and not {"timm", "transformers"} & set(d["tags"])
+    results = {r["dataset"]["split"]: r for r in d["model-index"][0]["results"]}
+    assert results["test"]["metrics"] == [{"type": "accuracy", "value": 0.987, "name": "Top-1 accuracy"}]
+    assert results["validation"]["metrics"][0]["value"] == 0.99
+    assert results["test"]["dataset"] == {"name": "rotated MNIST", "type": "mnist", "split": "test"}
+    assert "base_model" not in d  # trained from scratch
     text = card.text
     assert text.index("import eqzoo") < text.index(f'timm.create_model("hf-hub:{REPO}"')
     assert "](likelihoods.png)" in text and "Rotated MNIST, 10 epochs." in text
     table = [line for line in text.splitlines() if line.startswith("| ") and "C4" in line]
     assert len(table) == len(eqzoo.likelihoods(model))  # one row per likelihood
     assert "escnn 1.0" in text and "resnet18" in text
+    stats = hub.card.model_stats(model, (3, 224, 224))
+    assert f"Params (M): {stats['params']:.3g}" in text and f"GMACs: {stats['gmacs']:.3g}" in text
+    assert f"Activations (M): {stats['activations']:.3g}" in text and "Image size: train = 224 x 224" in text
+    for section in ("### Feature map extraction", "### Image embeddings", "## Citation",
+                    "Learning the Degree of Equivariance in Steerable {CNNs}", "arxiv.org/abs/2406.03946"):
+        assert section in text
+    assert "| validation | Top-1 accuracy | 0.99 |" in text
+
+
+def test_model_stats_are_timms():
+    # timm's own card for resnet18 says 1.8 GMACs and 2.5 M activations at 224 x 224
+    stats = hub.card.model_stats(timm.create_model("resnet18"), (3, 224, 224))
+    assert round(stats["gmacs"], 1) == 1.8 and round(stats["activations"], 1) == 2.5 and round(stats["params"], 1) == 11.7
+
+
+def test_fine_tune_card_names_its_base_model():
+    cfg = {"model": f"hf-hub:{REPO}@abc123", "data": {"name": "digits", "batch_size": 8, "symmetry": ["C1"]},
+           "optim": {"name": "adamw", "lr": 1e-3}, "schedule": {"epochs": 1}, "regularizer": {}}
+    card = hub.card.run_card_data(cfg, {"val_acc": 0.5, "test_acc": 0.25, "test_loss": 1.0})
+    assert card["base_model"] == REPO
+    assert card["results"] == {"validation": {"accuracy": 0.5}, "test": {"accuracy": 0.25}}
+
+
+@pytest.mark.parametrize("card_data, match", [
+    (dict(results={"accuracy": 0.9}), r"card_data\['results'\] must be \{split: \{metric: number\}\}"),
+    (dict(results={"val": {"accuracy": 0.9}}), r"splits \['train', 'validation', 'test'\]"),
+    (dict(split="test"), r"unknown keys \['split'\]"),
+])
+def test_bad_card_data(tiny, tmp_path, card_data, match):
+    with pytest.raises(ValueError, match=match):
+        hub.save_pretrained(tiny, tmp_path / "m", card_data=card_data, plot=False, export=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_save_refuses_non_pe_models(tmp_path):
@@ -216,6 +266,23 @@ def test_hub_push_then_load(pushed, local_hub, model, x, y, no_unpickling):
     assert torch.equal(m(x), y)
     assert all(torch.equal(a, b) for a, b in zip(_lambdas(m).values(), _lambdas(model).values()))
     assert local_hub.last_authorization == f"Bearer {TOKEN}"
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.S | re.M)
+
+
+def test_card_code_runs_as_copied(pushed, local_hub, capsys):
+    assert HfApi().model_info(REPO).sha == pushed.oid  # the card's code loads main: runs before later pushes
+    card = local_hub.files(REPO, pushed.oid)["README.md"].decode()
+    blocks = _python_blocks(card)
+    assert len(blocks) == 5 and all(block.startswith(("import eqzoo", "import timm")) for block in blocks)
+    for block in blocks:  # each in a fresh namespace, as a user pastes one
+        exec(compile(block, "<model card>", "exec"), {"__name__": "__card__"})
+    out = capsys.readouterr().out
+    assert "digit " in out  # the classification block prints class names from config.json
+    assert "torch.Size([1, 512, 7, 7])" in out  # feature maps, the last stage
+    assert "conv1.likelihood" in out
 
 
 def test_load_likelihoods_from_hub_and_offline(pushed, model):
@@ -350,20 +417,58 @@ def test_failed_push_keeps_local_files_and_hides_token(model, local_hub, tmp_pat
 
 
 # -- CLI -----------------------------------------------------------------------------------------------
-def test_cli_inspect_and_publish(saved, local_hub, model, tmp_path, capsys):
+def test_cli_inspect_and_publish(saved, tiny, local_hub, tmp_path, capsys):
     from eqzoo.cli import main
 
     assert main(["inspect", f"local-dir:{saved}", "--out", str(tmp_path / "l.png")]) == 0
     out = capsys.readouterr().out
     assert "| layer | group | kl_uniform" in out and "layer4.1.conv2" in out
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["publish", str(saved), "eqzoo-test/published", "--revision", "v1"]) == 0
+    # `hf upload REPO_ID LOCAL_PATH`'s order and flags
+    assert main(["publish", "eqzoo-test/published", str(saved), "--revision", "v1", "--commit-message", "v1"]) == 0
     files = local_hub.files("eqzoo-test/published", "v1")
     assert files["model.safetensors"] == (saved / "model.safetensors").read_bytes()
     assert files["README.md"] == (saved / "README.md").read_bytes()
+    assert HfApi().list_repo_commits("eqzoo-test/published", revision="v1")[0].title == "v1"
     capsys.readouterr()
-    assert main(["publish", str(tmp_path / "nowhere"), "eqzoo-test/published"]) == 2
+    tiny_saved = hub.save_pretrained(tiny, tmp_path / "tiny", plot=False, export=False)
+    assert main(["publish", "eqzoo-test/published", str(tiny_saved), "--create-pr", "--overwrite-card"]) == 0
+    assert "pull request" in capsys.readouterr().out
+    assert local_hub.files("eqzoo-test/published", "refs/pr/1")["config.json"] == \
+        (tiny_saved / "config.json").read_bytes()
+    assert main(["publish", "eqzoo-test/published", str(tmp_path / "nowhere")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_push_follows_timm(pushed, local_hub, tiny, tmp_path):
+    cfg = json.loads(local_hub.files(REPO, pushed.oid)["config.json"])
+    assert cfg["label_names"] == LABELS
+    assert _load(f"hf-hub:{REPO}@{pushed.oid}").pretrained_cfg["label_names"] == LABELS
+    repo = "eqzoo-test/card-kept"
+    HfApi().create_repo(repo)
+    HfApi().upload_file(path_or_fileobj=b"---\nlicense: mit\n---\nedited on the Hub\n", path_in_repo="README.md",
+                        repo_id=repo)
+    hub.push_to_hub(tiny, repo, "first", save_directory=tmp_path / "m")
+    assert local_hub.files(repo)["README.md"].endswith(b"edited on the Hub\n")  # kept, as timm keeps it
+    assert "model.safetensors" in local_hub.files(repo)
+    pr = hub.push_to_hub(tiny, repo, "with card", create_pr=True, overwrite_card=True)
+    assert pr.pr_revision == "refs/pr/1"
+    assert local_hub.files(repo, "refs/pr/1")["README.md"] == (tmp_path / "m" / "README.md").read_bytes()
+    assert local_hub.files(repo)["README.md"].endswith(b"edited on the Hub\n")  # main untouched
+    with pytest.raises(PushError, match="create_pr opens a pull request against main"):
+        hub.push_to_hub(tiny, repo, create_pr=True, revision="v2")
+    with pytest.raises(ValueError, match="safetensors only"):
+        hub.push_to_hub(tiny, repo, safe_serialization="both")
+
+
+@pytest.mark.parametrize("model_config, match", [
+    (dict(label_names=["a", "b"]), r"label_names'\] must be 3 class names"),
+    (dict(labels=["a"] * 10), r"model_config has keys \['labels'\]"),
+])
+def test_bad_model_config(tiny, tmp_path, model_config, match):
+    with pytest.raises(HubConfigError, match=match):
+        hub.save_pretrained(tiny, tmp_path / "m", model_config)
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_push_of_a_saved_folder(saved, local_hub, model, capsys):

@@ -33,7 +33,7 @@ from ..models._schema import (CARD_NAME, CONFIG_NAME, EXPORT_DIR, HUB_FORMAT, LI
                               model_head, structure_fingerprint, validate_model_args, versions)
 from ..validate import is_json
 from ..viz import plot_likelihoods
-from .card import render_model_card
+from .card import card_data_from_timm, check_card_data, render_model_card
 from .likelihoods import likelihood_record
 
 __all__ = ["save_pretrained", "hub_config", "model_args_of"]
@@ -44,27 +44,74 @@ _DROP_RATES = ("drop_rate", "drop_path_rate")  # training settings: saved only w
 _SAVED_NAMES = {CONFIG_NAME, WEIGHTS_NAME, LIKELIHOODS_NAME, PLOT_NAME, CARD_NAME, EXPORT_DIR, ".gitattributes"}
 
 
+def _as_json(value):
+    return json.loads(json.dumps(value))  # tuples -> lists, as config.json holds them
+
+
+def _check_overrides(model: nn.Module, recorded: dict, model_args: dict) -> None:
+    """``model_args`` replace what the model cannot record as JSON (a block class, say); a value
+    that disagrees with the model's record would make config.json rebuild another model: refused
+    ("auto" where the model was built with "auto" rebuilds the same)."""
+    built = getattr(model, "model_args", None) or {}
+    for key, value in model_args.items():
+        if not (key in recorded and is_json(recorded[key]) and is_json(value)) or value == "auto" == built.get(key):
+            continue
+        if _as_json(value) != _as_json(recorded[key]):
+            raise HubConfigError(f"model_args[{key!r}] = {value!r} disagrees with the model, which has {key} = "
+                                 f"{recorded[key]!r}: config.json would rebuild another model. model_args= only "
+                                 "replaces what the model cannot record as JSON (such as a block class); leave it out")
+
+
 def model_args_of(model: nn.Module, model_args: dict | None = None) -> dict:
     """The constructor arguments that rebuild ``model`` from its architecture: the model's own
     record (``model.model_args``) updated with timm's record of the create_model kwargs and the
-    current num_classes/in_chans/global_pool, then with explicit ``model_args``."""
+    current num_classes/in_chans/global_pool, then with explicit ``model_args`` (replacements for
+    what is not JSON; a value that disagrees with the model is refused)."""
     args = {k: v for k, v in (getattr(model, "model_args", None) or {}).items() if is_json(v) and k not in _DROP_RATES}
     try:
         args.update(get_model_args(model))
     except Exception:  # not built by timm
         pass
+    head = {"head": model_head(model)} if getattr(model, "model_args", None) is not None else {}
+    _check_overrides(model, dict(args, **head), model_args or {})
     args.update(model_args or {})
     args = {k: v for k, v in args.items() if k not in RUNTIME_ARGS and not k.endswith("_drop_rate")}
-    if getattr(model, "model_args", None) is not None:  # the head it has, not "auto"
-        args["head"] = model_head(model)
+    args.update(head)  # the head it has, not "auto"
     bad = [k for k, v in args.items() if not is_json(v)]
     if bad:
         raise HubConfigError(f"model_args {bad} are not JSON-serialisable: pass replacements via model_args=")
     return args
 
 
-def hub_config(model: nn.Module, model_args: dict | None = None) -> dict:
-    """config.json for ``model``: timm's layout plus the top-level ``eqzoo`` key."""
+def _checked_model_config(model: nn.Module, model_config: dict | None) -> dict:
+    """timm's ``model_config`` as eqzoo saves it: the class names (``label_names``, one per class,
+    a list or ``{index: name}``) and ``label_descriptions`` (``{name: text}``)."""
+    model_config = dict(model_config or {})
+    unknown = sorted(set(model_config) - {"label_names", "label_descriptions"})
+    if unknown:
+        raise HubConfigError(f"model_config has keys {unknown}; eqzoo saves 'label_names' and 'label_descriptions' "
+                             "(model arguments go in model_args=, input size, mean and std in data_config=)")
+    names, n = model_config.get("label_names"), model.num_classes
+    if isinstance(names, (list, tuple)):
+        ok = len(names) == n and all(isinstance(v, str) for v in names)
+    elif isinstance(names, dict):
+        ok = all(isinstance(v, str) and str(k).isdecimal() and int(k) < n for k, v in names.items())
+    else:
+        ok = names is None
+    if not ok:
+        raise HubConfigError(f"model_config['label_names'] must be {n} class names (a list of strings, one per "
+                             f"class, or {{index: name}} with indices below {n}), got {str(names)[:80]}")
+    descriptions = model_config.get("label_descriptions")
+    if descriptions is not None and not (isinstance(descriptions, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in descriptions.items())):
+        raise HubConfigError("model_config['label_descriptions'] must map class names to texts ({name: text})")
+    return model_config
+
+
+def hub_config(model: nn.Module, model_args: dict | None = None, model_config: dict | None = None,
+               data_config: dict | None = None) -> dict:
+    """config.json for ``model``: timm's layout (``model_config`` and ``data_config`` as in timm's
+    ``save_for_hf``) plus the top-level ``eqzoo`` key."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not is_pe_architecture(arch):
         raise HubConfigError(f"cannot save a model with architecture {arch!r}: build it with "
@@ -74,10 +121,12 @@ def hub_config(model: nn.Module, model_args: dict | None = None) -> dict:
                              "model, which config.json could not rebuild); save the pe model itself, whose folder "
                              f"holds the plain weights in {EXPORT_DIR}/ when timm has the architecture")
     args = validate_model_args(arch, model_args_of(model, model_args))
+    model_config = _checked_model_config(model, model_config)
     with tempfile.TemporaryDirectory() as tmp:
         # timm resolves the data config; runtime/non-JSON kwargs are replaced and dropped afterwards
         overrides = dict(args, **{k: None for k in getattr(model, "_model_args", {}) if k not in args})
-        save_config_for_hf(model, Path(tmp) / CONFIG_NAME, model_args=overrides)
+        save_config_for_hf(model, Path(tmp) / CONFIG_NAME, model_config=model_config, model_args=overrides,
+                           data_config=data_config)
         cfg = json.loads((Path(tmp) / CONFIG_NAME).read_text())
     cfg["model_args"] = args
     cfg["eqzoo"] = {"hub_format": HUB_FORMAT, "basis_fingerprint": basis_fingerprint(model),
@@ -157,33 +206,43 @@ def _write_folder(model: nn.Module, folder: Path, cfg: dict, card_data: dict, re
     write_json(folder / CONFIG_NAME, cfg)
 
 
-def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_args: dict | None = None,
-                    card_data: dict | None = None, repo_id: str | None = None, export: bool = True,
-                    plot: bool = True) -> Path:
+def save_pretrained(model: nn.Module, directory: str | os.PathLike, model_config: dict | None = None,
+                    model_args: dict | None = None, *, data_config: dict | None = None,
+                    card_data: dict | None = None, model_card: dict | None = None, repo_id: str | None = None,
+                    export: bool = True, plot: bool = True) -> Path:
     """Write ``model`` in the Hub layout (see the module docstring) to ``directory``; returns it.
 
-    The folder is written next to ``directory`` and renamed into place when complete, so a reader
-    (and a concurrent save) never sees a folder mixed from two saves; config.json records the
-    weights' sha256, which loading checks. A ``directory`` holding other files is refused.
+    The arguments follow timm's ``save_for_hf`` (safetensors only: nothing is pickled). The folder
+    is written next to ``directory`` and renamed into place when complete, so a reader (and a
+    concurrent save) never sees a folder mixed from two saves; config.json records the weights'
+    sha256, which loading checks. A ``directory`` holding other files is refused; a symbolic link
+    is saved through, into its target.
 
     Args:
-        model_args: constructor arguments to record on top of the model's own record.
-        card_data: what the model card says about training: ``license``, ``datasets`` (Hub ids),
-            ``dataset_name``, ``training`` (text), ``results`` (``{metric: value}``), ``split``,
-            ``description``, ``tags``.
+        model_config: ``label_names`` (one class name per class) and ``label_descriptions``,
+            saved in config.json as timm does.
+        model_args: replacements for constructor arguments the model cannot record as JSON; a
+            value that disagrees with the model is refused.
+        data_config: the input the weights expect (``input_size``, ``mean``, ``std``, ...), as
+            timm's ``save_for_hf`` takes it.
+        card_data: what the model card says (see :data:`eqzoo.hub.card.CARD_DATA_KEYS`):
+            ``license``, ``datasets`` (Hub ids), ``dataset_name``, ``training`` (text),
+            ``results`` (``{split: {"accuracy": value}}``), ``base_model``, ``description``, ``tags``.
+        model_card: timm's ``model_card`` dict (description, details, license, tags, citation).
         repo_id: the Hub id the card's usage section names (default ``ORG/NAME``).
         export: also write ``exported/`` when the model has a plain timm counterpart.
     """
     directory = Path(directory)
     model = _model_to_save(model)
     _check_target(directory)
+    card_data = check_card_data(dict(card_data_from_timm(model_card), **(card_data or {})))
     was_training = model.training
     model.eval()
     new = None
     try:
-        cfg = hub_config(model, model_args)  # validates before any file is touched
+        cfg = hub_config(model, model_args, model_config, data_config)  # validates before any file is touched
         new = new_sibling_dir(directory)
-        _write_folder(model, new, cfg, card_data or {}, repo_id, export, plot)
+        _write_folder(model, new, cfg, card_data, repo_id, export, plot)
         replace_dir(new, directory)
         new = None
     finally:
