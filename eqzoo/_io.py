@@ -163,7 +163,7 @@ def locked(lock_file: Path, blocking: bool = True):
     system drops the lock when its process dies, so a killed holder never blocks anyone."""
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(lock_file, thread_local=False)
+    lock = FileLock(lock_file)
     try:
         lock.acquire(timeout=-1 if blocking else 0)
     except Timeout:
