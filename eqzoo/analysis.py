@@ -235,11 +235,11 @@ def _invariance(G, score, n_rot: int, threshold: float) -> dict:
     for s in range(G.n_flip):
         for k in range(n_rot):
             scores[("flip∘" if s else "") + f"rot{round(360 * k / n_rot)}"] = score(s, k, n_rot)
-    best, best_size = "C1", 1
-    for name, k, flip in G.subgroups():
+
+    def kept(k: int, flip: bool) -> bool:
         if k == 0 or n_rot % k:
-            continue  # continuous subgroups are not probed
-        vals = [scores[("flip∘" if s else "") + f"rot{round(360 * j / k)}"] for s in range(1 + flip) for j in range(k)]
-        if min(vals) >= threshold and k * (1 + flip) > best_size:
-            best, best_size = name, k * (1 + flip)
-    return {"scores": scores, "closest_subgroup": best}
+            return False  # continuous subgroups are not probed
+        return min(scores[("flip∘" if s else "") + f"rot{round(360 * j / k)}"]
+                   for s in range(1 + flip) for j in range(k)) >= threshold
+
+    return {"scores": scores, "closest_subgroup": G.largest_subgroup(kept)}

@@ -124,11 +124,22 @@ class Group:
                 out.append((name, k, f))
         return out
 
+    def largest_subgroup(self, kept) -> str:
+        """The name of the largest subgroup ``(n_rot, has_flip)`` of :meth:`subgroups` for which
+        ``kept(n_rot, has_flip)`` holds (a continuous one is larger than any finite one); "C1" when none."""
+        best, best_size = "C1", 1
+        for name, k, flip in self.subgroups():
+            size = (1 + flip) * (k if k else 10**9)
+            if size > best_size and kept(k, flip):
+                best, best_size = name, size
+        return best
+
     def __str__(self) -> str:
         return self.spec
 
 
-_SPEC = re.compile(r"^(O2|SO2|D(\d+)|C(\d+))$")
+# ASCII digits without leading zeros: one spelling per group ("D04" and "D٤" are not D4)
+_SPEC = re.compile(r"^(O2|SO2|D([1-9][0-9]*)|C([1-9][0-9]*))$", re.ASCII)
 
 
 def get_group(spec) -> Group:
@@ -139,7 +150,7 @@ def get_group(spec) -> Group:
         raise ValueError(f"group must be a string, one of {ACCEPTED}; got {spec!r}")
     key = spec.strip().upper().replace("(2)", "2")  # "SO(2)" and "O(2)" as written in papers
     m = _SPEC.match(key)
-    if not m or (m.group(2) and int(m.group(2)) < 1) or (m.group(3) and int(m.group(3)) < 1):
+    if not m:
         raise ValueError(f"unknown group {spec!r}: accepted are {ACCEPTED}")
     return _parsed(key)
 

@@ -3,60 +3,36 @@
 Every entry function (``pe_resnet18``, ...) calls it, and it is the one place where
 ``pretrained=True``, ``hf-hub:`` and ``local-dir:`` sources go through:
 
-1. the config.json timm parsed (``hf-hub:``/``local-dir:``; read once, by timm's reader, which
-   eqzoo's :func:`read_timm_config` replaces) or, for a registry tag with an ``hf_hub_id``, the one
-   it fetches, is validated before anything is built;
+1. the source's config.json (read here: timm read it to find the architecture, and passes on only
+   its parts) is validated before anything is built, and load-time arguments that would change
+   the function the weights compute are refused;
 2. the weight file must be a complete safetensors file, the one config.json was saved with;
-3. :func:`~eqzoo.models._checkpoint.checkpoint_filter` (timm's ``pretrained_filter_fn``) refuses weights made for other
-   bases, sharing or head, and adapts a steerable stem to another ``in_chans``.
+3. :func:`~eqzoo.models._checkpoint.checkpoint_filter` (timm's ``pretrained_filter_fn``) refuses
+   weights made for other bases or head, and adapts a steerable stem to another ``in_chans``;
+   the model's own ``load_state_dict`` refuses non-finite weights and weights saved with another
+   likelihood sharing (every load passes there, ``checkpoint_path=`` included).
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import json
 
-from timm.models import _hub as timm_hub
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from .._io import check_safetensors, sha256
 from ..errors import CheckpointError, HubConfigError, ModelArgError
 from ..sources import fetch
-from ..validate import check_arg, is_json
+from ..validate import check_arg, is_json, options_where
 from ._checkpoint import checkpoint_filter
 from ._pretrained import apply_published
-from ._schema import (CONFIG_NAME, WEIGHTS_NAME, head_kind, is_pe_architecture, load_config_file,
-                      register_architectures, validate_saved_config)
+from ._schema import (CONFIG_NAME, PINNED_BASES, RUNTIME_ARGS, WEIGHTS_NAME, architecture_args, head_kind,
+                      load_config_file, register_architectures, validate_saved_config)
 
-# Arguments that change the function a checkpoint's weights compute without changing their shapes
-# (or that the entry function fills in, for the architecture ones): a load may not override them.
-_FUNCTION_ARGS = ("group", "bandlimit", "out_bandlimit", "field_bandlimit", "share_likelihood", "basis",
-                  "nonlinearity")
-_ARCHITECTURE_ARGS = ("layers", "channels", "stem_width", "base_width", "block", "depth", "widen_factor")
-
-
-class _CarryingCfg(dict):
-    """The ``pretrained_cfg`` of an eqzoo model's config.json as timm passes it on (timm reads it as
-    the dict it is), carrying the whole parsed file to the entry function as ``saved_config``."""
-
-    saved_config: dict
-
-
-def read_timm_config(json_file) -> dict:
-    """timm's ``load_cfg_from_json`` for every config.json it reads: a damaged file raises
-    :class:`HubConfigError` naming it (instead of a bare JSONDecodeError); an eqzoo model's
-    pretrained_cfg carries the parsed file on to :func:`build_pe_model`, which so needs no second
-    read."""
-    cfg = load_config_file(json_file)
-    if is_pe_architecture(cfg["architecture"]) and isinstance(cfg.get("pretrained_cfg"), dict):
-        carrying = _CarryingCfg(cfg["pretrained_cfg"])
-        carrying.saved_config = copy.deepcopy(cfg)
-        cfg["pretrained_cfg"] = carrying
-    return cfg
-
-
-timm_hub.load_cfg_from_json = read_timm_config
+# What a load may not override: the options that change the function of the same weights, and
+# those that change their shapes (checked against the checkpoint's when it records them).
+_FUNCTION_ARGS = options_where(effect="function")
+_ARCHITECTURE_ARGS = options_where(effect="architecture")
 
 
 def _plain(value):
@@ -72,7 +48,7 @@ def _check_overrides(kwargs: dict, saved: dict, model_cls, source: str) -> None:
                 if p.default is not inspect.Parameter.empty}
     changed = []
     for key in _FUNCTION_ARGS + _ARCHITECTURE_ARGS:
-        if key not in kwargs:
+        if key not in kwargs or key == "head":
             continue
         if key in saved:
             want = saved[key]
@@ -83,7 +59,7 @@ def _check_overrides(kwargs: dict, saved: dict, model_cls, source: str) -> None:
         if _plain(kwargs[key]) != _plain(want):
             changed.append(f"{key}={kwargs[key]!r} (the checkpoint's: {want!r})")
     # the head: compare what "auto" resolves to, so that an explicit equal head passes
-    head_of = lambda a: head_kind(dict(defaults, **a))
+    head_of = lambda a: head_kind(dict(defaults, **a))  # noqa: E731
     if "head" in kwargs and head_of(kwargs) != head_of(saved):
         changed.append(f"head={kwargs['head']!r} (the checkpoint's: {head_of(saved)!r})")
     if changed:
@@ -104,36 +80,40 @@ def _checked_weights(kind: str, location: str, config: dict) -> None:
                               "eqzoo.push_to_hub.") from None
     check_safetensors(path, source)
     want = (config.get("eqzoo") or {}).get("weights_sha256")
-    if want is not None and sha256(path) != want:  # folders saved before the hash was recorded: no check
+    if want is not None and sha256(path) != want:  # timm's own save records no hash: the bases are checked
         raise CheckpointError(f"{source}/{WEIGHTS_NAME} is not the file {CONFIG_NAME} was saved with (sha256 "
                               f"differs): the folder mixes two saves or its weights were replaced; save it again "
                               "with eqzoo.save_pretrained")
 
 
-def _hub_config_of_tag(variant: str, kwargs: dict) -> tuple[str, str, dict] | None:
-    """For ``pretrained=True`` with a registry cfg that has an ``hf_hub_id``: the Hub config.json
-    (timm's registry path does not read it), whose model_args become defaults (explicit kwargs
-    win) and whose num_classes becomes the cfg's so that timm keeps the classifier."""
+def _file_classes(file) -> int | None:
+    """The classifier's class count in a safetensors file (the rows of ``fc.weight``), read from its
+    header; None when it has no such tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        return f.get_slice("fc.weight").get_shape()[0] if "fc.weight" in f.keys() else None
+
+
+def _registry_source(variant: str, kwargs: dict) -> tuple[str, str, dict] | None:
+    """For ``pretrained=True`` from the registry: with an ``hf_hub_id``, the Hub config.json (timm's
+    registry path does not read it), to be validated; with a ``file`` (``pretrained_cfg_overlay``),
+    the file checked and its classifier's size made the cfg's, so that timm neither warns of the
+    registry's class count nor re-initialises a head that fits."""
     resolved = resolve_pretrained_cfg(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
     resolved = resolved.to_dict()
     file = resolved.get("file")
     if resolved.get("hf_hub_id") and not file and not resolved.get("state_dict"):
         location = resolved["hf_hub_id"]
-        config = load_config_file(fetch("hf-hub", location, CONFIG_NAME))
-        for key, value in config.get("model_args", {}).items():
-            kwargs.setdefault(key, value)
-        overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
-        overlay.setdefault("num_classes", config.get("num_classes"))
-        input_size = (config.get("pretrained_cfg") or {}).get("input_size")
-        if input_size:
-            overlay.setdefault("input_size", tuple(input_size))
-        overlay["hf_hub_filename"] = WEIGHTS_NAME
-        kwargs["pretrained_cfg_overlay"] = overlay
-        return "hf-hub", location, config
+        kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, hf_hub_filename=WEIGHTS_NAME)
+        return "hf-hub", location, load_config_file(fetch("hf-hub", location, CONFIG_NAME))
     if file:
         if not str(file).endswith(".safetensors"):
             raise CheckpointError(f"{file}: eqzoo loads weights only from .safetensors files, never pickles")
         check_safetensors(file)
+        classes = _file_classes(file)
+        if classes is not None:
+            kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, num_classes=classes)
     elif resolved.get("url") and not resolved.get("state_dict"):
         raise CheckpointError(f"{variant}: pretrained url {resolved['url']} is not supported; eqzoo loads "
                               "weights from the Hub (hf_hub_id) or a local .safetensors file only")
@@ -143,18 +123,16 @@ def _hub_config_of_tag(variant: str, kwargs: dict) -> tuple[str, str, dict] | No
 def _saved_checkpoint(model_cls, variant: str, pretrained: bool, kwargs: dict) -> dict | None:
     """The checkpoint a build loads (``{"source", "eqzoo", "model_args"}`` of its config.json, or
     None), its config validated and, with ``pretrained``, its weight file checked. Updates
-    ``kwargs`` for timm (safetensors weights only, a tag's saved model_args)."""
+    ``kwargs`` for timm (safetensors weights only)."""
     cfg_in = kwargs.get("pretrained_cfg")
     kind = cfg_in.get("source") if isinstance(cfg_in, dict) else None
     if kind in ("hf-hub", "local-dir"):
         location = cfg_in["hf_hub_id"] if kind == "hf-hub" else cfg_in["file"]
-        saved = getattr(cfg_in, "saved_config", None)
-        if saved is None:  # a pretrained_cfg timm rebuilt (its script helpers do): read the file
-            saved = load_config_file(fetch(kind, location, CONFIG_NAME))
+        saved = load_config_file(fetch(kind, location, CONFIG_NAME))
         if kind == "hf-hub":  # weights from model.safetensors only, never a pickle fallback
             kwargs["pretrained_cfg"] = dict(cfg_in, hf_hub_filename=WEIGHTS_NAME)
     elif pretrained:
-        found = _hub_config_of_tag(variant, kwargs)
+        found = _registry_source(variant, kwargs)
         if found is None:
             return None
         kind, location, saved = found
@@ -165,7 +143,9 @@ def _saved_checkpoint(model_cls, variant: str, pretrained: bool, kwargs: dict) -
     if pretrained:  # without the weights, a changed architecture is only a new model
         _check_overrides(kwargs, saved.get("model_args", {}), model_cls, source)
         _checked_weights(kind, location, saved)
-    return {"source": source, "eqzoo": saved.get("eqzoo", {}), "model_args": saved.get("model_args", {})}
+    meta = dict(saved.get("eqzoo") or {})
+    meta.setdefault("basis_fingerprint", saved.get("model_args", {}).get(PINNED_BASES))  # timm's own save
+    return {"source": source, "eqzoo": meta, "model_args": saved.get("model_args", {})}
 
 
 def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
@@ -180,8 +160,10 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
                             "the dilation), so the weights would not fit; take features at stride 32, or "
                             "upsample the input")
     kwargs = dict(kwargs)
+    kwargs.pop(PINNED_BASES, None)  # a timm-saved folder's pin: checked from its config.json below
     apply_published(variant, pretrained, kwargs)  # a published tag: its architecture, its checked weights
     checkpoint = _saved_checkpoint(model_cls, variant, pretrained, kwargs)
+    _check_keywords(variant, kwargs)
     for key in ("num_classes", "in_chans"):  # explicit overrides must make sense too
         if key in kwargs:
             check_arg(key, kwargs[key])
@@ -194,3 +176,27 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
         if checkpoint is None:
             raise
         raise HubConfigError(f"{checkpoint['source']}/{CONFIG_NAME}: {e}") from None
+    except CheckpointError as e:  # from the model's load_state_dict: name the file
+        name = _weights_name(checkpoint, kwargs, variant)
+        if not pretrained or name in str(e) or (checkpoint is not None and checkpoint["source"] in str(e)):
+            raise
+        raise CheckpointError(f"{name}: {e}") from None
+
+
+def _weights_name(checkpoint: dict | None, kwargs: dict, variant: str) -> str:
+    """The weight file a pretrained build loads, for messages."""
+    if checkpoint is not None:
+        return f"{checkpoint['source']}/{WEIGHTS_NAME}"
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    return str(overlay.get("file") or variant)
+
+
+def _check_keywords(variant: str, kwargs: dict) -> None:
+    """A keyword the model does not take (timm's ResNet keywords such as ``act_layer`` or
+    ``stem_type``, a typo) is named in one line with what the model accepts."""
+    accepted = architecture_args(variant)
+    unknown = sorted(k for k in kwargs if k not in accepted and k not in RUNTIME_ARGS and k != "pretrained_filter_fn")
+    if unknown:
+        raise ModelArgError(", ".join(unknown), f"{'is' if len(unknown) == 1 else 'are'} not supported by {variant} "
+                            f"(pe models build every layer from the group's fields); it accepts: "
+                            f"{', '.join(accepted)}")

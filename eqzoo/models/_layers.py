@@ -16,7 +16,7 @@ from ..groups import get_group
 from ..likelihood import GroupLikelihood
 from ..nn import FieldBatchNorm2d, PEConv2d, PELinear, field_max_pool, field_relu
 from ..errors import ModelArgError
-from ..validate import check_arg, check_widths
+from ..validate import check_arg, check_widths, options_where
 
 # Global pools of timm's SelectAdaptivePool2d that act channel by channel (so they commute with
 # permutations of the channels inside regular fields) and how many copies of the fields they emit.
@@ -89,9 +89,8 @@ class FieldLayers:
         device, dtype: factory kwargs of every layer (timm passes them to model constructors).
     """
 
-    # the model arguments that configure the factory (a pe model passes them on unchanged)
-    ARGS = ("group", "field_bandlimit", "bandlimit", "out_bandlimit", "learn_likelihood", "share_likelihood",
-            "head", "basis", "nonlinearity")
+    # the model options that configure the factory (a pe model passes them on unchanged)
+    ARGS = options_where(layer=True)
 
     @classmethod
     def from_model_args(cls, model_args: dict, device=None, dtype=None) -> "FieldLayers":
@@ -107,11 +106,8 @@ class FieldLayers:
     def __init__(self, group="D4", field_bandlimit=None, bandlimit=None, out_bandlimit=-1,
                  learn_likelihood: bool = True, share_likelihood: str = "layer", head: str = "auto",
                  basis: str = "auto", nonlinearity: str = "auto", device=None, dtype=None):
-        for name, value in dict(group=group, field_bandlimit=field_bandlimit, bandlimit=bandlimit,
-                                out_bandlimit=out_bandlimit, learn_likelihood=learn_likelihood,
-                                share_likelihood=share_likelihood, head=head, basis=basis,
-                                nonlinearity=nonlinearity).items():
-            check_arg(name, value)
+        for name in self.ARGS:
+            check_arg(name, locals()[name])
         self.dd = dict(device=device, dtype=dtype)
         self.head = resolved_head(head, learn_likelihood)
         self.basis = basis

@@ -23,7 +23,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import HubConfigError, ModelArgError
 from ..likelihood import GroupLikelihood
-from ..validate import NONE, RULES, check_arg, type_ok
+from ..validate import OPTIONS, is_json, options_where, type_ok
 from ._layers import resolved_head
 
 CONFIG_NAME = "config.json"
@@ -32,19 +32,16 @@ LIKELIHOODS_NAME = "likelihoods.json"
 PLOT_NAME = "likelihoods.png"
 CARD_NAME = "README.md"
 EXPORT_DIR = "exported"
-HUB_FORMAT = 1  # version of eqzoo's additions to the layout; bump on incompatible changes
+HUB_FORMAT = 2  # version of eqzoo's additions to the layout; bump on incompatible changes (older ones are refused)
 
-# model_args every pe model understands, with the JSON types allowed for them; the others a model
-# class accepts are read from its constructor (see `register_architectures`)
-COMMON_MODEL_ARGS: dict[str, tuple] = {
-    "group": (str,), "bandlimit": (int, NONE), "out_bandlimit": (int, NONE), "share_likelihood": (str, bool, NONE),
-    "learn_likelihood": (bool,), "head": (str,), "basis": (str,), "nonlinearity": (str,), "num_classes": (int,), "in_chans": (int,),
-    "global_pool": (str,), "drop_rate": (float, int), "drop_path_rate": (float, int),
-}
 # create_model kwargs that describe a run, not the architecture: never saved as model_args
 RUNTIME_ARGS = {"features_only", "out_indices", "feature_cls", "pretrained_model_args", "device", "dtype",
                 "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict",
-                "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg"}
+                "pretrained_filter_fn", "output_stride", "drop_block_rate", "feature_cfg", "basis_fingerprint"}
+# The model_args entry through which timm's own save (timm.models.save_for_hf, which writes what the
+# model records in ``_model_args``) pins the bases its weights were saved with; a load checks it as
+# it checks the eqzoo section's fingerprint. eqzoo's own save records it in that section instead.
+PINNED_BASES = "basis_fingerprint"
 
 
 def versions() -> dict[str, str]:
@@ -101,42 +98,24 @@ def structure_fingerprint(model: nn.Module) -> str:
 
 
 # -- model_args ---------------------------------------------------------------------------------------
-_ANNOTATION_TYPES = {"int": (int,), "float": (float, int), "str": (str,), "bool": (bool,), "None": (NONE,)}
-_ARCH_ARGS: dict[str, dict[str, tuple | None]] = {}  # architecture -> its class's accepted args
+_ARCH_ARGS: dict[str, tuple[str, ...]] = {}  # architecture -> the options its class takes
 
 
-def _types_of(param: inspect.Parameter) -> tuple | None:
-    """JSON types allowed for a constructor parameter, from its annotation or default (None: any)."""
-    ann = param.annotation
-    if ann is not inspect.Parameter.empty:
-        text = str(getattr(ann, "__name__", ann)).replace("typing.", "").replace(" ", "")
-        if text.startswith("Optional[") and text.endswith("]"):
-            text = text[len("Optional["):-1] + "|None"
-        names = text.split("|")
-        if all(n in _ANNOTATION_TYPES for n in names):
-            return tuple(t for n in names for t in _ANNOTATION_TYPES[n])
-        return None
-    default = param.default
-    if isinstance(default, bool):
-        return (bool,)
-    if isinstance(default, (int, float, str)):
-        return (float, int) if isinstance(default, float) else (type(default),)
-    return None
-
-
-def accepted_args(model_cls) -> dict[str, tuple | None]:
-    """Named constructor parameters of a model class, following ``**kwargs`` up its MRO."""
-    out: dict[str, tuple | None] = {}
+def accepted_args(model_cls) -> tuple[str, ...]:
+    """The options a pe model class takes: its constructor's named parameters (following
+    ``**kwargs`` up the MRO) but the factory kwargs ``device``/``dtype``. Each is declared in
+    :data:`eqzoo.validate.OPTIONS` (a test checks it)."""
+    out: dict[str, None] = {}
     for cls in model_cls.__mro__:
         if cls.__init__ is object.__init__:
             break
         params = inspect.signature(cls.__init__).parameters
         for name, p in params.items():
-            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                out.setdefault(name, _types_of(p))
+            if name not in ("self", "device", "dtype") and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out.setdefault(name)
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             break
-    return out
+    return tuple(out)
 
 
 def register_architectures(model_cls, *architectures: str) -> None:
@@ -148,6 +127,11 @@ def register_architectures(model_cls, *architectures: str) -> None:
             _ARCH_ARGS[name] = accepted_args(model_cls)
 
 
+def architecture_args(architecture: str) -> tuple[str, ...]:
+    """The options a registered architecture's class takes (see :func:`register_architectures`)."""
+    return _ARCH_ARGS.get(architecture, ())
+
+
 def is_pe_architecture(architecture) -> bool:
     """A model registered with timm by eqzoo."""
     if not isinstance(architecture, str) or not is_model(architecture):
@@ -155,29 +139,23 @@ def is_pe_architecture(architecture) -> bool:
     return architecture in _ARCH_ARGS or model_entrypoint(architecture).__module__.startswith("eqzoo.")
 
 
-def _known_args(architecture: str) -> dict[str, tuple | None]:
-    known = dict(_ARCH_ARGS.get(architecture, {}), **COMMON_MODEL_ARGS)
+def _known_args(architecture: str) -> tuple[str, ...]:
     # the arguments of a run (device, dtype, features_only, ...) are the caller's, never a config's
-    return {k: v for k, v in known.items() if k not in RUNTIME_ARGS}
+    common = options_where(common=True)
+    return tuple(k for k in dict.fromkeys(_ARCH_ARGS.get(architecture, ()) + common) if k not in RUNTIME_ARGS)
 
 
 def model_arg_problem(architecture: str, key: str, value) -> str | None:
     """What is wrong with one model_args entry of ``architecture`` (an unknown key, a wrong type
-    or a value out of range; see :mod:`eqzoo.validate`), or None when it is fine."""
+    or a value out of range; see :data:`eqzoo.validate.OPTIONS`), or None when it is fine."""
     known = _known_args(architecture)
     if key not in known:
         close = difflib.get_close_matches(key, list(known), n=1)
         return (f"is an unknown key for {architecture}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                 f"known: {', '.join(sorted(known))}")
-    if key in RULES:
-        try:
-            check_arg(key, value)
-        except ModelArgError as e:
-            return e.problem
-    elif not type_ok(value, known[key]):
-        want = " or ".join("null" if t is NONE else t.__name__ for t in known[key]) if known[key] else "JSON"
-        return f"must be {want}, got {value!r}"
-    return None
+    if not is_json(value):
+        return f"must be JSON data (finite numbers, strings, lists), got {value!r}"
+    return OPTIONS[key].problem(value) if key in OPTIONS else None
 
 
 def validate_model_args(architecture: str, model_args, where: str = "model_args") -> dict:
@@ -216,10 +194,6 @@ def load_config_file(path: str | os.PathLike) -> dict:
     for key in ("model_args", "pretrained_cfg"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise HubConfigError(f"{path}: '{key}' must be a JSON object, got {type(cfg[key]).__name__}")
-    if is_pe_architecture(cfg["architecture"]):
-        # saves from before basis="auto" was the default recorded only the arguments given, and
-        # their default basis was "antialiased"
-        cfg.setdefault("model_args", {}).setdefault("basis", "antialiased")
     return cfg
 
 
@@ -241,18 +215,26 @@ def validate_saved_config(cfg, architecture: str | None = None, source: str = CO
                              "(run `import eqzoo` before timm.create_model; pe_* models only)")
     if not type_ok(cfg.get("num_classes"), (int,)) or cfg["num_classes"] < 0:
         raise HubConfigError(f"{source}: 'num_classes' must be an int >= 0, got {cfg.get('num_classes')!r}")
-    args = validate_model_args(arch, cfg.get("model_args", {}), f"{source}: model_args")
+    args = dict(cfg.get("model_args", {})) if isinstance(cfg.get("model_args", {}), dict) else cfg["model_args"]
+    pinned = args.pop(PINNED_BASES, None) if isinstance(args, dict) else None  # see PINNED_BASES
+    if pinned is not None and not (isinstance(pinned, str) and len(pinned) == 16 and pinned.isalnum()):
+        raise HubConfigError(f"{source}: model_args['{PINNED_BASES}'] must be a basis fingerprint (16 hex digits), "
+                             f"got {pinned!r}")
+    args = validate_model_args(arch, args, f"{source}: model_args")
     if "num_classes" in args and args["num_classes"] != cfg["num_classes"]:
         raise HubConfigError(f"{source}: model_args num_classes={args['num_classes']} disagrees with "
                              f"num_classes={cfg['num_classes']}")
-    pcfg = cfg.get("pretrained_cfg", {})
+    pcfg = cfg.get("pretrained_cfg")
     if not isinstance(pcfg, dict):
-        raise HubConfigError(f"{source}: 'pretrained_cfg' must be a JSON object")
+        raise HubConfigError(f"{source}: no 'pretrained_cfg' object (timm's layout, which eqzoo.save_pretrained and "
+                             "timm.models.save_for_hf write); save the model again with either")
     unknown = sorted(set(pcfg) - set(PretrainedCfg.__dataclass_fields__))
     if unknown:
         raise HubConfigError(f"{source}: pretrained_cfg has keys timm does not know: {unknown} "
                              "(custom metadata belongs in a top-level key of config.json)")
     meta = cfg.get("eqzoo")
+    if meta is None and pinned is not None:
+        return cfg  # saved by timm's save_for_hf: the model's bases are pinned by its model_args
     if not isinstance(meta, dict):
         raise HubConfigError(f"{source}: no 'eqzoo' section; this folder was not written by "
                              "eqzoo.save_pretrained / eqzoo.push_to_hub, so its bases cannot be checked")
@@ -261,7 +243,12 @@ def validate_saved_config(cfg, architecture: str | None = None, source: str = CO
         raise HubConfigError(f"{source}: eqzoo.hub_format must be an int, got {fmt!r}")
     if fmt > HUB_FORMAT:
         raise HubConfigError(f"{source}: written by eqzoo {meta.get('versions', {}).get('eqzoo', '?')} in hub "
-                             f"format {fmt}; this eqzoo ({__version__}) reads format <= {HUB_FORMAT}. Upgrade eqzoo.")
-    if not isinstance(meta.get("basis_fingerprint"), str):
-        raise HubConfigError(f"{source}: eqzoo.basis_fingerprint is missing")
+                             f"format {fmt}; this eqzoo ({__version__}) reads format {HUB_FORMAT}. Upgrade eqzoo.")
+    if fmt < HUB_FORMAT:
+        raise HubConfigError(f"{source}: hub format {fmt} is older than the format {HUB_FORMAT} this eqzoo "
+                             f"({__version__}) reads, which no published checkpoint predates; save the model "
+                             "again with this eqzoo")
+    for key in ("basis_fingerprint", "structure_fingerprint", "weights_sha256"):
+        if not isinstance(meta.get(key), str):
+            raise HubConfigError(f"{source}: eqzoo.{key} is missing; save the model again with eqzoo.save_pretrained")
     return cfg

@@ -21,18 +21,18 @@ from typing import Optional
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import ResNet, register_model
-from timm.models._features import feature_take_indices
 
+from .._timm import feature_take_indices
 from ..errors import ModelArgError
-from ..validate import check_size, check_widths, checked_args
+from ..validate import check_widths
 from ._builder import build_pe_model
-from ._layers import FieldLayers, check_pooled, head_likelihood, install_head, reset_layers
+from ._common import PEModelBase, check_built_size, checked_model_args
+from ._layers import FieldLayers, head_likelihood, install_head, reset_layers
 from ._pretrained import published_default_cfgs
 from ._schema import register_architectures
 
@@ -115,44 +115,53 @@ class PEBottleneck(nn.Module):
         return self.act3(x)
 
 
-def _resnet_weights(block, layers, channels, stem_width, base_width, in_chans, num_classes) -> int:
-    """Weights of the plain ResNet with these widths (the size of the pe model's filters)."""
-    n, prev = in_chans * stem_width * 49, stem_width
+_BLOCKS = {"basic": PEBasicBlock, "bottleneck": PEBottleneck}
+
+
+def _resnet_convs(block, layers, channels, stem_width, base_width, in_chans):
+    """``(c_in, c_out, kernel_size)`` of every convolution of the ResNet with these widths."""
+    convs, prev = [(in_chans, stem_width, 7)], stem_width
     for stage_idx, (planes, num_blocks) in enumerate(zip(channels, layers)):
-        out = planes * block.expansion
-        if block.expansion == 1:
-            branch = lambda c_in: (c_in + planes) * planes * 9
-        else:
-            mid = int(planes * base_width / 64)
-            branch = lambda c_in: c_in * mid + mid * mid * 9 + mid * out
-        n += branch(prev) + (prev * out if stage_idx or prev != out else 0) + (num_blocks - 1) * branch(out)
+        out, mid = planes * block.expansion, int(planes * base_width / 64)
+        for i in range(num_blocks):
+            c_in = prev if i == 0 else out
+            if block.expansion == 1:
+                convs += [(c_in, planes, 3), (planes, planes, 3)]
+            else:
+                convs += [(c_in, mid, 1), (mid, mid, 3), (mid, out, 1)]
+        if stage_idx or prev != out:
+            convs.append((prev, out, 1))  # the downsample projection
         prev = out
-    return n + prev * num_classes
+    return convs, prev
 
 
 def _check_resnet_args(a: dict) -> None:
-    """PEResNet's cross-key checks (each argument alone is checked by eqzoo.validate.RULES)."""
-    if isinstance(a["block"], str):
-        a["block"] = {"basic": PEBasicBlock, "bottleneck": PEBottleneck}[a["block"]]
+    """PEResNet's cross-key checks and its size (each argument alone is checked by eqzoo.validate.OPTIONS)."""
     if a["channels"] is None:
         raise ModelArgError("channels", "must be a list of 4 widths, got None")
-    block, channels = a["block"], a["channels"]
+    block, channels = _BLOCKS.get(a["block"], a["block"]), a["channels"]
     mids = [int(c * a["base_width"] / 64) for c in channels]
     if block.expansion != 1 and min(mids) < 1:
         raise ModelArgError("base_width", f"={a['base_width']} gives bottleneck widths {mids}: every width must be >= 1")
     check_widths(a["group"], [a["stem_width"]] + [c * block.expansion for c in channels]
                  + (mids if block.expansion != 1 else []))
-    check_size(_resnet_weights(block, a["layers"], channels, a["stem_width"], a["base_width"], a["in_chans"],
-                               a["num_classes"]))
+    convs, features = _resnet_convs(block, a["layers"], channels, a["stem_width"], a["base_width"], a["in_chans"])
+    check_built_size(a, convs, features)
 
 
-class PEResNet(ResNet):
+# timm's ResNets by (block expansion, layers, base_width): the plain counterpart of a pe ResNet
+_TIMM_RESNETS = {(1, (2, 2, 2, 2), 64): "resnet18", (1, (3, 4, 6, 3), 64): "resnet34",
+                 (4, (3, 4, 6, 3), 64): "resnet50", (4, (3, 4, 23, 3), 64): "resnet101",
+                 (4, (3, 4, 6, 3), 128): "wide_resnet50_2", (4, (3, 4, 23, 3), 128): "wide_resnet101_2"}
+
+
+class PEResNet(PEModelBase, ResNet):
     """A partially equivariant ResNet with timm's layout (7x7 stem, max-pool, four stages).
 
     Every argument is checked for its type and range before anything is built (see
-    :mod:`eqzoo.validate`: caps on the group's order, widths, depths and the model's size), and
-    all of them are kept as ``model.model_args``: what a new head, the plain counterpart and a
-    saved config.json are made from.
+    :data:`eqzoo.validate.OPTIONS`: caps on the group's order, widths, depths, and the size of
+    what the model builds), and all of them are kept as ``model.model_args``: what a new head,
+    the plain counterpart and a saved config.json are made from.
 
     Args:
         block: :class:`PEBasicBlock` or :class:`PEBottleneck` (or ``"basic"`` / ``"bottleneck"``).
@@ -164,8 +173,8 @@ class PEResNet(ResNet):
         zero_init_last: zero the last norm's weight of every residual branch. Off by default,
             unlike timm's ResNet: on the symmetry panel it slowed every model's start, and the
             pe models lost 1 to 3 points to it (see the README).
-        group: the symmetry group: ``"D4"`` (default), ``"D8"``, ``"C4"``, ``"C8"``, ``"D1"``,
-            ``"O2"``, ``"SO2"``, ... (any spec of :func:`eqzoo.get_group` whose fields fit the widths).
+        group: the symmetry group (default ``"D4"``; see :data:`eqzoo.validate.OPTIONS` for every
+            option's accepted values).
         bandlimit, out_bandlimit: band-limits of the likelihoods (see :class:`~eqzoo.GroupLikelihood`).
         field_bandlimit: band-limit of the fields of O(2)/SO(2).
         share_likelihood: ``"layer"`` (default), ``"stage"`` or ``"model"``.
@@ -182,12 +191,10 @@ class PEResNet(ResNet):
             default: the ReLU sampled on the group), ``"norm"`` (norm-ReLU per irrep) or
             ``"gated"`` (each field gated by its invariant part); see :mod:`eqzoo.nn.activation`.
             Finite groups take the channel-wise ReLU (``"auto"`` only).
-        counterpart: name of the timm model with this architecture (what :func:`eqzoo.export` builds).
         device, dtype: factory kwargs, as timm's models take them (``device='meta'`` builds without
             memory; then ``to_empty()`` and :meth:`init_weights`, or ``load_state_dict``).
     """
 
-    @checked_args(_check_resnet_args)  # types and ranges first: before any escnn or tensor work
     def __init__(
             self,
             block=PEBasicBlock,
@@ -211,15 +218,17 @@ class PEResNet(ResNet):
             head: str = "auto",
             basis: str = "auto",
             nonlinearity: str = "auto",
-            counterpart: Optional[str] = None,
             device=None,
             dtype=None,
     ):
         nn.Module.__init__(self)  # timm's ResNet.__init__ builds nn.Conv2d layers: not called
+        # types, ranges and the size first, before any escnn or tensor work
+        self.model_args = checked_model_args(self, locals(), _check_resnet_args)
+        block = _BLOCKS.get(block, block)
         if drop_block_rate:
             raise ValueError("drop_block_rate is not supported by pe models (DropBlock masks channels "
                              "independently, which breaks the fields); use drop_path_rate")
-        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)
         self.group = factory.group
         factory.check_pool(global_pool)
         factory.check_widths([stem_width] + [c * block.expansion for c in channels]
@@ -298,15 +307,6 @@ class PEResNet(ResNet):
         fc = factory.classifier(pooled_type, num_classes, likelihood)
         install_head(self, fc, num_classes, global_pool, pooled_type.size)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        if pre_logits:
-            return x
-        check_pooled(x, self.num_classes > 0)
-        return self.fc(x)
-
     def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
         _, max_index = feature_take_indices(5, indices)
         self.feature_type = self.feature_types[max_index]
@@ -316,9 +316,13 @@ class PEResNet(ResNet):
         """timm's own model with this architecture and widths (only for finite groups, whose regular
         fields give exactly timm's widths), untrained: :func:`eqzoo.export` loads into it."""
         a = self.model_args
-        if a["counterpart"] is None or not self.group.is_finite or a["stem_width"] != 64:
+        if not self.group.is_finite or a["stem_width"] != 64:
             return None
-        return timm.create_model(a["counterpart"], num_classes=self.num_classes, in_chans=self.in_chans,
+        block = _BLOCKS.get(a["block"], a["block"])
+        name = _TIMM_RESNETS.get((block.expansion, tuple(a["layers"]), a["base_width"]))
+        if name is None:  # timm's family model, given these layers and widths as arguments
+            name = "resnet18" if block.expansion == 1 else "resnet50"
+        return timm.create_model(name, num_classes=self.num_classes, in_chans=self.in_chans,
                                  global_pool=self.global_pool.pool_type, drop_rate=self.drop_rate,
                                  drop_path_rate=a["drop_path_rate"], channels=tuple(a["channels"]),
                                  base_width=a["base_width"], layers=tuple(a["layers"]))
@@ -353,40 +357,40 @@ register_architectures(PEResNet, *default_cfgs)
 @register_model
 def pe_resnet18(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant ResNet-18 (timm counterpart: resnet18)."""
-    model_args = dict(block=PEBasicBlock, layers=(2, 2, 2, 2), counterpart="resnet18")
+    model_args = dict(block=PEBasicBlock, layers=(2, 2, 2, 2))
     return _create_pe_resnet("pe_resnet18", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pe_resnet34(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant ResNet-34 (timm counterpart: resnet34)."""
-    model_args = dict(block=PEBasicBlock, layers=(3, 4, 6, 3), counterpart="resnet34")
+    model_args = dict(block=PEBasicBlock, layers=(3, 4, 6, 3))
     return _create_pe_resnet("pe_resnet34", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pe_resnet50(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant ResNet-50 (timm counterpart: resnet50)."""
-    model_args = dict(block=PEBottleneck, layers=(3, 4, 6, 3), counterpart="resnet50")
+    model_args = dict(block=PEBottleneck, layers=(3, 4, 6, 3))
     return _create_pe_resnet("pe_resnet50", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pe_resnet101(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant ResNet-101 (timm counterpart: resnet101)."""
-    model_args = dict(block=PEBottleneck, layers=(3, 4, 23, 3), counterpart="resnet101")
+    model_args = dict(block=PEBottleneck, layers=(3, 4, 23, 3))
     return _create_pe_resnet("pe_resnet101", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pe_wide_resnet50_2(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant Wide ResNet-50-2 (timm counterpart: wide_resnet50_2)."""
-    model_args = dict(block=PEBottleneck, layers=(3, 4, 6, 3), base_width=128, counterpart="wide_resnet50_2")
+    model_args = dict(block=PEBottleneck, layers=(3, 4, 6, 3), base_width=128)
     return _create_pe_resnet("pe_wide_resnet50_2", pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pe_wide_resnet101_2(pretrained: bool = False, **kwargs) -> PEResNet:
     """Partially equivariant Wide ResNet-101-2 (timm counterpart: wide_resnet101_2)."""
-    model_args = dict(block=PEBottleneck, layers=(3, 4, 23, 3), base_width=128, counterpart="wide_resnet101_2")
+    model_args = dict(block=PEBottleneck, layers=(3, 4, 23, 3), base_width=128)
     return _create_pe_resnet("pe_wide_resnet101_2", pretrained, **dict(model_args, **kwargs))

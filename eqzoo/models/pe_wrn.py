@@ -12,18 +12,17 @@ from __future__ import annotations
 from typing import List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import DropPath
-from timm.models import register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models import checkpoint_seq, register_model
 
+from .._timm import feature_take_indices
 from ..errors import ModelArgError
-from ..validate import check_size, check_widths, checked_args
+from ..validate import check_widths
 from ._builder import build_pe_model
-from ._layers import FieldLayers, PlainLayers, check_pooled, factory_kwargs, head_likelihood, install_head, reset_layers
+from ._common import PEModelBase, check_built_size, checked_model_args
+from ._layers import FieldLayers, PlainLayers, factory_kwargs, head_likelihood, install_head, reset_layers
 from ._pretrained import published_default_cfgs
 from ._schema import register_architectures
 
@@ -61,7 +60,7 @@ class WideBasicBlock(nn.Module):
         return out + shortcut
 
 
-class WideResNet(nn.Module):
+class WideResNet(PEModelBase):
     """Plain CIFAR WideResNet WRN-``depth``-``widen_factor`` with timm's model interface.
 
     Args:
@@ -204,17 +203,6 @@ class WideResNet(nn.Module):
             x = self.layer3(self.layer2(self.layer1(x)))
         return self.act(self.norm(x))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        if pre_logits:
-            return x
-        check_pooled(x, self.num_classes > 0)
-        return self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _wrn_widths(depth: int, widen_factor: int, channels) -> tuple:
@@ -222,17 +210,18 @@ def _wrn_widths(depth: int, widen_factor: int, channels) -> tuple:
 
 
 def _check_wrn_args(a: dict) -> None:
-    """PEWideResNet's cross-key checks (each argument alone is checked by eqzoo.validate.RULES)."""
+    """PEWideResNet's cross-key checks and its size (each argument alone is checked by eqzoo.validate.OPTIONS)."""
     depth = a["depth"]
     if (depth - 4) % 6:
         raise ModelArgError("depth", f"must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...), got {depth}")
     widths = _wrn_widths(depth, a["widen_factor"], a["channels"])
     check_widths(a["group"], widths)
-    n, prev = a["in_chans"] * widths[0] * 9, widths[0]
+    convs, prev = [(a["in_chans"], widths[0], 3)], widths[0]
     for width in widths[1:]:  # (depth - 4) / 6 blocks of two 3x3 convolutions, one projection
-        n += (prev + width) * width * 9 + prev * width + ((depth - 4) // 6 - 1) * 2 * width * width * 9
+        convs += [(prev, width, 3), (width, width, 3), (prev, width, 1)]
+        convs += [(width, width, 3)] * (2 * ((depth - 4) // 6 - 1))
         prev = width
-    check_size(n + prev * a["num_classes"])
+    check_built_size(a, convs, prev)
 
 
 class PEWideResNet(WideResNet):
@@ -242,10 +231,10 @@ class PEWideResNet(WideResNet):
     ``out_bandlimit``, ``field_bandlimit``, ``share_likelihood`` (``"layer"``, ``"stage"``,
     ``"model"``), ``learn_likelihood``, ``head``, ``basis`` and ``nonlinearity`` as :class:`~eqzoo.models.PEResNet`. ``feature_type`` is
     the escnn FieldType of ``forward_features``' output. Every argument is checked for its type
-    and range before anything is built (see :mod:`eqzoo.validate`) and kept as ``model.model_args``.
+    and range before anything is built (see :data:`eqzoo.validate.OPTIONS`) and kept as
+    ``model.model_args``.
     """
 
-    @checked_args(_check_wrn_args)  # types and ranges first: before any escnn or tensor work
     def __init__(self, depth: int = 16, widen_factor: int = 8, num_classes: int = 10, in_chans: int = 3,
                  global_pool: str = "avg", drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  block_drop_rate: float = 0.0, channels: Optional[Tuple[int, ...]] = None,
@@ -253,7 +242,10 @@ class PEWideResNet(WideResNet):
                  field_bandlimit: Optional[int] = None, share_likelihood: str = "layer",
                  learn_likelihood: bool = True, head: str = "auto", basis: str = "auto",
                  nonlinearity: str = "auto", device=None, dtype=None):
-        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)  # set by checked_args
+        # types, ranges and the size first, before any escnn or tensor work (a plain attribute: it
+        # survives WideResNet's nn.Module.__init__ below)
+        self.model_args = checked_model_args(self, locals(), _check_wrn_args)
+        factory = FieldLayers.from_model_args(self.model_args, device=device, dtype=dtype)
         factory.check_pool(global_pool)
         factory.check_widths(_wrn_widths(depth, widen_factor, channels))
         super().__init__(depth, widen_factor, num_classes, in_chans, global_pool, drop_rate, drop_path_rate,

@@ -1,0 +1,127 @@
+"""What every pe model family shares: its checked arguments, its size before it is built, the
+classifier's forward, and the checks of weights loaded into it."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CheckpointError, ModelArgError
+from ..groups import get_group
+from ..kernels import resolved_basis, ring_harmonics
+from ..validate import check_args, check_size
+from ._layers import check_pooled
+from ._schema import PINNED_BASES, basis_fingerprint
+
+_NOT_OPTIONS = ("self", "__class__", "device", "dtype")
+
+
+def checked_model_args(model: nn.Module, arguments: dict, family_check=None) -> dict:
+    """The constructor's ``arguments`` (its ``locals()`` on entry) as the model's record
+    ``model_args``, each checked by :data:`eqzoo.validate.OPTIONS` and then all together by
+    ``family_check`` (cross-key checks and the size), before any escnn or tensor work."""
+    where = f"{type(model).__name__}: "
+    args = {k: v for k, v in arguments.items() if k not in _NOT_OPTIONS}
+    check_args(args, where)
+    if family_check is not None:
+        try:
+            family_check(args)
+        except ModelArgError as e:
+            raise ModelArgError(e.arg, e.problem, where) from None
+    return args
+
+
+def conv_elements(c_in: int, c_out: int, kernel_size: int, group, basis: str, learnt: bool) -> int:
+    """Tensor elements a PEConv2d between these widths builds: its coefficients κ0 (and κ1 and
+    the twirled copy when λ is learnt; the ring harmonics bound the coefficients per channel pair
+    from above) and the pixel filter."""
+    per_pair = ring_harmonics(kernel_size, 1, resolved_basis(basis, get_group(group))).size
+    return c_in * c_out * (per_pair * (3 if learnt else 1) + kernel_size * kernel_size)
+
+
+def check_built_size(args: dict, convs, classifier_in: int) -> None:
+    """Refuse a model whose convolutions ``convs`` (``(c_in, c_out, kernel_size)`` each) and
+    classifier would build more than the cap of tensor elements (see :func:`eqzoo.validate.check_size`)."""
+    learnt = args["learn_likelihood"]
+    n = sum(conv_elements(c_in, c_out, k, args["group"], args["basis"], learnt) for c_in, c_out, k in convs)
+    check_size(n + classifier_in * args["num_classes"] * (3 if learnt else 1))
+
+
+def _shared_keys(model: nn.Module) -> list[list[str]]:
+    """State_dict keys that name one tensor (a likelihood shared by several layers)."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(t), []).append(key)
+    return [keys for keys in by_tensor.values() if len(keys) > 1]
+
+
+def check_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Refuse weights that would load silently wrong: a non-finite tensor, or different values
+    under keys this model shares (weights saved with another ``share_likelihood``). Raises a
+    one-line :class:`CheckpointError` naming the keys."""
+    for key, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"tensor {key!r} holds NaN or infinite values; refusing to load it")
+    for keys in _shared_keys(model):
+        given = [k for k in keys if k in state_dict]
+        for k in given[1:]:
+            if not torch.equal(state_dict[k], state_dict[given[0]]):
+                raise CheckpointError(
+                    f"tensors {given[0]!r} and {k!r} differ, but this model shares one parameter between them "
+                    f"(share_likelihood={getattr(model, 'model_args', {}).get('share_likelihood')!r}): the weights "
+                    "were saved with another sharing; build the model with the sharing they were saved with")
+
+
+def _load_error(model: nn.Module, error: RuntimeError) -> CheckpointError:
+    """torch's multi-line load_state_dict error as one line: its first problem and how many there are."""
+    details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+    first = details[0] if details else str(error)
+    if len(first) > 300:
+        first = first[:300] + " ..."
+    more = f" (and {len(details) - 1} more problems)" if len(details) > 1 else ""
+    return CheckpointError(f"the weights do not fit this {type(model).__name__}: {first}{more}; they are for "
+                           "another architecture, group, basis or widths (plain timm weights load into "
+                           "eqzoo.export's model, not a pe one)")
+
+
+class PEModelBase(nn.Module):
+    """The classifier's forward, checked weight loading, and the record timm's own save writes,
+    for every eqzoo model family."""
+
+    __jit_unused_properties__ = ["_model_args"]  # TorchScript: a record for saving, not part of the forward
+
+    @property
+    def _model_args(self) -> dict:
+        """timm's record of the create_model kwargs (``timm.models.save_for_hf`` writes it as
+        config.json's model_args), with the fingerprint of the bases as built now: a folder saved by
+        timm then loads back with its bases checked, as one saved by eqzoo.save_pretrained does."""
+        return dict(self.__dict__.get("_timm_model_args", {}), **{PINNED_BASES: basis_fingerprint(self)})
+
+    @_model_args.setter
+    def _model_args(self, value: dict) -> None:
+        self.__dict__["_timm_model_args"] = {k: v for k, v in value.items() if k != PINNED_BASES}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # defined here, next to forward_head: FX tracing wraps the leaf function check_pooled in the
+        # module of the traced forward
+        return self.forward_head(self.forward_features(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
+        if pre_logits:
+            return x
+        check_pooled(x, self.num_classes > 0)
+        return self.fc(x)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` after :func:`check_state_dict`: timm's pretrained loading,
+        ``checkpoint_path=`` and direct calls all pass here."""
+        check_state_dict(self, state_dict)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            if "Error(s) in loading state_dict" not in str(e):
+                raise
+            raise _load_error(self, e) from None
