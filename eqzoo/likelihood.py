@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._buffers import ConstantBuffers
 from .errors import HubConfigError, ModelArgError
 from .groups import Group, get_group
 from .validate import check_arg
@@ -86,7 +87,7 @@ INIT_PEAK = 0.3
 DEFAULT_BANDLIMIT = 4  # L and L_out for O(2)/SO(2), the reference defaults
 
 
-class GroupLikelihood(nn.Module):
+class GroupLikelihood(ConstantBuffers, nn.Module):
     r"""A learnable density λ on a group, parameterised by the Fourier coefficients of its logits.
 
     Args:
@@ -102,6 +103,8 @@ class GroupLikelihood(nn.Module):
     def __init__(self, group, bandlimit: int | None = None, out_bandlimit: int | None = -1,
                  learnable: bool = True, device=None, dtype=None):
         super().__init__()
+        for name, value in (("group", group), ("bandlimit", bandlimit), ("out_bandlimit", out_bandlimit)):
+            check_arg(name, value, "GroupLikelihood: ")  # the caps, before any grid is built
         G = get_group(group)
         self.group = G
         if bandlimit is None:
@@ -125,7 +128,7 @@ class GroupLikelihood(nn.Module):
         self._freqs = self._frequencies()
         self.coefficients = nn.Parameter(torch.zeros(len(self._freqs), device=device, dtype=dtype),
                                          requires_grad=learnable)
-        self.register_buffer("_fine_features", self._fine_grid_features(device, dtype), persistent=False)
+        self._register_constant_buffers(device, dtype)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -148,16 +151,6 @@ class GroupLikelihood(nn.Module):
         # least squares on the features, in numpy: no device context (e.g. meta) reaches it
         sol = np.linalg.lstsq(self._features(s, theta), INIT_PEAK * peak.astype(np.float64), rcond=None)[0]
         self.coefficients.copy_(torch.from_numpy(sol).to(self.coefficients))
-
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute the features of the fine grid (a constant, not state: after ``to_empty()``
-        its memory holds garbage, and no state_dict restores it)."""
-        self._fine_features = self._fine_grid_features(self._fine_features.device, self._fine_features.dtype)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # to_empty() + load_state_dict() must give a working λ: the constant is rebuilt first
-        self.init_non_persistent_buffers()
-        super()._load_from_state_dict(*args, **kwargs)
 
     # -- parameterisation ----------------------------------------------------------------------
     def _frequencies(self) -> list[tuple[int, str, int]]:
@@ -183,9 +176,10 @@ class GroupLikelihood(nn.Module):
             cols.append(f * (1 - 2 * s) if parity else f)
         return np.stack(cols, axis=-1)
 
-    def _fine_grid_features(self, device=None, dtype=None) -> torch.Tensor:
+    def _constant_buffers(self, device=None, dtype=None) -> dict:
+        """The Fourier features of the fine grid (see :data:`FINE_GRID`)."""
         s, theta = self.group.grid(None if self.group.is_finite else FINE_GRID)
-        return torch.tensor(self._features(s, theta), dtype=dtype or torch.float32, device=device)
+        return {"_fine_features": torch.tensor(self._features(s, theta), dtype=dtype or torch.float32, device=device)}
 
     @property
     def learnable(self) -> bool:
@@ -294,15 +288,15 @@ class GroupLikelihood(nn.Module):
         near = dist < 1e-9 if G.is_finite else dist <= math.pi / 8 + 1e-9
         mass_near = float(lam[0, near].sum() / lam.numel())
         lam_e = float(lam[0, 0])
-        best, best_size = "C1", 1
-        for name, k, flip in G.subgroups():
+
+        def kept(k: int, flip: bool) -> bool:
             if k == 0:  # all rotations: the grid's minimum over the rotation sheets it uses
-                vals, size = lam[[0, 1] if flip else [0]], (1 + flip) * 10**9  # larger than any C_k/D_k
+                vals = lam[[0, 1] if flip else [0]]
             else:
-                elements = [G.element(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)]
-                vals, size = self.density(elements), k * (1 + flip)
-            if float(vals.min()) >= threshold * lam_e and size > best_size:
-                best, best_size = name, size
+                vals = self.density([G.element(s, 2 * math.pi * j / k) for s in range(1 + flip) for j in range(k)])
+            return float(vals.min()) >= threshold * lam_e
+
+        best = G.largest_subgroup(kept)
         return {"group": G.spec, "kl_uniform": float(self.kl_uniform()), "mass_near_identity": mass_near,
                 "closest_subgroup": best, "bandlimit": self.bandlimit, "out_bandlimit": self.out_bandlimit}
 

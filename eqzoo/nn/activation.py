@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._buffers import ConstantBuffers
 from ..groups import group_of
 from ..likelihood import autocast_enabled, autocast_off
 from ..validate import NONLINEARITIES
@@ -31,10 +32,10 @@ from .fields import is_permutation, single_repr
 
 
 # The samples are made and used a chunk of fields at a time, about this many numbers (1 MB in
-# float32): a chunk's samples stay in the cores' caches from one product to the next, where one
-# pass over the whole tensor writes them to memory (and, on the CPU, page-faults in a fresh
-# buffer) and reads them back. Measured on a 2-core CPU, training step of the ReLU at 112x112:
-# 2.3x faster than one pass; no loss on small maps. A GPU, or a compiler, takes it in one go.
+# float32): a chunk's samples must stay in the cores' caches from one product to the next, where
+# one pass over the whole tensor writes them to memory (and, on the CPU, page-faults in a fresh
+# buffer) and reads them back; large maps are bound by that traffic. A GPU, or a compiler, takes
+# it in one go.
 _CHUNK_NUMBERS = 1 << 18
 
 
@@ -70,8 +71,7 @@ def _sampled_relu(x: torch.Tensor, sample: torch.Tensor, project: torch.Tensor,
 # backward: it keeps only the ReLU's mask for backward (one byte per sample), where autograd would
 # keep the samples themselves, 2.3 times the activations in float32, the largest part of an O(2)
 # model's training memory; and torch.compile calls it as it is, chunks and all, where tracing it
-# made one pass over the whole samples tensor per elementwise step (measured on the CPU: compiled
-# pe_resnet18 O2 ran slower than eager).
+# would make one pass over the whole samples tensor per elementwise step.
 @torch.library.custom_op("eqzoo::sampled_relu", mutates_args=(),
                          schema="(Tensor x, Tensor sample, Tensor project) -> (Tensor, Tensor)")
 def _sampled_relu_train(x, sample, project):
@@ -123,8 +123,8 @@ def _sampled_relu_grad(ctx, grad, _grad_mask):
 _sampled_relu_train.register_autograd(_sampled_relu_grad, setup_context=_sampled_relu_setup)
 
 
-class FourierReLU(nn.Module):
-    def __init__(self, field_type, n_rot: int = 16, inplace: bool = False, device=None, dtype=None):
+class FourierReLU(ConstantBuffers, nn.Module):
+    def __init__(self, field_type, n_rot: int = 16, device=None, dtype=None):
         super().__init__()
         rep = single_repr(field_type)
         G = group_of(field_type)
@@ -139,23 +139,12 @@ class FourierReLU(nn.Module):
         self.field_size = rep.size
         # kept in numpy (small) to rebuild the buffers, which no device context can then reach
         self._operator_values = (A, np.linalg.pinv(A))
-        sample, project = self._operators(device, dtype)
-        self.register_buffer("_sample", sample, persistent=False)
-        self.register_buffer("_project", project, persistent=False)
+        self._register_constant_buffers(device, dtype)
 
-    def _operators(self, device=None, dtype=None):
-        """The sampling matrix [N, d] and its pseudo-inverse as tensors."""
+    def _constant_buffers(self, device=None, dtype=None) -> dict:
+        """The sampling matrix [N, d] and its pseudo-inverse."""
         dd = dict(dtype=dtype or torch.float32, device=device)
-        return tuple(torch.tensor(v, **dd) for v in self._operator_values)
-
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute the sampling operators (constants: after ``to_empty()`` their memory is garbage)."""
-        self._sample, self._project = self._operators(self._sample.device, self._sample.dtype)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # to_empty() + load_state_dict() must give a working layer: the constants are rebuilt first
-        self.init_non_persistent_buffers()
-        super()._load_from_state_dict(*args, **kwargs)
+        return {name: torch.tensor(v, **dd) for name, v in zip(("_sample", "_project"), self._operator_values)}
 
     @staticmethod
     def _probe(rep) -> np.ndarray:
@@ -217,7 +206,7 @@ def _irrep_blocks(field_type, what: str) -> tuple[list[tuple[int, int]], list[in
     return blocks, trivial
 
 
-class _IrrepwiseNonlinearity(nn.Module):
+class _IrrepwiseNonlinearity(ConstantBuffers, nn.Module):
     """Shared parts of :class:`NormReLU` and :class:`GatedReLU`: the field layout as constant
     masks and block matrices (rebuilt after ``to_empty()``), the shape checks and export."""
 
@@ -229,10 +218,9 @@ class _IrrepwiseNonlinearity(nn.Module):
         self.blocks, self.trivial = _irrep_blocks(field_type, self.kind)
         self.num_features = field_type.size
         self.num_fields, self.field_size = len(field_type), single_repr(field_type).size
-        for name, value in self._constants(device, dtype).items():
-            self.register_buffer(name, value, persistent=False)
+        self._register_constant_buffers(device, dtype)
 
-    def _constants(self, device=None, dtype=None) -> dict:
+    def _constant_buffers(self, device=None, dtype=None) -> dict:
         d = self.field_size
         mask = torch.zeros(d, 1, dtype=torch.bool, device=device)
         mask[self.trivial] = True
@@ -240,15 +228,6 @@ class _IrrepwiseNonlinearity(nn.Module):
         for j, (start, size) in enumerate(self.blocks):
             members[start:start + size, j] = 1
         return {"_trivial_mask": mask, "_members": members}  # [d, 1]; [d, blocks]: component in block
-
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute the constants (after ``to_empty()`` their memory is garbage)."""
-        for name, value in self._constants(self._members.device, self._members.dtype).items():
-            setattr(self, name, value)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self.init_non_persistent_buffers()
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _fields(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.num_features:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .._buffers import ConstantBuffers
 from ..kernels import invariant_basis
 from ..likelihood import autocast_off
 from .fields import is_permutation, single_repr
@@ -76,7 +77,7 @@ class _FieldStatsNorm(torch.autograd.Function):
         return dx, None, dweight, dbias, None
 
 
-class FieldBatchNorm2d(nn.Module):
+class FieldBatchNorm2d(ConstantBuffers, nn.Module):
     """Batch norm of a FieldType's fields; the arguments are ``nn.BatchNorm2d``'s."""
 
     def __init__(self, field_type, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
@@ -92,7 +93,7 @@ class FieldBatchNorm2d(nn.Module):
         self.eps, self.momentum, self.affine = eps, momentum, affine
         self.track_running_stats = track_running_stats
         self.permutation = is_permutation(rep)
-        self.register_buffer("_invariant", self._invariant_basis(**dd), persistent=False)
+        self._register_constant_buffers(**dd)
         t = 1 if self.permutation else self._invariant.shape[1]
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(self.num_fields, t, **dd))
@@ -108,17 +109,9 @@ class FieldBatchNorm2d(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def _invariant_basis(self, device=None, dtype=None) -> torch.Tensor:
-        return torch.tensor(invariant_basis(single_repr(self.field_type)), dtype=dtype or torch.float32, device=device)
-
-    def init_non_persistent_buffers(self) -> None:
-        """Recompute the invariant basis (a constant: after ``to_empty()`` its memory is garbage)."""
-        self._invariant = self._invariant_basis(self._invariant.device, self._invariant.dtype)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        # to_empty() + load_state_dict() must give a working layer: the constant is rebuilt first
-        self.init_non_persistent_buffers()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _constant_buffers(self, device=None, dtype=None) -> dict:
+        basis = invariant_basis(single_repr(self.field_type))  # [d, t]: the invariant vectors
+        return {"_invariant": torch.tensor(basis, dtype=dtype or torch.float32, device=device)}
 
     def reset_running_stats(self) -> None:
         if self.track_running_stats:
@@ -155,8 +148,8 @@ class FieldBatchNorm2d(nn.Module):
             return x.clone()
         if torch.compiler.is_compiling():
             return self._channelwise(x)
-        # (the view copies a channels_last input; on the CPU that measured faster than a batch
-        # norm keeping the layout)
+        # (the view copies a channels_last input: one copy costs less on the CPU than a batch
+        # norm that keeps the layout)
         if self.permutation:
             update = self.training and self.track_running_stats
             momentum = self._momentum() if update else 0.0
@@ -198,9 +191,8 @@ class FieldBatchNorm2d(nn.Module):
 
     def _channelwise(self, x):
         r"""The normalisation from per-channel statistics, for ``torch.compile``: inductor gives
-        convolutions channels_last outputs, and turned the field views of the eager paths into
-        scalar loops with an integer division per element (the stem of pe_resnet18, compiled for
-        the CPU, ran 2x slower than eager). With the channels' means m_c and variances v_c, the
+        convolutions channels_last outputs, and turns the field views of the eager paths into
+        scalar loops with an integer division per element. With the channels' means m_c and variances v_c, the
         field's mean is μ = Π m and its variance v = mean_c(v_c) + mean_c((m_c - μ_c)²)
         (Π is an orthogonal projection, and the law of total variance: no difference of large
         numbers); y = x s_c + shift_c keeps x's layout."""
