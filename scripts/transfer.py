@@ -88,7 +88,7 @@ def run_config(task: str, labels: int, model: str, mode: str, seed: int, args) -
         model=saved["architecture"] if mode == "scratch" else source,
         model_args={k: v for k, v in saved.get("model_args", {}).items() if k != "num_classes"}
         if mode == "scratch" else {},
-        data=data, seed=seed, threads=1, progress=False, freeze_likelihood=mode == "frozen",
+        data=data, seed=seed, threads=args.threads, progress=False, freeze_likelihood=mode == "frozen",
         optim=dict(name="adamw", lr=RECIPE["lr"], weight_decay=RECIPE["weight_decay"],
                    likelihood_lr_scale=RECIPE["likelihood_lr_scale"]),
         schedule=dict(epochs=epochs, warmup_epochs=epochs / 10),
@@ -241,8 +241,9 @@ def main(argv=None) -> int:
                    help=f"updates per run (batch {RECIPE['batch_size']})")
     r.add_argument("--image-size", type=int, help="override the tasks' image size (the checkpoints' own)")
     r.add_argument("--test-size", type=int, help="test on the first N test images only")
-    r.add_argument("--workers", type=int, default=1, help="runs in parallel (one thread each)")
+    r.add_argument("--workers", type=int, default=1, help="runs in parallel (each with --threads)")
     r.add_argument("--dry-run", action="store_true", help="list the runs still to do, and stop")
+    r.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: best on a busy machine)")
     r.add_argument("--root", default=os.environ.get("EQZOO_MNIST_ROOT", "data"), help="folder holding MNIST/")
     rep = sub.add_parser("report", help="write OUT/transfer.md")
     for q in (r, rep):
