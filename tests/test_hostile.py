@@ -757,3 +757,112 @@ def test_eval_takes_overrides_after_its_options(reference_run, tmp_path):
     result = json.loads(out.read_text())
     assert result["n"] == 8 and 0 <= result["acc"] <= result["top5"] <= 1
 
+
+
+# -- weights and arguments at load: every path into a pe model --------------------------------------------------
+def _layer_shared(small, tmp_path):
+    """model.safetensors of ``small`` (one λ per layer, all different) as a bare file."""
+    path = tmp_path / "layer.safetensors"
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("how", ["checkpoint_path", "overlay_file", "load_state_dict"])
+def test_weights_saved_with_other_sharing_are_refused(small, tmp_path, how):
+    path = _layer_shared(small, tmp_path)
+    match = r"tensors '.*likelihood.*' and '.*likelihood.*' differ, but this model shares one parameter.*'model'"
+    with pytest.raises(CheckpointError, match=match) as info:
+        if how == "checkpoint_path":
+            timm.create_model("pe_resnet18", share_likelihood="model", checkpoint_path=str(path), **SMALL)
+        elif how == "overlay_file":
+            timm.create_model("pe_resnet18", pretrained=True, share_likelihood="model",
+                              pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+        else:
+            timm.create_model("pe_resnet18", share_likelihood="model", **SMALL).load_state_dict(load_file(str(path)))
+    assert "\n" not in str(info.value)
+    if how == "overlay_file":
+        assert str(path) in str(info.value)
+    # the same weights into a model that shares as they were saved: loaded
+    same = timm.create_model("pe_resnet18", checkpoint_path=str(path), **SMALL).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(same(x), small(x))
+
+
+@pytest.mark.parametrize("key", ["conv1.weight", "conv1.likelihood.coefficients"])
+def test_non_finite_weights_are_refused(saved, small, tmp_path, key):
+    folder = _copy(saved, tmp_path)
+    sd = {k: v.clone() for k, v in small.state_dict().items()}
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, str(folder / "model.safetensors"))
+    _edit_config(folder, lambda c: c["eqzoo"].update(weights_sha256=sha256(folder / "model.safetensors")))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{re.escape(key)}' holds NaN or infinite"):
+        _load(folder)
+
+
+@pytest.mark.parametrize("weights, match", [
+    ("resnet18", r"layer.safetensors: the weights do not fit this PEResNet: (Missing key|size mismatch)"),  # plain timm
+    ("C4", r"layer.safetensors: the weights do not fit this PEResNet: .*"),  # another group
+])
+def test_weights_of_another_model_are_one_line_errors(tmp_path, weights, match):
+    other = timm.create_model(weights, num_classes=3) if weights == "resnet18" else \
+        timm.create_model("pe_resnet18", **dict(SMALL, group="C4"))
+    path = tmp_path / "layer.safetensors"
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match=match) as info:
+        timm.create_model("pe_resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    assert "\n" not in str(info.value)
+
+
+def test_overlay_file_keeps_a_head_that_fits(small, tmp_path, caplog):
+    path = _layer_shared(small, tmp_path)
+    with caplog.at_level("WARNING"):
+        m = timm.create_model("pe_resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **SMALL)
+    assert not [r for r in caplog.records if "classifier" in r.getMessage() or "1000" in r.getMessage()]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), small(x))
+
+
+@pytest.mark.parametrize("group", ["D04", "C08", "D\u0664", "C\uff14", "D 4", "D4\n"])
+def test_group_spelling_is_exact(group):
+    with pytest.raises(ValueError, match=r"group must be .*group") as info:
+        timm.create_model("pe_resnet18", group=group, **{k: v for k, v in SMALL.items() if k != "group"})
+    assert "\n" not in str(info.value).replace(repr(group), "")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(drop_rate=float("nan")), r"drop_rate must be a finite number, got nan"),
+    (dict(drop_path_rate=float("inf")), r"drop_path_rate must be a finite number, got inf"),
+    (dict(act_layer="gelu"), r"act_layer is not supported by pe_resnet18 .*accepts: block, layers, .*group"),
+    (dict(stem_type="deep", aa_layer=None, norm_layer="bn"), r"norm_layer, stem_type are not supported by pe_resnet18"),
+    (dict(counterpart="hf-hub:attacker/anything"), r"counterpart is not supported by pe_resnet18"),
+])
+def test_model_arguments_at_build(kwargs, match):
+    with pytest.raises(ValueError, match=match) as info:
+        timm.create_model("pe_resnet18", **dict(SMALL, **kwargs))
+    assert "\n" not in str(info.value)
+
+
+def test_likelihood_band_limits_are_capped():
+    with pytest.raises(ValueError, match=r"GroupLikelihood: bandlimit is 1000000, above the maximum of 32"):
+        eqzoo.GroupLikelihood("O2", bandlimit=10**6)
+    with pytest.raises(ValueError, match=r"GroupLikelihood: out_bandlimit is 1000000, above the maximum of 32"):
+        eqzoo.GroupLikelihood("O2", out_bandlimit=10**6)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c["model_args"].update(counterpart="hf-hub:attacker/anything"),
+     r"model_args\['counterpart'\] is an unknown key for pe_resnet18"),
+    (lambda c: c["model_args"].update(drop_rate=1e308 * 10), r"model_args\['drop_rate'\] must be"),
+    (lambda c: c.update(pretrained_cfg=None) or c.pop("pretrained_cfg"),
+     r"config.json: no 'pretrained_cfg' object \(timm's layout"),
+])
+def test_saved_folders_name_no_sources_and_say_what_is_missing(saved, tmp_path, edit, match):
+    folder = _copy(saved, tmp_path)
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg)
+    path.write_text(json.dumps(cfg))  # NaN/inf are written as the JSON extensions Python reads back
+    with pytest.raises(HubConfigError, match=match):
+        _load(folder)
