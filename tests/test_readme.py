@@ -60,16 +60,6 @@ def test_deployment_example_runs():
     assert type(scope["eqzoo"].export(model)).__name__ == "ResNet" and model.num_classes == 10
 
 
-def test_own_data_config_is_valid(tmp_path):
-    from eqzoo.config import load_config
-
-    block = re.search(r"## Bring your own data.*?```yaml\n(.*?)```", README.read_text(), re.S)
-    assert block, "README lost its example config"
-    (tmp_path / "my.yaml").write_text(block.group(1))
-    cfg = load_config(str(tmp_path / "my.yaml"))
-    assert cfg["data"]["name"] == "imagefolder" and cfg["model"] == "pe_resnet18"
-
-
 def test_paths_named_in_the_readmes_exist():
     for readme in (README, ROOT / "scripts" / "README.md"):
         text = readme.read_text()
