@@ -18,7 +18,7 @@ from ..groups import group_of
 from ..kernels import kernel_basis, quadrature_size, resolved_basis
 from ..likelihood import GroupLikelihood, autocast_enabled, autocast_off
 from . import harmonic_conv
-from .fields import single_repr
+from .fields import check_input, single_repr
 from .twirl import Dims, Twirl, twirl_of, twirl_operators
 
 
@@ -80,12 +80,9 @@ class _TwirledLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """κ_0 starts equivariant (see :meth:`_init_weight` for its scale): its non-equivariant part
-        starts at 0 and grows only where the data asks for it. Then the twirl gives κ_0 for any λ,
-        so the layer starts exactly equivariant even though a learnable λ starts peaked at the
-        identity (see :data:`eqzoo.likelihood.INIT_PEAK`); with a random non-equivariant part,
-        λ's gradient would be a random projection of it, and λ would drift towards arbitrary
-        subgroups. κ_1 and the bias start at 0."""
+        """κ_0 starts equivariant (scaled by :meth:`_init_weight`), κ_1 and the bias at 0: then the
+        layer starts exactly equivariant for any λ, and λ's gradient is not a random projection of
+        a random non-equivariant part (which would pull λ towards arbitrary subgroups)."""
         self._cache = None
         for t in (self.bias, self.weight_breaking):
             if t is not None:
@@ -183,20 +180,10 @@ class _TwirledLayer(nn.Module):
         return self._cache[1], self._cache[2]
 
     def _filter_for(self, x: torch.Tensor, spatial: bool):
-        """Check ``x`` and return the current filter and bias in the dtype it is computed in."""
+        """Check ``x`` and return the current filter and bias in the dtype it is computed in (None:
+        take the harmonic-domain convolution)."""
         if not torch.jit.is_tracing():  # (a trace fixes the shapes: the check would only warn there)
-            want = 4 if spatial else 2
-            if x.dim() != want or x.shape[1] != self.in_channels:
-                shape = "[B, C, H, W]" if spatial else "[B, C]"
-                raise ValueError(f"{type(self).__name__} expects {shape} with C = {self.in_channels} "
-                                 f"({len(self.in_type)} fields of size {self._dims.d_in}), got shape {tuple(x.shape)}")
-            # as nn.Conv2d: the input's dtype must be the weights' (outside autocast, which casts);
-            # casting the filter to the input would silently run a float32 model in float16
-            if (x.dtype != self.weight.dtype and not autocast_enabled(x.device)) or not x.is_floating_point():
-                hint = " (images as uint8: convert with x.float() / 255)" if x.dtype == torch.uint8 else ""
-                raise RuntimeError(f"{type(self).__name__}: input dtype {x.dtype} does not match the weights' "
-                                   f"{self.weight.dtype}{hint}; cast the input (x.to({self.weight.dtype})) or the "
-                                   "model (model.to(dtype)), or run under torch.autocast")
+            check_input(self, x, self.in_type, self.weight.dtype, spatial)
         if spatial and self.training and harmonic_conv.pays(self, x):
             return None
         filt, bias = self._current()
@@ -308,11 +295,9 @@ class PELinear(_TwirledLayer):
 
     def _init_weight(self) -> None:
         """``nn.Linear``'s init, U(±1/sqrt(in_features)), of the coefficients, which
-        :meth:`reset_parameters` then projects: a classifier's logits start as small as timm's.
-        (He-scaling the projected filter, as the convolutions do, would make an invariant head's
-        logits several times larger than an ``nn.Linear``'s on pooled ReLU features: their
-        positive means add up within each field, where an unconstrained filter's random signs
-        cancel them.)"""
+        :meth:`reset_parameters` then projects, so that a classifier's logits start as small as
+        timm's (He-scaling would make an invariant head's logits far larger: the positive means of
+        pooled ReLU features add up within each field)."""
         bound = 1.0 / math.sqrt(self.in_channels)
         nn.init.uniform_(self.weight, -bound, bound)
 

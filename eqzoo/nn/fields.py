@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..kernels import permutation_indices
+from ..likelihood import autocast_enabled
 
 
 def single_repr(field_type, what: str = "field type"):
@@ -26,3 +28,18 @@ def is_permutation(rep) -> bool:
     if rep.group.order() <= 0:
         return False
     return permutation_indices(np.stack([rep(g) for g in rep.group.elements])) is not None
+
+
+def check_input(module, x: torch.Tensor, field_type, dtype: torch.dtype, spatial: bool) -> None:
+    """Refuse an input ``x`` that is not ``[B, C, H, W]`` (``[B, C]`` where not ``spatial``) with
+    the channels of ``field_type``, or whose dtype is not the weights' ``dtype`` outside autocast
+    (as nn.Conv2d: casting the filter to the input would silently run a float32 model in float16)."""
+    name = type(module).__name__
+    if x.dim() != (4 if spatial else 2) or x.shape[1] != field_type.size:
+        shape = "[B, C, H, W]" if spatial else "[B, C]"
+        raise ValueError(f"{name} expects {shape} with C = {field_type.size} ({len(field_type)} fields of "
+                         f"size {single_repr(field_type).size}), got shape {tuple(x.shape)}")
+    if (x.dtype != dtype and not autocast_enabled(x.device)) or not x.is_floating_point():
+        hint = " (images as uint8: convert with x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise RuntimeError(f"{name}: input dtype {x.dtype} does not match the weights' {dtype}{hint}; cast the "
+                           f"input (x.to({dtype})) or the model (model.to(dtype)), or run under torch.autocast")
