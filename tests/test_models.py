@@ -464,3 +464,62 @@ def test_auto_basis(group, basis):
     model = timm.create_model("pe_resnet18", group=group, layers=[1, 1, 1, 1], num_classes=2)
     assert {m.basis for m in model.modules() if isinstance(m, PEConv2d)} == {basis}
     assert model.model_args["basis"] == "auto"
+
+
+# -- one declaration of the options ----------------------------------------------------------------------------
+def test_one_declaration_derives_every_table():
+    """An option is declared once (eqzoo.validate.OPTIONS); the checks, the layer factory's
+    arguments, the load-time override check and the saved schema are read from it. Printed for
+    `basis`, the tables an option addition shows up in."""
+    from eqzoo.models import _builder, _schema
+    from eqzoo.models._layers import FieldLayers
+    from eqzoo.validate import OPTIONS, check_arg
+
+    opt = OPTIONS["basis"]
+    tables = {"check": opt.problem("fourier"), "FieldLayers.ARGS": "basis" in FieldLayers.ARGS,
+              "load may not override": "basis" in _builder._FUNCTION_ARGS,
+              "saved schema": _schema.model_arg_problem("pe_wrn16_8", "basis", "fourier")}
+    print(tables)
+    assert tables["check"] == "must be one of ('auto', 'antialiased', 'complete'), got 'fourier'"
+    assert tables["FieldLayers.ARGS"] and tables["load may not override"]
+    assert tables["saved schema"] == tables["check"]
+    assert _schema.model_arg_problem("pe_resnet18", "basis", "complete") is None
+    with pytest.raises(ValueError, match=r"basis must be one of"):
+        check_arg("basis", "fourier")
+    # every table is exactly what the declaration says
+    assert FieldLayers.ARGS == tuple(k for k, o in OPTIONS.items() if o.layer)
+    assert set(_builder._FUNCTION_ARGS) == {k for k, o in OPTIONS.items() if o.effect == "function"}
+    assert set(_builder._ARCHITECTURE_ARGS) == {k for k, o in OPTIONS.items() if o.effect == "architecture"}
+    # every constructor argument is declared, and the common ones are taken by every family
+    for cls in (PEResNet, PEWideResNet):
+        args = set(_schema.accepted_args(cls))
+        assert args <= set(OPTIONS), args - set(OPTIONS)
+        assert {k for k, o in OPTIONS.items() if o.common} <= args
+
+
+def test_model_args_recorded_as_given():
+    m = timm.create_model("pe_resnet18", block="basic", layers=[1, 1, 1, 1], num_classes=2)
+    assert m.model_args["block"] == "basic" and m.model_args["layers"] == [1, 1, 1, 1]
+    assert "counterpart" not in m.model_args and "device" not in m.model_args
+
+
+def test_nothing_in_eqzoo_assigns_into_timm_and_private_imports_are_named_once():
+    private = []
+    for path in sorted((ROOT / "eqzoo").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        timm_names = {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                      for a in n.names if a.name.split(".")[0] == "timm"}
+        timm_names |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                       and (n.module or "").split(".")[0] == "timm" for a in n.names}
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for t in targets:
+                while isinstance(t, (ast.Attribute, ast.Subscript)):
+                    t = t.value
+                    if isinstance(t, ast.Name):
+                        assert t.id not in timm_names, f"{path.name}:{node.lineno} assigns into timm"
+            parts = (node.module or "").split(".") if isinstance(node, ast.ImportFrom) and not node.level else [""]
+            if parts[0] == "timm" and any(p.startswith("_") for p in parts[1:]):
+                private.append(path.relative_to(ROOT).as_posix())
+    assert set(private) == {"eqzoo/_timm.py"}, private

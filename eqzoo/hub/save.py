@@ -21,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from timm.models import is_model
-from timm.models._hub import save_config_for_hf
-from timm.models._input import get_model_args
+from timm.models import get_model_args
 from torch import nn
 
 from .._io import atomic_write, new_sibling_dir, replace_dir, save_tensors, sha256, write_json
+from .._timm import save_config_for_hf
 from ..errors import HubConfigError
 from ..export import export as export_model
 from ..models._schema import (CARD_NAME, CONFIG_NAME, EXPORT_DIR, HUB_FORMAT, LIKELIHOODS_NAME, PLOT_NAME,

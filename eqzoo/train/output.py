@@ -4,10 +4,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from timm.models._hub import save_config_for_hf
 from torch import nn
 
 from .._io import atomic_write, new_sibling_dir, replace_dir, save_tensors
+from .._timm import save_config_for_hf
 from ..data import DATASETS
 from ..hub import is_pe_architecture, save_pretrained
 from ..hub.card import run_card_data
