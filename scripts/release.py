@@ -1,6 +1,7 @@
 """The release: official checkpoints of registered architectures, built, staged and published.
 
     python scripts/release.py build [NAME ...] [--configs configs/release] [--out runs/release]
+    python scripts/release.py speed [NAME ...] [--batches 64 256] [--steps 10]
     python scripts/release.py report [--out runs/release]
     python scripts/release.py publish --org ORG [NAME ...] [--endpoint URL] [--registry FILE]
 
@@ -200,6 +201,40 @@ def cmd_build(args) -> None:
         build_one(rel, out)
 
 
+# -- speed -------------------------------------------------------------------------------------------
+def cmd_speed(args) -> None:
+    """Training throughput of each release's model, data and settings at several batch sizes, and
+    the build time it implies: two short epochs of ``batch x --steps`` images each with eqzoo's own
+    engine (the first one warms up, the second is timed), no validation or test."""
+    import copy
+    import math
+    import tempfile
+
+    import eqzoo.train
+
+    out = Path(args.out)
+    lines = ["| checkpoint | batch | images/s | hours for its epochs (training only) |", "|---|--:|--:|--:|"]
+    for rel in read_releases(Path(args.configs), out, args.names):
+        cfg = rel["train"]
+        for batch in args.batches:
+            n = batch * args.steps
+            if cfg["data"]["name"] == "ddmnist":  # balanced over its 100 classes
+                n = math.ceil(n / 100) * 100
+            probe = copy.deepcopy(cfg)
+            probe["data"].update(train_size=n, val_size=0, test_size=0, batch_size=batch)
+            probe["schedule"].update(epochs=2, warmup_epochs=0)
+            with tempfile.TemporaryDirectory(prefix="release-speed-") as tmp:
+                probe.update(output=str(Path(tmp) / "run"), save_model=False, tensorboard=False)
+                history = eqzoo.train.train(probe)["history"]
+            rate = n / history[1]["time"]
+            hours = cfg["schedule"]["epochs"] * cfg["data"]["train_size"] / rate / 3600
+            lines.append(f"| {rel['name']} | {batch} | {rate:.0f} | {hours:.2f} |")
+            print(lines[-1], flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
 # -- report ------------------------------------------------------------------------------------------
 def cmd_report(args) -> None:
     out = Path(args.out)
@@ -292,7 +327,12 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="train, evaluate and stage checkpoints (resumable)")
     b.add_argument("names", nargs="*", metavar="NAME", help="release files to build (default: all)")
-    b.add_argument("--configs", default=str(ROOT / "configs" / "release"), help="folder of NAME.yaml release files")
+    sp = sub.add_parser("speed", help="measure training throughput at several batch sizes (a few steps each)")
+    sp.add_argument("names", nargs="*", metavar="NAME", help="release files to measure (default: all)")
+    sp.add_argument("--batches", nargs="+", type=int, default=[64, 256])
+    sp.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    for q in (b, sp):
+        q.add_argument("--configs", default=str(ROOT / "configs" / "release"), help="folder of NAME.yaml release files")
     r = sub.add_parser("report", help="table of the built checkpoints and their validation curves")
     pub = sub.add_parser("publish", help="upload the staged checkpoints and write their registry tags")
     pub.add_argument("names", nargs="*", metavar="NAME", help="checkpoints to publish (default: all built)")
@@ -300,10 +340,10 @@ def main(argv=None) -> int:
     pub.add_argument("--endpoint", help="Hub URL (default: huggingface_hub's, i.e. $HF_ENDPOINT or the Hub)")
     pub.add_argument("--registry", help="registry file to write (default: $EQZOO_PUBLISHED, else the package's "
                                         "eqzoo/models/published.json)")
-    for q in (b, r, pub):
+    for q in (b, sp, r, pub):
         q.add_argument("--out", default="runs/release", help="where runs, staged folders and records go")
     args = p.parse_args(argv)
-    {"build": cmd_build, "report": cmd_report, "publish": cmd_publish}[args.cmd](args)
+    {"build": cmd_build, "speed": cmd_speed, "report": cmd_report, "publish": cmd_publish}[args.cmd](args)
     return 0
 
 

@@ -91,6 +91,10 @@ def test_build_stages_an_evaluated_checkpoint(built):
     before = (out / "d4_rotmnist" / "release.json").stat().st_mtime_ns
     release.main(["build", "d4_rotmnist", "--configs", str(configs), "--out", str(out)])
     assert (out / "d4_rotmnist" / "release.json").stat().st_mtime_ns == before
+    release.main(["speed", "d4_rotmnist", "--batches", "10", "20", "--steps", "2", "--configs", str(configs),
+                  "--out", str(out)])
+    rows = [line.split("|") for line in (out / "speed.md").read_text().splitlines() if "| d4_rotmnist |" in line]
+    assert [int(row[2]) for row in rows] == [10, 20] and all(float(row[4]) >= 0 for row in rows)
     release.main(["report", "--out", str(out)])
     assert "| d4_rotmnist | pe_resnet18.d4_rotmnist | yes |" in (out / "release.md").read_text()
 
