@@ -216,3 +216,25 @@ def test_wrn_saves_and_loads(tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert _close(loaded(x), model(x))
+
+
+def test_timms_own_save_loads_back(tmp_path):
+    """timm.models.save_for_hf writes what the model records (model_args with the bases' fingerprint):
+    the folder loads back with its bases checked; timm's default pickle-only save is refused."""
+    torch.manual_seed(0)
+    model = trained_looking(_small("C4")).eval()
+    timm.models.save_for_hf(model, tmp_path / "timm", safe_serialization=True)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert loaded.model_args["group"] == "C4"
+    path = tmp_path / "timm" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model_args"]["basis_fingerprint"] = "0123456789abcdef"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(eqzoo.hub.CheckpointError, match="basis fingerprint mismatch"):
+        timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True)
+    timm.models.save_for_hf(model, tmp_path / "pickled")  # timm's default: pytorch_model.bin only
+    with pytest.raises(eqzoo.hub.CheckpointError, match=r"model.safetensors not found.*never from pickle"):
+        timm.create_model(f"local-dir:{tmp_path / 'pickled'}", pretrained=True)
