@@ -67,7 +67,7 @@ class _TwirledLayer(nn.Module):
         else:
             self.register_buffer("weight_breaking", None)
         t = self._ops.invariant_out.shape[1]
-        self.register_parameter("bias", nn.Parameter(torch.zeros(len(out_type), t, **dd)) if bias and t > 0 else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(len(out_type), t, **dd)) if bias and t else None)
         self._cache = None
         self.reset_parameters()
         self._prepare_constants()
@@ -156,7 +156,9 @@ class _TwirledLayer(nn.Module):
         return self._coefficients_and_bias("pixels")
 
     def _state(self) -> list[torch.Tensor]:
-        return [t for t in (self.weight, self.weight_breaking, self.likelihood.coefficients, self.bias) if t is not None]
+        """The tensors the filter and bias are made of."""
+        state = (self.weight, self.weight_breaking, self.likelihood.coefficients, self.bias)
+        return [t for t in state if t is not None]
 
     def _current(self):
         if not self.training and torch.jit.is_tracing():

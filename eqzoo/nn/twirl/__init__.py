@@ -120,9 +120,9 @@ _TWIRLS: dict = {}
 
 def twirl_of(ops: TwirlOperators, dtype: torch.dtype, device: torch.device) -> Twirl:
     """``ops`` as a :class:`Twirl` in ``dtype`` on ``device``, made once and shared by every layer
-    with the same operators (most layers of a network: the D8 twirl values alone are ~10 MB per
-    3x3 layer). Cast from the float64 operators, so ``.double()`` layers are exact; kept for the
-    process."""
+    with the same operators (most layers of a network; the twirl values grow with the group's
+    order squared, so one copy per layer would multiply a model's memory). Cast from the float64
+    operators, so ``.double()`` layers are exact; kept for the process."""
     key = (id(ops), dtype, device)
     entry = _TWIRLS.get(key)
     if entry is None:

@@ -50,7 +50,8 @@ class Frame:
         gamma = np.argmax(sigma_out == 0, axis=0)  # γ_a: the element taking component 0 to a
         d_in, H = r_in.shape[1], T.shape[1]
         to_canonical = np.array([a * d_in + sigma_in[gamma[a], b] for a in range(d_out) for b in range(d_in)])
-        arrays = dict(rho_out=r_out.reshape(m, -1), uniform=r_out.mean(0), harmonic_actions=T[gamma].transpose(0, 2, 1),
+        arrays = dict(rho_out=r_out.reshape(m, -1), uniform=r_out.mean(0),
+                      harmonic_actions=T[gamma].transpose(0, 2, 1),
                       pixel_bases=np.einsum("ahk,kp->aph", T[gamma], ops.basis.reshape(H, -1)),
                       to_canonical=to_canonical, to_frame=np.argsort(to_canonical))
         return Frame(**{k: torch.tensor(v, **(ints if v.dtype.kind == "i" else floats)) for k, v in arrays.items()})

@@ -33,4 +33,5 @@ def pixel_filter(q: torch.Tensor, W0: torch.Tensor, ops, W1: torch.Tensor | None
     basis = torch.as_tensor(ops.basis).to(W0)
     d_out, d_in, _, f_out, f_in = W0.shape
     k = basis.shape[-1]
-    return torch.einsum("abhoi,hxy->oaibxy", coefficients(q, W0, ops, W1), basis).reshape(f_out * d_out, f_in * d_in, k, k)
+    filt = torch.einsum("abhoi,hxy->oaibxy", coefficients(q, W0, ops, W1), basis)
+    return filt.reshape(f_out * d_out, f_in * d_in, k, k)

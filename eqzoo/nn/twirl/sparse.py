@@ -36,7 +36,7 @@ class SparseConstants:
     def of(sparse, basis, floats: dict, ints: dict) -> "SparseConstants":
         """From the operators' numpy pattern (see :class:`~eqzoo.nn.twirl.operators.SparseTwirl`)."""
         m, R, K = sparse.values.shape
-        values = torch.cat([torch.tensor(sparse.values).reshape(m, -1), torch.tensor(sparse.values_t).reshape(m, -1)], 1)
+        values = torch.cat([torch.tensor(v).reshape(m, -1) for v in (sparse.values, sparse.values_t)], 1)
         bags = torch.arange(R, **ints)
         return SparseConstants(torch.tensor(basis, **floats), values.to(**floats), torch.tensor(sparse.cols, **ints),
                                torch.tensor(sparse.rows_t, **ints), bags * K, bags.repeat_interleave(K))
