@@ -316,11 +316,13 @@ def test_pinned_revision_second_push_and_offline(pushed, local_hub, model, x, y)
         assert torch.equal(_load(f"hf-hub:{REPO}@{first}")(x), y)
 
 
-def test_registry_tag_reads_model_args_from_hub(pushed, x, y):
-    # no group/num_classes given: the default (D4, 1000 classes) would not even load these weights
-    m = _load("pe_resnet18", pretrained_cfg_overlay=dict(hf_hub_id=f"{REPO}@{pushed.oid}"))
-    assert m.num_classes == 10 and m.group.spec == "C4"
+def test_hf_hub_id_overlay_builds_the_architecture_of_the_code(pushed, x, y):
+    # as with a timm tag, the architecture comes from the arguments given, the weights from the Hub
+    overlay = dict(hf_hub_id=f"{REPO}@{pushed.oid}", num_classes=10)  # else timm drops the classifier
+    m = _load("pe_resnet18", group="C4", num_classes=10, pretrained_cfg_overlay=overlay)
     assert torch.equal(m(x), y)
+    with pytest.raises(CheckpointError, match="basis fingerprint mismatch"):  # the default D4 build: refused
+        _load("pe_resnet18", num_classes=10, pretrained_cfg_overlay=overlay)
     assert hub.model_args_from_hub(dict(hf_hub_id=REPO))["group"] == "C4"
 
 
