@@ -866,3 +866,119 @@ def test_saved_folders_name_no_sources_and_say_what_is_missing(saved, tmp_path, 
     path.write_text(json.dumps(cfg))  # NaN/inf are written as the JSON extensions Python reads back
     with pytest.raises(HubConfigError, match=match):
         _load(folder)
+
+
+# -- saving and the Hub's files --------------------------------------------------------------------------------
+def _edit_likelihoods(folder, fn):
+    path = folder / "likelihoods.json"
+    record = json.loads(path.read_text())
+    fn(record["likelihoods"])
+    path.write_text(json.dumps(record))  # NaN/inf are written as the JSON extensions Python reads back
+
+
+def _set_first(key, index, value):
+    def edit(entries):
+        entry = entries["conv1.likelihood"]
+        (entry["grid"] if key == "density" else entry)[key][index] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_set_first("coefficients", 0, float("nan")),
+     r"likelihoods.json: likelihood 'conv1.likelihood': coefficients\[0\] is nan; every number must be finite"),
+    (_set_first("coefficients", 1, float("-inf")), r"'conv1.likelihood': coefficients\[1\] is -inf"),
+    (_set_first("density", 3, float("inf")), r"'conv1.likelihood': grid.density\[3\] is inf"),
+    (_set_first("coefficients", 0, 1e308), r"'conv1.likelihood': coefficients\[0\] is 1e\+308, beyond float32's range"),
+    (lambda entries: entries.update({f"extra{i}": {} for i in range(1024)}),
+     r"likelihoods.json has 1036 likelihoods, above the maximum of 1024"),
+])
+def test_likelihoods_json_is_bounded_and_finite(saved, tmp_path, edit, match):
+    folder = _copy(saved, tmp_path)
+    _edit_likelihoods(folder, edit)
+    with pytest.raises(HubConfigError, match=match) as info:
+        eqzoo.load_likelihoods(folder)
+    assert str(folder) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_likelihoods_json_size_is_bounded(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    path = folder / "likelihoods.json"
+    path.write_text(path.read_text() + " " * hub.likelihoods.MAX_LIKELIHOODS_BYTES)  # valid JSON, too big
+    with pytest.raises(HubConfigError, match=r"likelihoods.json is 16.\d MiB, above the maximum of 16 MiB"):
+        eqzoo.load_likelihoods(folder)
+    path.write_text("[" * 100_000 + "]" * 100_000)  # small, but nested past any parser's depth
+    with pytest.raises(HubConfigError, match=r"likelihoods.json is not valid \(nested too deeply\)"):
+        eqzoo.load_likelihoods(folder)
+
+
+def test_offline_cache_miss_says_offline(tmp_path):
+    from hub_server import offline, serve_hub
+
+    with serve_hub(tmp_path) as server:
+        with offline(), pytest.raises(FileNotFoundError, match=r"likelihoods.json of hf-hub:eqzoo-test/never-fetched "
+                                                               r"is not in the offline cache \(HF_HUB_OFFLINE is set\)"):
+            eqzoo.load_likelihoods("hf-hub:eqzoo-test/never-fetched")
+        server.stop()  # online, but the Hub cannot be reached
+        with pytest.raises(FileNotFoundError, match=r"not in the local cache and the Hub cannot be reached"):
+            eqzoo.load_likelihoods("hf-hub:eqzoo-test/never-fetched")
+
+
+@pytest.mark.parametrize("model_args, match", [
+    (dict(group="C4"), r"model_args\['group'\] = 'C4' disagrees with the model, which has group = 'D4'"),
+    (dict(layers=[2, 2, 2, 2]), r"model_args\['layers'\] = \[2, 2, 2, 2\] disagrees with the model"),
+    (dict(num_classes=7), r"model_args\['num_classes'\] = 7 disagrees with the model, which has num_classes = 3"),
+])
+def test_save_refuses_model_args_that_disagree_with_the_model(small, tmp_path, model_args, match):
+    with pytest.raises(HubConfigError, match=match):
+        hub.save_pretrained(small, tmp_path / "out", model_args=model_args, plot=False)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+    hub.save_pretrained(small, tmp_path / "out", model_args=dict(group="D4", basis="auto"), plot=False,
+                        export=False)  # what the model has: accepted
+
+
+def test_save_through_a_symbolic_link(small, tmp_path):
+    target = tmp_path / "models" / "v1"
+    target.mkdir(parents=True)
+    link = tmp_path / "latest"
+    link.symlink_to(target, target_is_directory=True)
+    for _ in range(2):  # into an empty target, then replacing a saved one
+        hub.save_pretrained(small, link, plot=False, export=False)
+        assert link.is_symlink() and link.resolve() == target.resolve()
+        assert (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["v1"]  # no temporaries left
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(_load(link).eval()(x), small(x))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_killed_writes_leave_nothing_behind_after_the_next(small, tmp_path):
+    target, dead, alive = tmp_path / "model", _dead_pid(), os.getpid()
+    stale = [tmp_path / f".model.{dead}.0123abcd.new", tmp_path / f".model.{dead}.89abcdef.old"]
+    live = tmp_path / f".model.{alive}.00000000.new"  # a save of this process, in progress
+    other = tmp_path / f".other.{dead}.0123abcd.new"  # another target's: not this save's business
+    for folder in stale + [live, other]:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    hub.save_pretrained(small, target, plot=False, export=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, other.name])
+    # the same for a single file's temporary
+    (tmp_path / f".a.json.{dead}.0123abcd.tmp").write_text("{")
+    write_json(tmp_path / "a.json", {})
+    assert not list(tmp_path.glob(".a.json.*"))
+
+
+def test_io_needs_no_fcntl(monkeypatch, tmp_path):
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows, where fcntl does not exist
+    spec = importlib.util.spec_from_file_location("eqzoo._io_without_fcntl", ROOT / "eqzoo" / "_io.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with module.locked(tmp_path / "lock") as got, locked(tmp_path / "lock", blocking=False) as again:
+        assert got and not again
