@@ -2,7 +2,6 @@
 server (the unpublished CNN from its staged folder) and trained from scratch on the same few labels,
 resumably; the report's table; and the few-label data sets it uses."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
