@@ -304,7 +304,8 @@ def cmd_publish(args) -> None:
             print(f"{r['name']}: already published as {repo_id}@{done['revision']}", flush=True)
             continue
         _stage_for_repo(r, stage, repo_id)  # the card names the repo it is published in
-        info = eqzoo.hub.publish(stage, repo_id, commit_message=f"eqzoo release {r['tag']} ({r['commit']})")
+        info = eqzoo.hub.publish(stage, repo_id, commit_message=f"eqzoo release {r['tag']} ({r['commit']})",
+                                 overwrite_card=True)  # the card describes these weights, also on a re-publish
         tags[r["tag"]] = registry_entry(stage, r, repo_id, info.oid)
         done_file.write_text(json.dumps({"repo_id": repo_id, "revision": info.oid, "sha256": weights,
                                          "endpoint": os.environ.get("HF_ENDPOINT")}, indent=1) + "\n")
