@@ -238,3 +238,26 @@ def test_timms_own_save_loads_back(tmp_path):
     timm.models.save_for_hf(model, tmp_path / "pickled")  # timm's default: pytorch_model.bin only
     with pytest.raises(eqzoo.hub.CheckpointError, match=r"model.safetensors not found.*never from pickle"):
         timm.create_model(f"local-dir:{tmp_path / 'pickled'}", pretrained=True)
+
+
+def test_saved_pretrained_cfg_describes_the_training_data(tmp_path, caplog):
+    """A 1-channel model trained at 32x32 says so in what it saves (not the registry's
+    [3, 224, 224] and ImageNet mean), and neither building, saving nor loading warns of channels."""
+    with caplog.at_level("WARNING"):
+        model = timm.create_model("pe_resnet18", in_chans=1, **SMALL)
+        assert model.pretrained_cfg["input_size"][0] == 1 and len(model.pretrained_cfg["mean"]) == 1
+        eqzoo.models.set_data_config(model, resolve_data_config({"input_size": (1, 32, 32), "mean": (0.13,),
+                                                                 "std": (0.3,)}, model=model),
+                                     label_names=["a", "b", "c"])
+        eqzoo.save_pretrained(model, tmp_path / "m", export=False, plot=False)
+        timm.models.save_for_hf(model, tmp_path / "t", safe_serialization=True)
+        for folder in ("m", "t"):
+            cfg = json.loads((tmp_path / folder / "config.json").read_text())
+            assert cfg["pretrained_cfg"]["input_size"] == [1, 32, 32], folder
+            assert cfg["pretrained_cfg"]["mean"] == [0.13] and cfg["pretrained_cfg"]["std"] == [0.3], folder
+            loaded = timm.create_model(f"local-dir:{tmp_path / folder}", pretrained=True)
+            assert resolve_model_data_config(loaded)["input_size"] == (1, 32, 32)
+            assert loaded.pretrained_cfg["label_names"] == ["a", "b", "c"]
+    assert not [r for r in caplog.records if "does not match" in r.getMessage()]
+    with pytest.raises(ValueError, match="2 label names for 3 classes"):
+        eqzoo.models.set_data_config(model, label_names=["a", "b"])

@@ -8,6 +8,7 @@ torchvision's ``create_feature_extractor`` directly, pass ``tracer_kwargs=eqzoo.
 from timm.layers import get_notrace_functions, get_notrace_modules, register_notrace_function, register_notrace_module
 
 from ..nn import FieldBatchNorm2d, FourierReLU, GatedReLU, NormReLU, PEConv2d, PELinear
+from ._common import set_data_config
 from ._layers import check_pooled
 from .pe_resnet import PEBasicBlock, PEBottleneck, PEResNet
 from .pe_wrn import PEWideResNet, WideResNet
@@ -23,4 +24,5 @@ def fx_tracer_kwargs() -> dict:
     return {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
 
 
-__all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck", "PEWideResNet", "WideResNet", "fx_tracer_kwargs"]
+__all__ = ["PEResNet", "PEBasicBlock", "PEBottleneck", "PEWideResNet", "WideResNet", "fx_tracer_kwargs",
+           "set_data_config"]

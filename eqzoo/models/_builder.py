@@ -25,6 +25,7 @@ from ..errors import CheckpointError, HubConfigError, ModelArgError
 from ..sources import fetch
 from ..validate import check_arg, is_json, options_where
 from ._checkpoint import checkpoint_filter
+from ._common import set_data_config
 from ._pretrained import apply_published
 from ._schema import (CONFIG_NAME, PINNED_BASES, RUNTIME_ARGS, WEIGHTS_NAME, architecture_args, head_kind,
                       load_config_file, register_architectures, validate_saved_config)
@@ -171,7 +172,7 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
                                   features_only=bool(kwargs.get("features_only")),
                                   then=kwargs.pop("pretrained_filter_fn", None))
     try:
-        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
+        model = build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, **kwargs)
     except ModelArgError as e:
         if checkpoint is None:
             raise
@@ -181,6 +182,8 @@ def build_pe_model(model_cls, variant: str, pretrained: bool = False, **kwargs):
         if not pretrained or name in str(e) or (checkpoint is not None and checkpoint["source"] in str(e)):
             raise
         raise CheckpointError(f"{name}: {e}") from None
+    set_data_config(model)  # the registry's 3-channel input fitted to in_chans (timm then warns of nothing)
+    return model
 
 
 def _weights_name(checkpoint: dict | None, kwargs: dict, variant: str) -> str:

@@ -125,3 +125,41 @@ class PEModelBase(nn.Module):
             if "Error(s) in loading state_dict" not in str(e):
                 raise
             raise _load_error(self, e) from None
+
+
+_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode", "label_names")
+
+
+def set_data_config(model: nn.Module, data_config: dict | None = None, **values) -> dict:
+    """Make ``model.pretrained_cfg`` describe the data the model was trained on (what a saved
+    config.json and card then say): ``input_size``, ``mean``, ``std``, ``interpolation``,
+    ``crop_pct``, ``crop_mode`` (as timm's ``resolve_data_config`` gives them) and ``label_names``,
+    from ``data_config`` and then ``values``. Whatever is not given is fitted to the model's input
+    channels (a 3-channel mean becomes its average for 1 channel, as timm's loaders use it).
+    Returns the new pretrained_cfg."""
+    given = {k: v for k, v in dict(data_config or {}, **values).items() if k in _DATA_KEYS and v is not None}
+    unknown = set(values) - set(_DATA_KEYS)
+    if unknown:
+        raise ValueError(f"set_data_config: unknown keys {sorted(unknown)}; accepted: {', '.join(_DATA_KEYS)}")
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {}, **given)
+    channels = int(getattr(model, "in_chans", 0) or (cfg.get("input_size") or (3,))[0])
+    if cfg.get("input_size") and cfg["input_size"][0] != channels:
+        cfg["input_size"] = (channels, *cfg["input_size"][1:])
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is not None and len(value) not in (1, channels):
+            cfg[key] = tuple([sum(value) / len(value)] * channels)
+    for key in ("test_input_size", "min_input_size"):
+        if cfg.get(key) and "input_size" in given:
+            cfg.pop(key)  # the registry's recommendation for another input
+    if "label_names" in given and len(given["label_names"]) != getattr(model, "num_classes", len(given["label_names"])):
+        raise ValueError(f"set_data_config: {len(given['label_names'])} label names for {model.num_classes} classes")
+    if "label_names" in given:  # the names are of this head's classes (timm's save drops them otherwise)
+        cfg["num_classes"] = len(given["label_names"])
+    current = getattr(model, "pretrained_cfg", None)
+    if isinstance(current, dict):  # in place: timm's default_cfg is the same dict
+        current.clear()
+        current.update(cfg)
+        return current
+    model.pretrained_cfg = cfg
+    return cfg
