@@ -122,7 +122,7 @@ SCHEMA: dict[str, Any] = {
                                                 "null: torch's default. On a busy machine 1 can be much faster"),
     "amp": Key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
     "channels_last": Key(bool, True, doc="channels_last memory format (CUDA only)"),
-    "progress": Key(bool, True, doc="tqdm progress bars"),
+    "progress": Key(bool, True, doc="tqdm progress bars (on a terminal only: batch logs get no carriage-return lines)"),
     "log_interval": Key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
     "tensorboard": Key(bool, True, doc="also log to TensorBoard when it is installed"),
     "save_model": Key(bool, True, doc="write the Hub-format model folder at the end"),

@@ -4,11 +4,10 @@ ends where one process with the same global batch ends.
 What matches, and why: both runs see the same images per global step (DistributedSampler with the
 same seed; ``data.batch_size`` is the global batch), DDP averages the per-process gradients of the
 mean loss (= the gradient of the global mean), and the regularisers are added identically on every
-process. Batch norm is the exception: in training mode each process normalises with the statistics
-of its own half-batch. The test therefore uses ``freeze_bn: true`` (norm layers in eval mode) and
-SGD (linear in the gradient, so float reduction-order noise stays at that level; Adam divides by
-sqrt(v) and can magnify noise in near-zero gradients). With batch statistics, DDP runs train fine
-but are not bit-comparable to one process — that is BN, not the engine.
+process. The engine test uses ``freeze_bn: true`` (norm layers in eval mode) and SGD (linear in
+the gradient, so float reduction-order noise stays at that level; Adam divides by sqrt(v) and can
+magnify noise in near-zero gradients); the synchronised field batch norm that ``eqzoo train``
+uses under DDP is compared with one process on the concatenated batch on its own.
 """
 import json
 import os
@@ -69,3 +68,68 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     # the checkpoint holds both processes' RNG states (for an exact DDP resume), written once by rank 0
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "epoch-0002" / "state.json").read_text())
     assert len(state["rng"]) == 2
+
+
+SYNC_BN_SCRIPT = r"""
+import sys
+
+import timm
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+import eqzoo
+from eqzoo.nn import SyncFieldBatchNorm2d, convert_sync_batchnorm
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+out = {}
+for group in ("D4", "O2"):  # permutation fields, and general (band-limited) fields
+    torch.manual_seed(0)
+    model = convert_sync_batchnorm(timm.create_model("pe_resnet18", group=group, **eval(sys.argv[2])))
+    assert any(isinstance(m, SyncFieldBatchNorm2d) for m in model.modules())
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+    y = net(x.chunk(world)[rank])
+    y.square().mean().backward()  # DDP averages: the gradient of the mean over the whole batch
+    ys = [torch.empty_like(y) for _ in range(world)]
+    dist.all_gather(ys, y.detach())
+    out[group + ".out"] = torch.cat(ys)
+    out.update({f"{group}.grad.{k}": p.grad for k, p in model.named_parameters() if p.grad is not None})
+    out.update({f"{group}.buffer.{k}": b for k, b in model.named_buffers() if "running" in k})
+if rank == 0:
+    save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+SMALL = dict(layers=[1, 1, 1, 1], stem_width=16, channels=[16, 16, 32, 32], num_classes=5)
+
+
+def test_sync_field_batch_norm_matches_one_process_on_the_whole_batch(tmp_path):
+    import timm
+
+    from eqzoo.nn import convert_sync_batchnorm
+
+    script, result = tmp_path / "sync_bn.py", tmp_path / "ddp.safetensors"
+    script.write_text(SYNC_BN_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(result), repr(SMALL)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp = load_file(str(result))
+    for group in ("D4", "O2"):
+        torch.manual_seed(0)
+        # outside a process group the converted layer is the plain one: this is one process
+        model = convert_sync_batchnorm(timm.create_model("pe_resnet18", group=group, **SMALL))
+        x = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(1))
+        y = model(x)
+        y.square().mean().backward()
+        assert torch.allclose(ddp[group + ".out"], y.detach(), rtol=1e-4, atol=1e-5), group
+        grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+        assert {k[len(group) + 6:] for k in ddp if k.startswith(group + ".grad.")} == set(grads)
+        for k, g in grads.items():
+            assert torch.allclose(ddp[f"{group}.grad.{k}"], g, rtol=1e-3, atol=1e-5), (group, k)
+        buffers = {k: b for k, b in model.named_buffers() if "running" in k}
+        assert buffers and all(torch.allclose(ddp[f"{group}.buffer.{k}"], b, rtol=1e-4, atol=1e-6)
+                               for k, b in buffers.items()), group

@@ -57,6 +57,34 @@ def test_runner_errors(tmp_path, capsys):
     assert exit_.value.code == 2 and "usage: python -m eqzoo.timm_script SCRIPT" in capsys.readouterr().out
 
 
+SYNC_BN_STAND_IN = '''
+import os, sys
+import timm, torch
+import torch.distributed as dist
+from eqzoo.nn import SyncFieldBatchNorm2d
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)  # as train.py does under torchrun
+model = timm.create_model("pe_resnet18", num_classes=3, layers=[1, 1, 1, 1], stem_width=8, channels=[8, 8, 8, 8])
+model(torch.randn(2, 3, 16, 16)).sum().backward()
+print(sum(isinstance(m, SyncFieldBatchNorm2d) for m in model.modules()), sum("BatchNorm" in type(m).__name__ for m in model.modules()))
+dist.destroy_process_group()
+'''
+
+
+def test_sync_bn_converts_field_batch_norms(tmp_path):
+    import socket
+
+    (tmp_path / "stand_in.py").write_text(SYNC_BN_STAND_IN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = _run([tmp_path / "stand_in.py", port, "--sync-bn"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    synced, norms = map(int, res.stdout.split()[-2:])
+    assert synced == norms == 12, res.stdout  # the stem's, the blocks' and the downsampling paths' norms
+
+
 def _image_folder(root):
     """Two classes (a red and a blue square), four 32x32 images each, in train/ and validation/."""
     for split in ("train", "validation"):

@@ -238,3 +238,22 @@ def test_example_configs_for_your_own_images(full_run, tmp_path):
     recorded = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert recorded["model"] == f"local-dir:{run / 'hub'}" and recorded["data"]["name"] == "imagefolder"
     assert json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())["num_classes"] == 2
+
+
+def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, monkeypatch):
+    import logging
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if TensorBoard were not installed
+    small = {"train_size": 64, "val_size": 16, "test_size": 16}
+    train(tiny(tmp_path / "run", progress=True, tensorboard=True, data=small, schedule={"epochs": 2}))
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err  # not a terminal: no progress bar
+    assert out.count("TensorBoard is not installed") == 1 and not (tmp_path / "run" / "tb").exists()
+    assert "batch 32 in all (data.batch_size), 32 per process" in out  # the global and the per-process batch
+    records, logger = [], logging.getLogger("eqzoo.train")
+    handler = logging.Handler()
+    handler.emit = records.append
+    monkeypatch.setattr(logger, "handlers", [handler])  # an application's own handler replaces the console
+    train(tiny(tmp_path / "run2", data=small, schedule={"epochs": 1}))
+    assert any(r.getMessage().startswith("results: ") for r in records) and capsys.readouterr().out == ""

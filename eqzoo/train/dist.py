@@ -1,6 +1,7 @@
 """Processes and devices of a run: one process, or DDP under torchrun (gloo on CPU, NCCL on GPU)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -59,10 +60,32 @@ def run_device(cfg: dict, d: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def log(d: Dist, msg: str) -> None:
-    """A line on stdout from the main process (through tqdm, so that progress bars stay whole)."""
+logger = logging.getLogger("eqzoo.train")
+
+
+class _Console(logging.Handler):
+    """Lines on the stdout of the moment, through tqdm (a progress bar on a terminal stays whole)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
+def console_logging() -> None:
+    """The engine's messages go through the ``eqzoo.train`` logger; unless an application gave it
+    handlers of its own, they are printed on stdout (INFO and above), as timm's train.py does."""
+    if not logger.handlers:
+        logger.addHandler(_Console())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def log(d: Dist, msg: str, level: int = logging.INFO) -> None:
+    """A message from the main process."""
     if d.main:
-        tqdm.write(msg, file=sys.stdout)
+        logger.log(level, msg)
 
 
 def all_sum(values: list[float], d: Dist, device) -> list[float]:

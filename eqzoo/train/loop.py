@@ -1,6 +1,8 @@
 """One epoch of training and one pass of evaluation, on a :class:`~eqzoo.train.run.Run`."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,7 @@ def train_epoch(r, epoch: int) -> dict:
     reg_sums = dict.fromkeys(REGULARIZERS, 0.0)
     lam_kl, lr = lambda_kl(r.model), 0.0
     bar = tqdm(r.train_loader, desc=f"epoch {epoch + 1}/{r.cfg['schedule']['epochs']}", leave=False,
-               disable=not (r.cfg["progress"] and r.d.main), dynamic_ncols=True)
+               disable=not (r.cfg["progress"] and r.d.main and sys.stderr.isatty()), dynamic_ncols=True)
     for i, (x, y) in enumerate(bar):
         r.sched.step_update(r.state["step"])  # the schedule's lr for this update (times each group's lr_scale)
         lr = r.opt.param_groups[0]["lr"]

@@ -13,6 +13,7 @@ writes files.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import time
@@ -29,10 +30,11 @@ from .._io import atomic_write, load_tensors, save_tensors, write_json
 from ..config import RESUME_SAFE, config_diff, dump_config, validate_config
 from ..data import build_datasets, data_info
 from ..errors import CheckpointError, TrainingError
+from ..nn import convert_sync_batchnorm
 from ..sources import HUB_DIR
 from . import loop
 from .checkpoint import RunDir, load_checkpoint, rng_state, set_rng_state
-from .dist import Dist, init_dist, log, run_device
+from .dist import Dist, console_logging, init_dist, log, run_device
 from .model import build_model, build_optimizer, build_scheduler, check_optimizer, lambda_kl, mixed_precision
 from .output import record_input, save_model_dir
 
@@ -131,13 +133,14 @@ def _restore(r: Run) -> None:
         raise TrainingError(f"nothing to resume in {r.folder.path}: no usable checkpoint ({'; '.join(problems)}); "
                             "start the run again with --overwrite")
     for problem in problems:  # a damaged newer checkpoint: say so, and which one is used
-        log(r.d, f"warning: {problem}; resuming from {folder.name} instead")
+        log(r.d, f"warning: {problem}; resuming from {folder.name} instead", logging.WARNING)
     log(r.d, f"resuming {r.folder.path} from {folder.name}")
     r.folder.previous = folder
     if len(saved["rng"]) == r.d.world:
         set_rng_state(saved["rng"][r.d.rank])
     else:
-        log(r.d, f"warning: checkpoint from {len(saved['rng'])} processes, now {r.d.world}: RNG streams restart")
+        log(r.d, f"warning: checkpoint from {len(saved['rng'])} processes, now {r.d.world}: RNG streams restart",
+            logging.WARNING)
         torch.manual_seed(r.cfg["seed"] + 1000 * r.state["epoch"] + r.d.rank)
 
 
@@ -147,8 +150,8 @@ def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: CSV and JSON are always written
     except ImportError:
-        log(d, "tensorboard: true, but TensorBoard is not installed (pip install tensorboard): metrics go to "
-               "metrics.csv and metrics.json only")
+        log(d, "warning: tensorboard: true, but TensorBoard is not installed (pip install tensorboard): metrics go "
+               "to metrics.csv and metrics.json only", logging.WARNING)
         return None
     return SummaryWriter(str(folder.path / "tb"))
 
@@ -168,6 +171,8 @@ def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, st
     _claim(folder, resume, overwrite, d, stack)
     if d.main and not resume:  # at once: the folder now holds this run
         atomic_write(folder.path / "config.yaml", lambda p: p.write_text(dump_config(cfg), encoding="utf-8"))
+    if d.on:  # every process normalises with the statistics of the global batch, as one process would
+        model = convert_sync_batchnorm(model)
     channels_last = cfg["channels_last"] and device.type == "cuda"
     model.to(device)
     if channels_last:
@@ -252,6 +257,7 @@ def run_training(cfg: dict, resume: bool = False, stop_after_epoch: int | None =
                  overwrite: bool = False) -> dict:
     """Train with a config into ``cfg.output`` (see :func:`eqzoo.train.train`)."""
     cfg = validate_config(cfg)
+    console_logging()
     d = init_dist(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
