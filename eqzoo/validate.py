@@ -193,13 +193,16 @@ OPTIONS: dict[str, Option] = {o_name: o for o_name, o in [
     ("learn_likelihood", Option((bool,), layer=True, common=True,
                                 doc="false freezes every λ at uniform: the strict steerable model")),
     ("head", Option(choices=HEADS, effect="function", layer=True, common=True,
-                    doc="classifier: plain nn.Linear, learnt-λ PELinear, invariant PELinear; auto: plain "
-                        "for learnt λ, invariant for the strict model")),
+                    doc="classifier: plain (nn.Linear over all pooled channels), learnt (PELinear to trivial "
+                        "logits with a learnt λ), invariant (the same, λ frozen uniform); auto: plain for "
+                        "learnt λ, invariant for the strict model")),
     ("basis", Option(choices=BASES, effect="function", layer=True, common=True,
                      doc="kernel basis (eqzoo.kernels.BASES); auto: complete where the group maps the "
                          "pixel grid to itself, else antialiased")),
     ("nonlinearity", Option(choices=NONLINEARITIES, effect="function", layer=True, common=True,
-                            doc="nonlinearity of O(2)/SO(2) fields; finite groups: auto (channel-wise ReLU)")),
+                            doc="nonlinearity of O(2)/SO(2) fields: fourier (auto there; the ReLU sampled on the "
+                                "group), norm (norm-ReLU per irrep) or gated (each field gated by its invariant "
+                                "part); finite groups: auto (the channel-wise ReLU)")),
     # what a fine-tune may change
     ("num_classes", Option((int,), min=0, max=MAX_CLASSES, cap="MAX_CLASSES", common=True)),
     ("in_chans", Option((int,), min=1, max=MAX_IN_CHANS, cap="MAX_IN_CHANS", common=True)),

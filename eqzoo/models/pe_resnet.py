@@ -170,27 +170,11 @@ class PEResNet(PEModelBase, ResNet):
             ``global_pool`` must be channel-wise for the fields: ``avg``, ``max``, ``avgmax``,
             ``catavgmax`` for finite groups, ``avg`` for O(2)/SO(2) (``''`` only with no classifier).
         base_width, stem_width, channels: widths in channels, as timm's ResNet.
-        zero_init_last: zero the last norm's weight of every residual branch. Off by default,
-            unlike timm's ResNet: on the symmetry panel it slowed every model's start, and the
-            pe models lost 1 to 3 points to it (see the README).
-        group: the symmetry group (default ``"D4"``; see :data:`eqzoo.validate.OPTIONS` for every
-            option's accepted values).
-        bandlimit, out_bandlimit: band-limits of the likelihoods (see :class:`~eqzoo.GroupLikelihood`).
-        field_bandlimit: band-limit of the fields of O(2)/SO(2).
-        share_likelihood: ``"layer"`` (default), ``"stage"`` or ``"model"``.
-        learn_likelihood: ``False`` freezes all likelihoods at uniform: the strict steerable model.
-        head: the classifier: ``"plain"`` (an ``nn.Linear`` over all pooled channels), ``"learnt"``
-            (a PELinear to trivial logits with a learnt λ), ``"invariant"`` (the same, λ frozen
-            uniform) or ``"auto"`` (default: ``"plain"`` for learnt likelihoods, ``"invariant"``
-            for the strict model).
-        basis: the convolutions' kernel basis: ``"auto"`` (default: ``"complete"``, every k x k
-            kernel, for the groups that act exactly on the pixel grid, C1, C2, C4, D1, D2, D4;
-            else ``"antialiased"``, escnn's), ``"antialiased"`` or ``"complete"``; see
-            :data:`eqzoo.kernels.BASES`.
-        nonlinearity: the nonlinearity of O(2)/SO(2) fields: ``"fourier"`` (``"auto"``, the
-            default: the ReLU sampled on the group), ``"norm"`` (norm-ReLU per irrep) or
-            ``"gated"`` (each field gated by its invariant part); see :mod:`eqzoo.nn.activation`.
-            Finite groups take the channel-wise ReLU (``"auto"`` only).
+        zero_init_last: zero the last norm's weight of every residual branch (off by default,
+            unlike timm's ResNet: the pe models train worse with it; see the README).
+        group, bandlimit, out_bandlimit, field_bandlimit, share_likelihood, learn_likelihood, head,
+            basis, nonlinearity: the pe options, shared by every family; their values and meaning
+            are declared once, in :data:`eqzoo.validate.OPTIONS` (``doc`` of each).
         device, dtype: factory kwargs, as timm's models take them (``device='meta'`` builds without
             memory; then ``to_empty()`` and :meth:`init_weights`, or ``load_state_dict``).
     """
