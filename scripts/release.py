@@ -126,7 +126,9 @@ def _card(rel: dict, results: dict, history: list[dict], commit: str, command: s
     file = rel["file"].resolve()
     file = file.relative_to(ROOT) if file.is_relative_to(ROOT) else file
     description = (f"\nRelease checkpoint `{r['tag']}` of eqzoo, built with `{command}` at eqzoo commit "
-                   f"`{commit}` from `{file}`. {r['description']}\n")
+                   f"`{commit}` from `{file}`. {r['description']} Where eqzoo's registry holds the tag "
+                   f"(`timm.list_pretrained('pe_*')`), `timm.create_model('{r['tag']}', pretrained=True)` loads "
+                   "these weights too, pinned to the commit they were published at and checked by their sha256.\n")
     card = run_card_data(cfg, results)  # the accuracies in the card's model-index, as eqzoo train files them
     card.update(model_name=r["tag"] or rel["name"], dataset_name=r["dataset"], training=training,
                 description=description, tags=["eqzoo-release"])
