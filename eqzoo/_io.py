@@ -6,9 +6,10 @@ them 0600 / 0700, which leaves shared run folders and caches unreadable to the g
 folders are made with ``os.mkdir(..., 0o777)``, and a temporary file is given ``0o666 & ~umask``
 before it is renamed into place.
 
-Temporary names are ``.NAME.PID.HEX.{tmp,new,old}`` next to their target. A writer that is
-killed leaves its temporary behind; the next write of the same target removes those whose
-process is gone.
+Temporary names are ``.NAME.HOST.PID.HEX.{tmp,new,old}`` next to their target (HOST: a tag of
+the machine's name). A writer that is killed leaves its temporary behind; the next write of the
+same target removes those whose process is gone, on this machine only (a shared file system's
+other machines run processes this one cannot see).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import struct
 from pathlib import Path
 
@@ -29,8 +31,11 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 
+HOST_TAG = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _unique_sibling(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
+    return path.parent / f".{path.name}.{HOST_TAG}.{os.getpid()}.{secrets.token_hex(4)}.{kind}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -48,10 +53,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale(path: Path) -> None:
-    """Remove the temporaries of ``path`` (``.NAME.PID.HEX.{tmp,new,old}``) left by writers that
-    were killed: those whose process is gone. A live writer's temporaries are never touched."""
+    """Remove the temporaries of ``path`` left by writers that were killed: those of this machine
+    whose process is gone. A live writer's temporaries are never touched."""
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.(tmp|new|old)")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{HOST_TAG}\.(\d+)\.[0-9a-f]{{8}}\.(tmp|new|old)")
     try:
         entries = list(os.scandir(path.parent))
     except OSError:  # no parent yet, or not readable: nothing of ours there

@@ -958,17 +958,20 @@ def _dead_pid() -> int:
 
 
 def test_killed_writes_leave_nothing_behind_after_the_next(small, tmp_path):
+    from eqzoo._io import HOST_TAG
+
     target, dead, alive = tmp_path / "model", _dead_pid(), os.getpid()
-    stale = [tmp_path / f".model.{dead}.0123abcd.new", tmp_path / f".model.{dead}.89abcdef.old"]
-    live = tmp_path / f".model.{alive}.00000000.new"  # a save of this process, in progress
-    other = tmp_path / f".other.{dead}.0123abcd.new"  # another target's: not this save's business
-    for folder in stale + [live, other]:
+    stale = [tmp_path / f".model.{HOST_TAG}.{dead}.0123abcd.new", tmp_path / f".model.{HOST_TAG}.{dead}.89abcdef.old"]
+    kept = [tmp_path / f".model.{HOST_TAG}.{alive}.00000000.new",  # a save of this process, in progress
+            tmp_path / f".model.0badc0de.{dead}.0123abcd.new",  # another machine's (a shared file system)
+            tmp_path / f".other.{HOST_TAG}.{dead}.0123abcd.new"]  # another target's: not this save's business
+    for folder in stale + kept:
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
     hub.save_pretrained(small, target, plot=False, export=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model"] + [p.name for p in kept])
     # the same for a single file's temporary
-    (tmp_path / f".a.json.{dead}.0123abcd.tmp").write_text("{")
+    (tmp_path / f".a.json.{HOST_TAG}.{dead}.0123abcd.tmp").write_text("{")
     write_json(tmp_path / "a.json", {})
     assert not list(tmp_path.glob(".a.json.*"))
 
