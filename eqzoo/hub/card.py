@@ -144,7 +144,7 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
     task = "image-classification" if num_classes else "image-feature-extraction"
     evals = _eval_results(results, task, datasets[0] if datasets else dataset_name, dataset_name) \
         if dataset_name else []
-    tags = ["eqzoo", "image-classification", "equivariance", "partial-equivariance", "steerable-cnn"]
+    tags = ["eqzoo", task, "equivariance", "partial-equivariance", "steerable-cnn"]
     tags += [g.lower() for g in groups] + [t for t in info.get("tags") or [] if t not in _OTHER_LIBRARIES]
     data = ModelCardData(library_name="eqzoo", license=info.get("license", "apache-2.0"),
                          license_name=info.get("license_name"), license_link=info.get("license_link"),
