@@ -657,12 +657,12 @@ def test_override_values_are_read_within_bounds():
 
 
 @pytest.mark.parametrize("override, match", [
-    ("optim.lr=.inf", r"config key 'optim.lr' is inf; it must be a finite number"),
-    ("optim.weight_decay=.nan", r"config key 'optim.weight_decay' is nan; it must be a finite number"),
-    ("regularizer.alignment=.nan", r"config key 'regularizer.alignment' is nan; it must be a finite number"),
-    ("schedule.warmup_epochs=-.inf", r"config key 'schedule.warmup_epochs' is -inf"),
-    ("optim.betas=[.nan,0.9]", r"config key 'optim.betas.0' is nan"),
-    ("model_args.drop_rate=.nan", r"config key 'model_args.drop_rate' is nan; it must be a finite number"),
+    ("optim.lr=.inf", r"config key 'optim.lr' must be a finite number, got inf"),
+    ("optim.weight_decay=.nan", r"config key 'optim.weight_decay' must be a finite number, got nan"),
+    ("regularizer.alignment=.nan", r"config key 'regularizer.alignment' must be a finite number, got nan"),
+    ("schedule.warmup_epochs=-.inf", r"config key 'schedule.warmup_epochs' must be a finite number, got -inf"),
+    ("optim.betas=[.nan,0.9]", r"config key 'optim.betas.0' must be a finite number, got nan"),
+    ("model_args.drop_rate=.nan", r"config key 'model_args.drop_rate' must be a finite number, got nan"),
     ("optim.lr=100", r"config key 'optim.lr' is 100, above the maximum of 10"),
     ("optim.weight_decay=5", r"config key 'optim.weight_decay' is 5, above the maximum of 1"),
     ("regularizer.kl_chain=1e9", r"config key 'regularizer.kl_chain' is 1000000000.0, above the maximum of 10000.0"),
@@ -985,3 +985,14 @@ def test_io_needs_no_fcntl(monkeypatch, tmp_path):
     spec.loader.exec_module(module)
     with module.locked(tmp_path / "lock") as got, locked(tmp_path / "lock", blocking=False) as again:
         assert got and not again
+
+
+@pytest.mark.parametrize("exported", [{"architecture": "hf-hub:attacker/anything", "path": "exported"},
+                                      {"architecture": "resnet18", "path": "/elsewhere"}, "resnet18"])
+def test_saved_plain_counterpart_is_a_timm_architecture(saved, tmp_path, exported):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, lambda c: c["eqzoo"].update(exported=exported))
+    with pytest.raises(HubConfigError, match=r"config.json: eqzoo.exported must be \{\"architecture\": a timm model"):
+        _load(folder)
+    with pytest.raises(HubConfigError, match=r"eqzoo.exported must be"):
+        hub.read_config(folder)

@@ -251,4 +251,11 @@ def validate_saved_config(cfg, architecture: str | None = None, source: str = CO
     for key in ("basis_fingerprint", "structure_fingerprint", "weights_sha256"):
         if not isinstance(meta.get(key), str):
             raise HubConfigError(f"{source}: eqzoo.{key} is missing; save the model again with eqzoo.save_pretrained")
+    exported = meta.get("exported")
+    if exported is not None:  # the plain counterpart: a timm architecture by name, never a source to fetch
+        arch_ok = isinstance(exported, dict) and isinstance(exported.get("architecture"), str) and \
+            is_model(exported["architecture"]) and not is_pe_architecture(exported["architecture"])
+        if not arch_ok or exported.get("path") != EXPORT_DIR:
+            raise HubConfigError(f"{source}: eqzoo.exported must be {{\"architecture\": a timm model name such as "
+                                 f"\"resnet18\", \"path\": \"{EXPORT_DIR}\"}}, got {exported!r}")
     return cfg
