@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from ._yaml import MAX_CONFIG_BYTES, parse_yaml
 from .errors import ConfigError, ModelArgError
 from .models._schema import is_pe_architecture, model_arg_problem
 from .validate import NONE as _NONE
-from .validate import check_arg, type_ok
+from .validate import Spec, check_arg, type_ok
 
 __all__ = ["ConfigError", "SCHEMA", "default_config", "load_config", "parse_overrides", "validate_config",
            "dump_config"]
@@ -32,12 +33,28 @@ __all__ = ["ConfigError", "SCHEMA", "default_config", "load_config", "parse_over
 _NUM = (int, float)
 
 
-class Key:
-    """One config key: accepted Python types (as YAML parses them), default, optional choices."""
+@dataclass(frozen=True)
+class Key(Spec):
+    """One config key: what it accepts, as :class:`eqzoo.validate.Spec` checks it (the types as YAML
+    parses them, choices, an inclusive range; numbers finite), with its default and doc."""
 
-    def __init__(self, types, default, choices=None, doc: str = "", min=None, max=None):
-        self.types = types if isinstance(types, tuple) else (types,)
-        self.default, self.choices, self.doc, self.min, self.max = default, choices, doc, min, max
+    default: Any = None
+    doc: str = ""
+
+
+def _key(types, default, choices=None, doc: str = "", min=None, max=None, check=None) -> Key:
+    return Key(types=types if isinstance(types, tuple) else (types,), choices=choices, min=min, max=max,
+               check=check, default=default, doc=doc)
+
+
+def _betas_problem(v) -> str | None:
+    ok = isinstance(v, list) and len(v) == 2 and all(type_ok(b, (float,)) and 0 <= b < 1 for b in v)
+    return None if ok else f"must be two numbers in [0, 1), got {v!r}"
+
+
+def _symmetry_problem(v) -> str | None:
+    ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(g, str) for g in v))
+    return None if ok else f"must be a group or a list of groups (e.g. C4 or [C1, SO2]), got {v!r}"
 
 
 # timm schedulers whose learning rate is a function of the update count alone: a resumed run
@@ -52,80 +69,80 @@ MAX_BATCH = 65_536
 # The schema. Sections are dicts of Key; ``model_args`` is free-form (it goes to timm.create_model,
 # whose model checks it) and so is nothing else.
 SCHEMA: dict[str, Any] = {
-    "model": Key(str, None, doc="timm model name (`pe_resnet18`, `resnet18`, ...) or for fine-tuning a "
+    "model": _key(str, None, doc="timm model name (`pe_resnet18`, `resnet18`, ...) or for fine-tuning a "
                                 "pretrained source (`hf-hub:org/name`, `local-dir:PATH`, `arch.tag`)"),
-    "model_args": Key(dict, {}, doc="extra timm.create_model kwargs: group, bandlimit, learn_likelihood, "
+    "model_args": _key(dict, {}, doc="extra timm.create_model kwargs: group, bandlimit, learn_likelihood, "
                                     "channels, layers, drop_rate, ..."),
-    "pretrained": Key(bool, False, doc="load pretrained weights (fine-tuning)"),
-    "reset_head": Key(bool, True, doc="fine-tuning: always start from a new classifier, even when the "
+    "pretrained": _key(bool, False, doc="load pretrained weights (fine-tuning)"),
+    "reset_head": _key(bool, True, doc="fine-tuning: always start from a new classifier, even when the "
                                       "class count is unchanged"),
     "data": {
-        "name": Key(str, None, doc="data set, see eqzoo.data.DATASETS"),
-        "root": Key(str, "data", doc="folder holding the downloaded data sets"),
-        "image_size": Key((int, _NONE), None, min=4, max=MAX_IMAGE_SIZE,
+        "name": _key(str, None, doc="data set, see eqzoo.data.DATASETS"),
+        "root": _key(str, "data", doc="folder holding the downloaded data sets"),
+        "image_size": _key((int, _NONE), None, min=4, max=MAX_IMAGE_SIZE,
                           doc="side of the (square) input images; default per data set"),
-        "symmetry": Key((str, list, _NONE), None,
+        "symmetry": _key((str, list, _NONE), None, check=_symmetry_problem,
                         doc="group whose elements transform each image (digits / MNIST family: C1, C4, D4, "
                             "SO2, O2, D1, CN, DN); DDMNIST: [left group, right group]"),
-        "classes": Key((list, _NONE), None, doc="digits / MNIST family: keep only these digit classes "
+        "classes": _key((list, _NONE), None, doc="digits / MNIST family: keep only these digit classes "
                                                 "(relabelled 0..k-1)"),
-        "train_size": Key((int, _NONE), None, min=1, max=MAX_SPLIT_SIZE, doc="number of training images (default per data set)"),
-        "val_size": Key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of validation images (0: no validation)"),
-        "test_size": Key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of test images (null: all)"),
-        "seed": Key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
+        "train_size": _key((int, _NONE), None, min=1, max=MAX_SPLIT_SIZE, doc="number of training images (default per data set)"),
+        "val_size": _key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of validation images (0: no validation)"),
+        "test_size": _key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of test images (null: all)"),
+        "seed": _key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
                                 "apart from the training seed so that runs with different seeds see the same data"),
-        "augment": Key(bool, True, doc="natural images: timm's training augmentation (random resized crop, colour "
+        "augment": _key(bool, True, doc="natural images: timm's training augmentation (random resized crop, colour "
                                        "jitter), without flips"),
-        "hflip": Key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a horizontal flip in training (a "
+        "hflip": _key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a horizontal flip in training (a "
                                                   "flip adds a symmetry to the data, which λ measures)"),
-        "vflip": Key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a vertical flip in training"),
-        "resample": Key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
+        "vflip": _key(_NUM, 0.0, min=0, max=1, doc="natural images: probability of a vertical flip in training"),
+        "resample": _key(bool, False, doc="ddmnist: draw the training digits' transforms afresh each time an "
                                          "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
-        "batch_size": Key(int, 64, min=1, max=MAX_BATCH,
+        "batch_size": _key(int, 64, min=1, max=MAX_BATCH,
                           doc="the global batch: split over the DDP processes (timm's train.py -b is per process)"),
-        "eval_batch_size": Key((int, _NONE), None, min=1, max=MAX_BATCH, doc="batch size for evaluation (default: 2x batch_size)"),
-        "workers": Key(int, 0, min=0, max=256, doc="DataLoader worker processes"),
+        "eval_batch_size": _key((int, _NONE), None, min=1, max=MAX_BATCH, doc="batch size for evaluation (default: 2x batch_size)"),
+        "workers": _key(int, 0, min=0, max=256, doc="DataLoader worker processes"),
     },
     "optim": {
-        "name": Key(str, "adamw", doc="any optimizer of timm.optim.list_optimizers() (adamw, sgd, lamb, lion, ...), "
+        "name": _key(str, "adamw", doc="any optimizer of timm.optim.list_optimizers() (adamw, sgd, lamb, lion, ...), "
                                       "built by timm.optim.create_optimizer_v2"),
-        "lr": Key(_NUM, 1e-3, min=0, max=10),
-        "weight_decay": Key(_NUM, 0.01, min=0, max=1, doc="applied to conv/linear weights only: not to biases, "
+        "lr": _key(_NUM, 1e-3, min=0, max=10),
+        "weight_decay": _key(_NUM, 0.01, min=0, max=1, doc="applied to conv/linear weights only: not to biases, "
                                                           "norms or likelihoods"),
-        "momentum": Key(_NUM, 0.9, min=0, max=0.9999, doc="momentum of the optimizers that have one (sgd, ...)"),
-        "betas": Key(list, [0.9, 0.999], doc="betas of the optimizers that have them (adam, adamw, lamb, ...)"),
-        "grad_clip": Key((_NUM + (_NONE,)), None, min=0, max=1e6, doc="clip the global gradient norm to this"),
-        "label_smoothing": Key(_NUM, 0.0, min=0, max=0.9999),
-        "likelihood_lr_scale": Key(_NUM, 1.0, min=0, max=1e4, doc="the likelihoods' learning rate is lr times this: "
+        "momentum": _key(_NUM, 0.9, min=0, max=0.9999, doc="momentum of the optimizers that have one (sgd, ...)"),
+        "betas": _key(list, [0.9, 0.999], check=_betas_problem, doc="betas of the optimizers that have them (adam, adamw, lamb, ...)"),
+        "grad_clip": _key((_NUM + (_NONE,)), None, min=0, max=1e6, doc="clip the global gradient norm to this"),
+        "label_smoothing": _key(_NUM, 0.0, min=0, max=0.9999),
+        "likelihood_lr_scale": _key(_NUM, 1.0, min=0, max=1e4, doc="the likelihoods' learning rate is lr times this: "
                                                                  "λ has few coefficients with small, noisy gradients"),
     },
     "schedule": {
-        "name": Key(str, "cosine", choices=SCHEDULES, doc="timm scheduler, stepped after every optimizer update"),
-        "epochs": Key(int, 10, min=1, max=100_000),
-        "warmup_epochs": Key(_NUM, 0, min=0, doc="linear warm-up from 0 over this many epochs"),
-        "min_lr": Key(_NUM, 0.0, min=0, doc="learning rate at the end of the decay (cosine, tanh, poly)"),
-        "decay_epochs": Key(_NUM, 30, min=0, max=100_000, doc="step: epochs between decays"),
-        "decay_milestones": Key(list, [30, 60, 90], doc="multistep: the epochs at which to decay"),
-        "decay_rate": Key(_NUM, 0.1, min=0, max=1e3, doc="step, multistep: lr factor per decay; poly: the power"),
+        "name": _key(str, "cosine", choices=SCHEDULES, doc="timm scheduler, stepped after every optimizer update"),
+        "epochs": _key(int, 10, min=1, max=100_000),
+        "warmup_epochs": _key(_NUM, 0, min=0, doc="linear warm-up from 0 over this many epochs"),
+        "min_lr": _key(_NUM, 0.0, min=0, doc="learning rate at the end of the decay (cosine, tanh, poly)"),
+        "decay_epochs": _key(_NUM, 30, min=0, max=100_000, doc="step: epochs between decays"),
+        "decay_milestones": _key(list, [30, 60, 90], doc="multistep: the epochs at which to decay"),
+        "decay_rate": _key(_NUM, 0.1, min=0, max=1e3, doc="step, multistep: lr factor per decay; poly: the power"),
     },
     "regularizer": {
-        "alignment": Key(_NUM, 5.0, min=0, max=1e4, doc="α: the identity stays the mode of λ"),
-        "kl_chain": Key(_NUM, 3.0, min=0, max=1e4, doc="β: neighbouring layers' λ agree"),
-        "kl_uniform": Key(_NUM, 3.0, min=0, max=1e4, doc="γ: the first λ is pulled towards uniform"),
+        "alignment": _key(_NUM, 5.0, min=0, max=1e4, doc="α: the identity stays the mode of λ"),
+        "kl_chain": _key(_NUM, 3.0, min=0, max=1e4, doc="β: neighbouring layers' λ agree"),
+        "kl_uniform": _key(_NUM, 3.0, min=0, max=1e4, doc="γ: the first λ is pulled towards uniform"),
     },
-    "freeze_likelihood": Key(bool, False, doc="keep every λ fixed (e.g. when fine-tuning a learnt model)"),
-    "freeze_bn": Key(bool, False, doc="keep batch-norm layers in eval mode (running statistics fixed)"),
-    "seed": Key(int, 0),
-    "output": Key((str, _NONE), None, doc="run directory (default runs/<config name>)"),
-    "device": Key(str, "auto", doc="auto, cpu, cuda, cuda:N"),
-    "threads": Key((int, _NONE), None, min=1, max=1024, doc="CPU threads of this process (torch.set_num_threads); "
+    "freeze_likelihood": _key(bool, False, doc="keep every λ fixed (e.g. when fine-tuning a learnt model)"),
+    "freeze_bn": _key(bool, False, doc="keep batch-norm layers in eval mode (running statistics fixed)"),
+    "seed": _key(int, 0),
+    "output": _key((str, _NONE), None, doc="run directory (default runs/<config name>)"),
+    "device": _key(str, "auto", doc="auto, cpu, cuda, cuda:N"),
+    "threads": _key((int, _NONE), None, min=1, max=1024, doc="CPU threads of this process (torch.set_num_threads); "
                                                 "null: torch's default. On a busy machine 1 can be much faster"),
-    "amp": Key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
-    "channels_last": Key(bool, True, doc="channels_last memory format (CUDA only)"),
-    "progress": Key(bool, True, doc="tqdm progress bars (on a terminal only: batch logs get no carriage-return lines)"),
-    "log_interval": Key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
-    "tensorboard": Key(bool, True, doc="also log to TensorBoard when it is installed"),
-    "save_model": Key(bool, True, doc="write the Hub-format model folder at the end"),
+    "amp": _key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
+    "channels_last": _key(bool, True, doc="channels_last memory format (CUDA only)"),
+    "progress": _key(bool, True, doc="tqdm progress bars (on a terminal only: batch logs get no carriage-return lines)"),
+    "log_interval": _key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
+    "tensorboard": _key(bool, True, doc="also log to TensorBoard when it is installed"),
+    "save_model": _key(bool, True, doc="write the Hub-format model folder at the end"),
 }
 
 # Keys that may change when a run is resumed (they do not change what is computed).
@@ -148,34 +165,26 @@ def _unknown(key: str, known, where: str) -> ConfigError:
                        f"{', '.join(sorted(known))}")
 
 
-def _type_names(types) -> str:
-    names = {bool: "true/false", int: "integer", float: "number", str: "string", list: "list", dict: "mapping",
-             _NONE: "null"}
-    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
-
-
 def _non_finite(value, path: str) -> str | None:
-    """The dotted key of the first NaN or infinity in ``value`` (NaN passes every ``<`` check)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"{path}' is {value}"
+    """The first NaN or infinity inside a list or mapping, as a message (numbers themselves are the
+    Spec's to check)."""
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    return next((p for k, v in items if (p := _non_finite(v, f"{path}.{k}")) is not None), None)
+    for k, v in items:
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"'{path}.{k}' must be a finite number, got {v}"
+        found = _non_finite(v, f"{path}.{k}")
+        if found is not None:
+            return found
+    return None
 
 
 def _check_value(path: str, key: Key, value) -> None:
-    types = key.types
     bad = _non_finite(value, path)
     if bad is not None:
-        raise ConfigError(f"config key '{bad}; it must be a finite number")
-    if not type_ok(value, types):  # YAML reads `true` as a bool, never a number
-        raise ConfigError(f"config key {path!r} must be {_type_names(types)}, got {value!r} ({type(value).__name__})")
-    if key.choices is not None and value not in key.choices:
-        raise ConfigError(f"config key {path!r} must be one of {', '.join(map(str, key.choices))}, got {value!r}")
-    if key.min is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value < key.min:
-        raise ConfigError(f"config key {path!r} must be >= {key.min}, got {value!r}")
-    if key.max is not None and isinstance(value, _NUM) and not isinstance(value, bool) and value > key.max:
-        raise ConfigError(f"config key {path!r} is {value!r}, above the maximum of {key.max} "
-                          "(eqzoo.config.SCHEMA)")
+        raise ConfigError(f"config key {bad}")
+    problem = key.problem(value)
+    if problem is not None:
+        raise ConfigError(f"config key {path!r} {problem}")
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)$")
@@ -216,9 +225,6 @@ def validate_config(cfg: dict) -> dict:
     if not out["data"]["name"]:
         raise ConfigError(f"config key 'data.name' is required; accepted: {', '.join(DATASETS)}")
     check_data_config(out["data"])  # names, symmetries, sizes (the files: eqzoo.data.data_info, when a run starts)
-    betas = out["optim"]["betas"]
-    if len(betas) != 2 or not all(isinstance(b, _NUM) and 0 <= b < 1 for b in betas):
-        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {betas!r}")
     if out["schedule"]["warmup_epochs"] > out["schedule"]["epochs"]:
         raise ConfigError(f"config key 'schedule.warmup_epochs' ({out['schedule']['warmup_epochs']}) must not "
                           f"exceed schedule.epochs ({out['schedule']['epochs']})")
@@ -240,7 +246,7 @@ def validate_config(cfg: dict) -> dict:
             raise ConfigError(f"config key 'model_args' must map names to values, got key {k!r}")
     bad = _non_finite(out["model_args"], "model_args")
     if bad is not None:
-        raise ConfigError(f"config key '{bad}; it must be a finite number")
+        raise ConfigError(f"config key {bad}")
     if "num_classes" in out["model_args"]:
         raise ConfigError("config key 'model_args.num_classes' is set from the data set: remove it")
     check_model_args(out["model"], out["model_args"])

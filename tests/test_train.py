@@ -194,9 +194,9 @@ def test_overrides():
 @pytest.mark.parametrize("over, match", [
     ({"optimizer": {"lr": 1}}, r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"),
     ({"optim": {"learning_rate": 1}}, r"unknown config key 'optim.learning_rate'.*accepted keys in optim: .*lr"),
-    ({"optim": {"lr": "fast"}}, r"'optim.lr' must be integer or number, got 'fast'"),
+    ({"optim": {"lr": "fast"}}, r"'optim.lr' must be an int or a number, got 'fast'"),
     ({"optim": {"name": "lamm"}}, r"'optim.name': unknown optimizer 'lamm' \(did you mean 'lamb'\?\)"),
-    ({"schedule": {"epochs": True}}, r"'schedule.epochs' must be integer"),
+    ({"schedule": {"epochs": True}}, r"'schedule.epochs' must be an int, got True"),
     ({"schedule": {"epochs": 0}}, r"'schedule.epochs' must be >= 1"),
     ({"data": {"name": "imagenet"}}, r"'data.name' must be one of digits, mnist"),
     ({"data": {"symmetry": "SO3"}}, r"unknown group 'SO3'"),
