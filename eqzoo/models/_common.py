@@ -11,7 +11,7 @@ from ..groups import get_group
 from ..kernels import resolved_basis, ring_harmonics
 from ..validate import check_args, check_size
 from ._layers import check_pooled
-from ._schema import PINNED_BASES, basis_fingerprint
+from ._schema import PINNED_BASES, basis_fingerprint, layer_fingerprints
 
 _NOT_OPTIONS = ("self", "__class__", "device", "dtype")
 
@@ -95,7 +95,10 @@ class PEModelBase(nn.Module):
         """timm's record of the create_model kwargs (``timm.models.save_for_hf`` writes it as
         config.json's model_args), with the fingerprint of the bases as built now: a folder saved by
         timm then loads back with its bases checked, as one saved by eqzoo.save_pretrained does."""
-        return dict(self.__dict__.get("_timm_model_args", {}), **{PINNED_BASES: basis_fingerprint(self)})
+        args = dict(self.__dict__.get("_timm_model_args", {}))
+        if layer_fingerprints(self):  # a plain WideResNet has no bases to pin
+            args[PINNED_BASES] = basis_fingerprint(self)
+        return args
 
     @_model_args.setter
     def _model_args(self, value: dict) -> None:
