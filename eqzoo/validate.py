@@ -9,7 +9,9 @@ numbers, floats are finite. Run configs (:mod:`eqzoo.config`) and model options 
 :data:`OPTIONS` is the one declaration of the model options: each :class:`Option` carries its
 spec, whether it changes the function a checkpoint computes, and whether the layer factory takes
 it. The per-argument checks, the factory's arguments (``FieldLayers.ARGS``), the load-time
-override check and the saved config.json schema are all derived from it.
+override check and the saved config.json schema are all derived from it. A new option is
+declared here and used where it acts (the layer factory or a layer); the families' constructors
+name it as a keyword (timm style), which ``tests/test_models.py`` checks against this declaration.
 """
 from __future__ import annotations
 
