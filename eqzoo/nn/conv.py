@@ -219,6 +219,17 @@ class _TwirledLayer(nn.Module):
         self._prepare_constants()  # for the new device and dtype
         return out
 
+    @torch.no_grad()
+    def export(self) -> nn.Module:
+        """The plain torch layer (``nn.Conv2d`` / ``nn.Linear``) computing the same function: the
+        current filter, frozen."""
+        filt, bias = self.filter_and_bias()
+        plain = self._plain(bias is not None, device=filt.device, dtype=filt.dtype)
+        plain.weight.copy_(filt.view_as(plain.weight))
+        if bias is not None:
+            plain.bias.copy_(bias)
+        return plain
+
     def __prepare_scriptable__(self):
         # torch.jit.script calls this on every module first: fail here, with what to do instead,
         # rather than deep in the compiler
@@ -271,16 +282,9 @@ class PEConv2d(_TwirledLayer):
             return harmonic_conv.conv_in_harmonics(self, x)
         return F.conv2d(x, *current, self.stride, self.padding, self.dilation)
 
-    @torch.no_grad()
-    def export(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` computing the same function (the current filter, frozen)."""
-        filt, bias = self.filter_and_bias()
-        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                         self.dilation, bias=bias is not None, device=filt.device, dtype=filt.dtype)
-        conv.weight.copy_(filt)
-        if bias is not None:
-            conv.bias.copy_(bias)
-        return conv
+    def _plain(self, bias: bool, **dd) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         self.dilation, bias=bias, **dd)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -315,15 +319,8 @@ class PELinear(_TwirledLayer):
         filt, bias = self._filter_for(x, spatial=False)
         return F.linear(x, filt[:, :, 0, 0], bias)
 
-    @torch.no_grad()
-    def export(self) -> nn.Linear:
-        filt, bias = self.filter_and_bias()
-        lin = nn.Linear(self.in_channels, self.out_channels, bias=bias is not None,
-                        device=filt.device, dtype=filt.dtype)
-        lin.weight.copy_(filt[:, :, 0, 0])
-        if bias is not None:
-            lin.bias.copy_(bias)
-        return lin
+    def _plain(self, bias: bool, **dd) -> nn.Linear:
+        return nn.Linear(self.in_channels, self.out_channels, bias=bias, **dd)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_channels}, out_features={self.out_channels}, group={self.group.spec}"
