@@ -463,6 +463,13 @@ def test_push_follows_timm(pushed, local_hub, tiny, tmp_path):
         hub.push_to_hub(tiny, repo, safe_serialization="both")
 
 
+def test_label_names_survive_a_load_and_save(tiny, tmp_path):
+    first = hub.save_pretrained(tiny, tmp_path / "first", dict(label_names=["a", "b", "c"]), plot=False, export=False)
+    again = hub.save_pretrained(_load(f"local-dir:{first}"), tmp_path / "again", plot=False, export=False)
+    assert _load(f"local-dir:{again}").pretrained_cfg["label_names"] == ["a", "b", "c"]
+    assert 'print([model.pretrained_cfg["label_names"]' in (again / "README.md").read_text()
+
+
 @pytest.mark.parametrize("model_config, match", [
     (dict(label_names=["a", "b"]), r"label_names'\] must be 3 class names"),
     (dict(labels=["a"] * 10), r"model_config has keys \['labels'\]"),

@@ -166,7 +166,7 @@ def render_model_card(model: nn.Module, cfg: dict, card_data: dict | None = None
     kwargs = dict(
         model_name=model_name, repo_id=repo_id, architecture=arch, group=", ".join(groups) or "?",
         model_args=json.dumps(args, sort_keys=True), stats=model_stats(model, input_size), image_size=image_size,
-        num_classes=num_classes, has_labels=bool(cfg.get("label_names")), top_k=min(5, num_classes),
+        num_classes=num_classes, has_labels=bool(cfg.get("label_names") or pcfg.get("label_names")), top_k=min(5, num_classes),
         image_mode="L" if input_size[0] == 1 else "RGB", image_hw=input_size[-2:],
         description=info.get("description", ""), details=dict(info.get("details") or {}),
         base_model=info.get("base_model"), has_plot=has_plot, plot_file=PLOT_NAME,
