@@ -224,39 +224,43 @@ def kernel_basis(kernel_size: int, dilation: int, basis: str, group) -> "RingHar
 
 @functools.lru_cache(maxsize=None)
 def _sampled(harm: RingHarmonics) -> "RingHarmonics | SampledHarmonics":
+    """``harm`` reduced to a basis of its kernels on the pixels (see :class:`SampledHarmonics`), or
+    ``harm`` itself where its harmonics are independent there."""
     pixels = harm.on_pixels().reshape(harm.size, -1)
     tol = 1e-8 * np.linalg.norm(pixels, 2)
-    # each harmonic's D4 isotypic component and, for the 2-d one, its component and sign there
-    kinds = {}
+    # the D4 isotypic component of each harmonic: for the 1-d ones its (f mod 4, cos/sin); the 2-d
+    # one holds the pairs (cos fφ, ±sin fφ) of odd f, as two lists alike in rings and order (sin fφ
+    # enters with a minus sign for f ≡ 3 (mod 4), so that every pair transforms alike)
+    components: dict = {}
     for h, (_, _, f, trig) in enumerate(harm.elements):
         if f % 2:
-            kinds.setdefault("E", {}).setdefault(trig, []).append((h, -1.0 if trig and f % 4 == 3 else 1.0))
+            components.setdefault("E", ([], []))[trig].append((h, -1.0 if trig and f % 4 == 3 else 1.0))
         else:
-            kinds.setdefault((f % 4, trig), {}).setdefault(0, []).append((h, 1.0))
+            components.setdefault((f % 4, trig), ([],))[0].append((h, 1.0))
     columns, reduced = [], False
-    for parts in kinds.values():
-        members = list(parts.values())  # one list per component, alike in rings and order
-        stacked = np.concatenate([np.stack([sign * pixels[h] for h, sign in m]) for m in members], axis=1)
+    for lists in components.values():
+        n = len(lists[0])
+        # coordinates x ∈ R^n of the component's null vectors: Σ_i x_i (± ψ_i) = 0 on the pixels, in
+        # every list at once; an orthonormal basis of their complement comes first in u
+        stacked = np.concatenate([np.stack([sign * pixels[h] for h, sign in members]) for members in lists], 1)
         u, sv, _ = np.linalg.svd(stacked, full_matrices=False)
         keep = int((sv > tol).sum())
-        if keep < len(members[0]):
-            reduced = True
-        else:
-            u, keep = np.eye(len(members[0])), len(members[0])
+        if keep == n:  # independent: the harmonics stay as they are
+            u = np.eye(n)
+        reduced |= keep < n
         for j in range(keep):
-            for m in members:
+            for members in lists:
                 col = np.zeros(harm.size)
-                for (h, sign), x in zip(m, u[:, j]):
+                for (h, sign), x in zip(members, u[:, j]):
                     col[h] = sign * x
                 columns.append(col)
     if not reduced or not columns:  # (nothing to reduce, or nothing left: escnn's 2 x 2 rings miss every pixel)
         return harm
     U = np.stack(columns, 1)
-    rank = np.linalg.matrix_rank(pixels, tol)
-    for s, theta in ((0, np.pi / 2), (1, 0.0)):  # N⊥ invariant: T U = U (Uᵀ T U)
+    for s, theta in ((0, np.pi / 2), (1, 0.0)):  # the generators of D4 keep U's span: T U = U (Uᵀ T U)
         T = harm.action(s, theta)
-        if U.shape[1] != rank or not np.allclose(T @ U, U @ (U.T @ T @ U), atol=1e-9):
-            raise AssertionError(f"the sampled harmonics of {harm} do not reduce exactly")
+        if U.shape[1] != np.linalg.matrix_rank(pixels, tol) or not np.allclose(T @ U, U @ (U.T @ T @ U), atol=1e-9):
+            raise RuntimeError(f"the sampled harmonics of {harm} do not reduce exactly")
     return SampledHarmonics(harm, U)
 
 
