@@ -8,7 +8,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ModelArgError
 from ..groups import get_group
-from ..kernels import resolved_basis, ring_harmonics
+from ..kernels import kernel_basis, resolved_basis
 from ..validate import check_args, check_size
 from ._layers import check_pooled
 from ._schema import PINNED_BASES, basis_fingerprint, layer_fingerprints
@@ -32,11 +32,12 @@ def checked_model_args(model: nn.Module, arguments: dict, family_check=None) -> 
 
 
 def conv_elements(c_in: int, c_out: int, kernel_size: int, group, basis: str, learnt: bool) -> int:
-    """Tensor elements a PEConv2d between these widths builds: its coefficients κ0 (and κ1 and
-    the twirled copy when λ is learnt; the ring harmonics bound the coefficients per channel pair
-    from above) and the pixel filter."""
-    per_pair = ring_harmonics(kernel_size, 1, resolved_basis(basis, get_group(group))).size
-    return c_in * c_out * (per_pair * (3 if learnt else 1) + kernel_size * kernel_size)
+    """Tensor elements a PEConv2d between these widths builds: its coefficients κ0, κ1 (where λ
+    is learnt) and their twirled copy, each with the layer's own number of basis functions per
+    channel pair, and the pixel filter."""
+    G = get_group(group)
+    per_pair = kernel_basis(kernel_size, 1, resolved_basis(basis, G), G).size
+    return c_in * c_out * (per_pair * (3 if learnt else 2) + kernel_size * kernel_size)
 
 
 def check_built_size(args: dict, convs, classifier_in: int) -> None:
@@ -44,7 +45,7 @@ def check_built_size(args: dict, convs, classifier_in: int) -> None:
     classifier would build more than the cap of tensor elements (see :func:`eqzoo.validate.check_size`)."""
     learnt = args["learn_likelihood"]
     n = sum(conv_elements(c_in, c_out, k, args["group"], args["basis"], learnt) for c_in, c_out, k in convs)
-    check_size(n + classifier_in * args["num_classes"] * (3 if learnt else 1))
+    check_size(n + classifier_in * args["num_classes"] * (3 if learnt else 2))
 
 
 def _shared_keys(model: nn.Module) -> list[list[str]]:
