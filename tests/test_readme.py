@@ -1,5 +1,7 @@
 """The README's code examples run as written and say what is true."""
+import ast
 import importlib.util
+import inspect
 import re
 from pathlib import Path
 
@@ -81,3 +83,24 @@ def test_model_table_is_the_models_as_built():
     rows = table.readme_rows(text)
     assert [row.split(" | ")[0].lstrip("| ") for row in rows] == list(table.MODELS)
     assert rows == [table.model_row(name) for name in table.MODELS]
+
+
+def test_options_table_is_the_declared_options():
+    """The options table lists every option the layer factory takes, with the constructors'
+    defaults and every accepted choice."""
+    from eqzoo.models import PEResNet, PEWideResNet
+    from eqzoo.validate import OPTIONS, options_where
+
+    text = README.read_text()
+    rows = re.findall(r"^\| `(\w+)` \| `([^`]*)` \| (.*?) \| .* \|$", text, re.M)
+    assert rows, "README lost its options table"
+    names = [name for name, _, _ in rows]
+    assert set(options_where(layer=True)) <= set(names)
+    for name, default, values in rows:
+        assert name in OPTIONS, f"the README's options table names {name}, which is no model option"
+        for cls in (PEResNet, PEWideResNet):
+            param = inspect.signature(cls.__init__).parameters.get(name)
+            if param is not None:
+                assert ast.literal_eval(default) == param.default, (name, cls.__name__)
+        for choice in OPTIONS[name].choices or ():
+            assert f'`"{choice}"`' in values, f"README's {name} row lacks the value {choice!r}"
