@@ -1,29 +1,19 @@
 r"""The learnt likelihood λ over a group G: how equivariant a layer is.
 
-**The method** (Veefkind & Cesa, ICML 2024, arXiv:2406.03946). The λ-twirl of a kernel κ is
+**The method** (Veefkind & Cesa, ICML 2024, arXiv:2406.03946). A layer's filter is the λ-twirl
+of its coefficients, an average of the kernel's transformed copies weighted by λ (the definition
+and its fast paths are in :mod:`eqzoo.nn.twirl`): uniform λ gives the strictly G-equivariant
+kernels, λ concentrated at the identity leaves the kernel free, and λ uniform on a subgroup K gives
+exactly K-equivariance. So λ, learnt per layer, is the layer's degree of equivariance.
 
-.. math::
-    A_λ κ(x) = \int_G λ(g)\, ρ_\text{out}(g)\, κ(g^{-1}x)\, ρ_\text{in}(g)^\top \, dg .
-
-Uniform λ gives the strictly G-equivariant kernels (:math:`A_U = P`, the projection onto them), λ
-concentrated at the identity leaves κ free, and λ uniform on a subgroup K gives exactly
-K-equivariance. A layer's filter is
-
-.. math::
-    κ_λ = A_λ κ_0 + (A_λ - P)\, κ_1
-
-from two unconstrained kernels: κ₀ (``weight``) and the symmetry-breaking κ₁ (``weight_breaking``,
-only where λ is learnable). A_λκ₀ alone is the paper's layer and spans the same filters; κ₁ is
-there for the optimiser. At uniform λ the twirl is a projection, so κ₀'s non-equivariant part
-gets no gradient and λ's gradient is a random projection of that part's initial value: uniform λ
-is a saddle training does not leave. Away from uniform, that part's gradient is only as large as
-λ's distance from uniform, and Adam cannot scale it up, since the same coordinates carry the
-equivariant part's far larger gradient. So κ₀ starts equivariant and κ₁ at zero (the layer is
-exactly equivariant whatever λ is), λ starts with a small peak at the identity (:data:`INIT_PEAK`,
-still read as the whole group) so that both can move, and κ₁ learns at the optimiser's own pace.
-The data, against the regularisers of :mod:`eqzoo.regularizers` (the identity stays λ's mode,
-neighbouring layers agree, the first λ is pulled to uniform), decides how much symmetry each
-layer breaks. How the filter is computed is in :mod:`eqzoo.nn.twirl`.
+At exactly uniform λ the twirl is a projection: the kernel's non-equivariant part gets no
+gradient, so λ's gradient is a random projection of that part's initial value, and uniform λ is a
+saddle training does not leave. A learnable λ therefore starts with a small peak at the identity
+(:data:`INIT_PEAK`, still read as the whole group), while the kernel starts equivariant and its
+symmetry-breaking part at zero (:meth:`~eqzoo.nn.PEConv2d.reset_parameters`), so every layer
+starts *exactly* equivariant and both λ and the kernel can move. The data, against the regularisers of :mod:`eqzoo.regularizers` (the identity
+stays λ's mode, neighbouring layers agree, the first λ is pulled to uniform), decides how much
+symmetry each layer breaks.
 
 **λ** is a density on G w.r.t. the normalised Haar measure (uniform ≡ 1):
 
@@ -33,9 +23,7 @@ layer breaks. How the filter is computed is in :mod:`eqzoo.nn.twirl`.
 
 (the ``b, d`` terms only where G has reflections). These functions span the matrix coefficients of
 the irreps of G up to frequency L, so θ = (a, b, c, d) are the Fourier coefficients of the logits.
-A learnable λ starts slightly peaked at the identity (:data:`INIT_PEAK`), a frozen one uniform;
-either way every layer starts *exactly equivariant*, because its kernel starts equivariant (see
-:meth:`~eqzoo.nn.PEConv2d.reset_parameters`). For a finite group with L = N/2 every
+A frozen λ is uniform. For a finite group with L = N/2 every
 positive function on G is reachable; the normalisation is then an exact mean over G. For O(2)/SO(2)
 it is a quadrature on a fine grid (:data:`FINE_GRID` rotations), exact to float precision for the
 smooth ``exp ℓ``.
