@@ -33,16 +33,78 @@ Escnn is used while a layer is built (groups, representations, bases); a forward
 torch. The model code never imports :mod:`eqzoo.hub`: saving is built on the models, not the other
 way round.
 """
-from ._version import __version__
-from .analysis import degree_of_equivariance, equivariance_error, format_table, head_invariance, kernel_invariance
-from .export import export
-from .groups import get_group
-from .hub import load_likelihoods, push_to_hub, save_pretrained
-from .likelihood import GroupLikelihood, likelihoods
-from . import models  # registers the pe_* models with timm
-from .regularizers import regularization
-from .viz import plot_likelihoods
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import types
 
-__all__ = ["GroupLikelihood", "get_group", "likelihoods", "regularization", "models", "export", "__version__",
-           "save_pretrained", "push_to_hub", "load_likelihoods", "plot_likelihoods", "degree_of_equivariance",
-           "equivariance_error", "format_table", "head_invariance", "kernel_invariance"]
+from ._version import __version__
+
+# The public API is imported on first use (PEP 562), so that `eqzoo --help` or a config check
+# starts without torch, timm and escnn; the models are registered with timm as soon as timm is
+# imported (at once when it already is).
+_API = {"GroupLikelihood": "likelihood", "likelihoods": "likelihood", "get_group": "groups",
+        "regularization": "regularizers", "export": "export", "save_pretrained": "hub", "push_to_hub": "hub",
+        "load_likelihoods": "hub", "plot_likelihoods": "viz", "degree_of_equivariance": "analysis",
+        "equivariance_error": "analysis", "format_table": "analysis", "head_invariance": "analysis",
+        "kernel_invariance": "analysis"}
+
+__all__ = [*_API, "models", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    elif importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a submodule: eqzoo.hub, eqzoo.models, ...
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """``eqzoo.export`` is the function, also once the submodule of that name is imported (the
+    import system sets a package's attribute to each submodule it loads)."""
+
+    def __setattr__(self, name, value):
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def _register_models() -> None:
+    importlib.import_module(".models", __name__)  # its import registers the pe_* models
+
+
+class _AfterTimm(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds timm as the other finders do, and registers the models once timm's import is done."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)  # once, and not for its own look-up below
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            self.loader, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _register_models()
+
+
+if "timm" in sys.modules:
+    _register_models()
+else:
+    sys.meta_path.insert(0, _AfterTimm())

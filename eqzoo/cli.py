@@ -26,19 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import timm
-import torch
-
-from ._io import write_json
-from .analysis import degree_of_equivariance, equivariance_error, format_table
-from .config import load_config, parse_overrides, read_yaml
 from .errors import FAILURES, USAGE_ERRORS, CliError, ConfigError, TrainingError
-from .hub import load_likelihoods, publish, push_to_hub
-from .sources import model_folder, resolve_model
-from .train import evaluate, finetune_config
-from .train.api import config_model
-from .train.run import run_training
-from .viz import plot_likelihoods
+
+# Only the standard library at import: the arguments are parsed (and `--help` answered) before
+# torch, timm and escnn are imported, inside the subcommands that need them.
 
 
 @dataclass
@@ -57,6 +48,10 @@ def register(name: str, help: str, configure, run) -> None:
 
 
 def _build(source: str, pretrained: bool = True):
+    import timm
+
+    from .sources import resolve_model
+
     spec = resolve_model(source)
     if ":" not in spec and not timm.is_model(spec):
         raise CliError(f"{source}: neither a run or model folder nor a timm model name (expected "
@@ -89,6 +84,13 @@ def _input_side(text: str) -> int:
 
 
 def _inspect(args) -> int:
+    import torch
+
+    from .analysis import degree_of_equivariance, equivariance_error, format_table
+    from .hub import load_likelihoods
+    from .sources import resolve_model
+    from .viz import plot_likelihoods
+
     spec = resolve_model(args.model)
     model = None
     if ":" in spec and args.equivariance is None:
@@ -120,6 +122,8 @@ def _push_args(p: argparse.ArgumentParser) -> None:
 
 
 def _push(args) -> int:
+    from .hub import push_to_hub
+
     model = _build(args.source)
     info = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private, commit_message=args.message)
     print(f"pushed to {args.repo_id} (commit {getattr(info, 'oid', '?')}); load with "
@@ -140,6 +144,9 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
 
 
 def _publish(args) -> int:
+    from .hub import publish
+    from .sources import model_folder
+
     folder = model_folder(args.source)
     if folder is None:
         raise CliError(f"{args.source} has no config.json (nor hub/config.json): save it with eqzoo.save_pretrained")
@@ -183,6 +190,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _resolve(args) -> dict:
     """Config from --config, or from RUN_DIR/config.yaml when resuming a directory."""
+    from .config import load_config, read_yaml
+    from .train.api import finetune_config
+
     source = args.config
     resume_dir = args.resume if isinstance(getattr(args, "resume", None), str) else None
     if resume_dir:
@@ -201,11 +211,19 @@ def _resolve(args) -> dict:
 
 def _train(args: argparse.Namespace) -> int:
     """``eqzoo train`` and ``eqzoo finetune`` (which has ``--from``)."""
-    run_training(_resolve(args), bool(args.resume), args.stop_after_epoch, args.overwrite)
+    cfg = _resolve(args)  # every key checked before the engine is imported
+    from .train.run import run_training
+
+    run_training(cfg, bool(args.resume), args.stop_after_epoch, args.overwrite)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from ._io import write_json
+    from .config import load_config, parse_overrides, read_yaml
+    from .sources import resolve_model
+    from .train.api import config_model, evaluate
+
     resolve_model(args.source)  # a mistyped path is named as such, before the config is looked for
     run_cfg = Path(args.source) / "config.yaml"
     source = args.config if args.config else (read_yaml(run_cfg) if run_cfg.is_file() else {})

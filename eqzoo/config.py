@@ -20,10 +20,8 @@ from typing import Any
 
 import yaml
 
-from .data import DATASETS, check_data_config
 from ._yaml import MAX_CONFIG_BYTES, parse_yaml
 from .errors import ConfigError, ModelArgError
-from .models._schema import is_pe_architecture, model_arg_problem
 from .validate import NONE as _NONE
 from .validate import Spec, check_arg, type_ok
 
@@ -222,6 +220,8 @@ def validate_config(cfg: dict) -> dict:
     _merge(out, cfg or {}, SCHEMA)
     if not out["model"]:
         raise ConfigError("config key 'model' is required: a timm model name such as 'pe_resnet18' or 'resnet18'")
+    from .data import DATASETS, check_data_config  # (torch: after the keys and types are checked)
+
     if not out["data"]["name"]:
         raise ConfigError(f"config key 'data.name' is required; accepted: {', '.join(DATASETS)}")
     check_data_config(out["data"])  # names, symmetries, sizes (the files: eqzoo.data.data_info, when a run starts)
@@ -269,6 +269,8 @@ def check_model_args(model: str, model_args: dict) -> None:
     keys the model takes, and each value's type and range (see :mod:`eqzoo.validate`; strings
     are never booleans). For a pretrained source (``hf-hub:``, ``local-dir:``, a folder) the
     architecture is only known once its config.json is read: the values are checked."""
+    from .models._schema import is_pe_architecture, model_arg_problem  # (timm and escnn)
+
     arch = model.split(".")[0]
     pe = ":" not in model and is_pe_architecture(arch)
     if not (pe or ":" in model or Path(model).is_dir()):

@@ -257,3 +257,22 @@ def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, 
     monkeypatch.setattr(logger, "handlers", [handler])  # an application's own handler replaces the console
     train(tiny(tmp_path / "run2", data=small, schedule={"epochs": 1}))
     assert any(r.getMessage().startswith("results: ") for r in records) and capsys.readouterr().out == ""
+
+
+def test_cli_answers_help_and_argument_errors_before_importing_torch():
+    code = """
+import sys
+from eqzoo.cli import main
+for argv in (["--help"], ["train", "--help"], ["inspect", "x", "--equivariance", "0"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted({"torch", "timm", "escnn"} & set(sys.modules)))
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]
+    assert "usage: eqzoo train" in out.stdout and "SIZE must be an integer in [8, 512]" in out.stderr
