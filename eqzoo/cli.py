@@ -191,7 +191,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _resolve(args) -> dict:
     """Config from --config, or from RUN_DIR/config.yaml when resuming a directory."""
     from .config import load_config, read_yaml
-    from .train.api import finetune_config
 
     source = args.config
     resume_dir = args.resume if isinstance(getattr(args, "resume", None), str) else None
@@ -205,6 +204,8 @@ def _resolve(args) -> dict:
     if source is None:
         raise ConfigError("--config is required (or --resume RUN_DIR)")
     if args.command == "finetune":
+        from .train.api import finetune_config  # (resolves the source model: timm)
+
         return finetune_config(source, args.source, args.overrides)
     return load_config(source, list(args.overrides))
 

@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from escnn import gspaces
 
 ACCEPTED = '"O2", "SO2", "D<N>" or "C<N>" with N >= 1 (e.g. "D4", "C8", "D1" for flips, "C1" trivial)'
 
@@ -47,6 +46,8 @@ class Group:
 
     @functools.cached_property
     def gspace(self):
+        from escnn import gspaces  # (escnn and torch load only when a group is built: specs parse without them)
+
         if self.is_finite:
             if self.has_flip:
                 return gspaces.flipRot2dOnR2(N=self.n_rot)

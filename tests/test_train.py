@@ -259,7 +259,7 @@ def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, 
     assert any(r.getMessage().startswith("results: ") for r in records) and capsys.readouterr().out == ""
 
 
-def test_cli_answers_help_and_argument_errors_before_importing_torch():
+def test_cli_answers_help_and_config_errors_before_importing_torch():
     code = """
 import sys
 from eqzoo.cli import main
@@ -268,6 +268,7 @@ for argv in (["--help"], ["train", "--help"], ["inspect", "x", "--equivariance",
         main(argv)
     except SystemExit:
         pass
+assert main(["train", "--config", "configs/digits_c4.yaml", "optim.lrr=1"]) == 2  # a typo in a key
 print(sorted({"torch", "timm", "escnn"} & set(sys.modules)))
 """
     import subprocess
@@ -276,3 +277,4 @@ print(sorted({"torch", "timm", "escnn"} & set(sys.modules)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]
     assert "usage: eqzoo train" in out.stdout and "SIZE must be an integer in [8, 512]" in out.stderr
+    assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
