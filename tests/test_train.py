@@ -48,8 +48,9 @@ def test_run_writes_everything_and_learns(full_run):
     assert res["status"] == "finished" and res["epochs_done"] == 3
     h = res["history"]
     assert h[-1]["train_loss"] < h[0]["train_loss"]
-    for key in ("train_acc", "val_acc", "lambda_kl", "reg_kl_uniform", "lr"):
+    for key in ("train_acc", "val_acc", "val_top5", "lambda_kl", "reg_kl_uniform", "lr"):
         assert key in h[0]
+    assert all(0 <= row["val_acc"] <= row["val_top5"] <= 1 for row in h)  # top-1 and top-5 (timm.utils.accuracy)
     for f in ("config.yaml", "metrics.csv", "metrics.json", "results.json", "best.safetensors",
               "checkpoints/latest.json", "hub/config.json", "hub/model.safetensors", "hub/likelihoods.json"):
         assert (out / f).is_file(), f

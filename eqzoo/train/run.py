@@ -203,7 +203,7 @@ def _end_epoch(r: Run, epoch: int, row: dict, t0: float) -> None:
     state = r.state
     if r.val_loader is not None:
         v = loop.evaluate_loader(r.net, r.val_loader, r.device, r.autocast, r.d, r.channels_last)
-        row.update(val_loss=v["loss"], val_acc=v["acc"])
+        row.update(val_loss=v["loss"], val_acc=v["acc"], val_top5=v["top5"])
         if state["best_val_acc"] is None or v["acc"] > state["best_val_acc"]:
             state["best_val_acc"], state["best_epoch"] = v["acc"], epoch + 1
             if r.d.main:
@@ -236,7 +236,7 @@ def _finish(r: Run) -> tuple[dict, str | None]:
     results = {"best_epoch": state["best_epoch"] or epochs, "val_acc": state["best_val_acc"]}
     if r.test_loader is not None:
         t = loop.evaluate_loader(r.net, r.test_loader, r.device, r.autocast, r.d, r.channels_last)
-        results.update(test_acc=t["acc"], test_loss=t["loss"], test_n=t["n"])
+        results.update(test_acc=t["acc"], test_top5=t["top5"], test_loss=t["loss"], test_n=t["n"])
     results["lambda_kl"] = lambda_kl(r.model)
     model_dir = None
     record_input(r.model, r.splits.train, r.cfg)
