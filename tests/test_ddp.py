@@ -99,6 +99,7 @@ for group in ("D4", "O2"):  # permutation fields, and general (band-limited) fie
     out.update({f"{group}.buffer.{k}": b for k, b in model.named_buffers() if "running" in k})
 if rank == 0:
     save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[1])
+dist.barrier()  # neither process tears its connections down while the other still uses them
 dist.destroy_process_group()
 """
 
