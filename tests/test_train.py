@@ -238,7 +238,9 @@ def test_example_configs_for_your_own_images(full_run, tmp_path):
                  *base, f"output={tmp_path / 'ft'}"]) == 0
     recorded = yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())
     assert recorded["model"] == f"local-dir:{run / 'hub'}" and recorded["data"]["name"] == "imagefolder"
-    assert json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())["num_classes"] == 2
+    saved = json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())
+    # the source reads one channel: so are the grayscale images
+    assert saved["num_classes"] == 2 and saved["pretrained_cfg"]["input_size"] == [1, 12, 12]
 
 
 def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, monkeypatch):

@@ -156,13 +156,28 @@ def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
     return SummaryWriter(str(folder.path / "tb"))
 
 
+def _model_in_chans(cfg: dict) -> int | None:
+    """The input channels the model takes: ``model_args.in_chans``; when fine-tuning a saved model on
+    an ImageFolder (read with either count), its config.json's; None: the data's own (timm adapts a
+    pretrained stem to it)."""
+    if "in_chans" in cfg["model_args"] or not (cfg["pretrained"] and ":" in cfg["model"]
+                                               and cfg["data"]["name"] == "imagefolder"):
+        return cfg["model_args"].get("in_chans")
+    from ..models._schema import load_config_file
+    from ..sources import fetch, parse_source
+
+    saved = load_config_file(fetch(*parse_source(cfg["model"]), "config.json"))
+    size = (saved.get("pretrained_cfg") or {}).get("input_size")
+    chans = (saved.get("model_args") or {}).get("in_chans", size[0] if isinstance(size, list) and size else None)
+    return chans if isinstance(chans, int) and not isinstance(chans, bool) else None
+
+
 def _start(cfg: dict, folder: RunDir, resume: bool, overwrite: bool, d: Dist, stack: ExitStack) -> Run:
     """Build everything a run needs (data files and folder checked before anything is built)."""
     device = run_device(cfg, d)
     check_optimizer(cfg["optim"]["name"])
     _check_folder(cfg, folder, resume, overwrite)
-    in_chans = cfg["model_args"].get("in_chans")
-    info = data_info(cfg["data"], in_chans)  # missing data files, or channels that do not fit: before any build
+    info = data_info(cfg["data"], _model_in_chans(cfg))  # missing files, or channels that do not fit: before any build
     _seed(cfg["seed"])  # same initial weights on every process
     model = build_model(cfg, info, pretrained=cfg["pretrained"] and not resume)
     splits = build_datasets(cfg["data"], model, info["in_chans"])
