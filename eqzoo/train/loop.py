@@ -72,10 +72,7 @@ def _check_finite(r, ce, parts) -> None:
     spread NaN into every weight. All processes stop together (DDP would wait forever otherwise)."""
     terms = {"task loss (cross-entropy)": ce, **{f"regulariser {k}": v for k, v in parts.items()}}
     bad = [name for name, v in terms.items() if not torch.isfinite(v.detach()).all()]
-    flag = torch.tensor([float(bool(bad))])
-    if r.d.on:
-        flag = torch.tensor(all_sum([float(bool(bad))], r.d, r.device))
-    if flag.item():
+    if (all_sum([float(len(bad))], r.d, r.device)[0] if r.d.on else bad):
         what = ", ".join(f"{name} = {float(terms[name].detach())}" for name in bad) if bad else "on another process"
         raise TrainingError(f"non-finite loss at step {r.state['step'] + 1} (epoch {r.state['epoch'] + 1}): {what}; "
                             "training stopped (lower optim.lr, set optim.grad_clip, or check the data)")
