@@ -93,6 +93,25 @@ def test_resume_reproduces_the_uninterrupted_run(full_run, tmp_path):
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
+@pytest.mark.parametrize("optim, schedule", [
+    ({"name": "sgd", "momentum": 0.9}, {"name": "step", "decay_epochs": 1, "decay_rate": 0.5}),
+    ({"name": "lamb"}, {"name": "multistep", "decay_milestones": [2]}),
+    ({"name": "lion", "lr": 1e-4}, {"name": "tanh", "warmup_epochs": 1}),
+])
+def test_resume_is_exact_with_timm_optimizers_and_schedules(tmp_path, optim, schedule):
+    over = dict(data={"train_size": 64, "val_size": 0, "test_size": 16}, optim=optim,
+                schedule=dict(schedule, epochs=3), save_model=False)
+    train(tiny(tmp_path / "full", **over))
+    train(tiny(tmp_path / "stopped", **over), stop_after_epoch=1)
+    train(tiny(tmp_path / "stopped", **over), resume=True)
+    for name in ("model", "optimizer"):
+        a, b = (load_file(str(tmp_path / run / "checkpoints" / "epoch-0003" / f"{name}.safetensors"))
+                for run in ("full", "stopped"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    lrs = [row["lr"] for row in json.loads((tmp_path / "full" / "metrics.json").read_text())]
+    assert len(set(lrs)) > 1  # the schedule moved
+
+
 def test_resume_refuses_a_changed_config(full_run, tmp_path):
     _, full = full_run
     with pytest.raises(TrainingError, match="optim.lr"):

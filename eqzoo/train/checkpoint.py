@@ -67,28 +67,34 @@ def set_rng_state(s: dict) -> None:
 
 
 def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Optimizer state as (tensors for safetensors, JSON): per-parameter tensors by "pid.name",
-    hyper-parameters (param_groups) and non-tensor per-parameter values in the JSON."""
+    """Optimizer state as (tensors for safetensors, JSON): per-parameter tensors by "pid.name" and
+    per-group ones (some timm optimizers count steps per group) by "group<i>.name"; the
+    hyper-parameters and non-tensor per-parameter values in the JSON."""
     sd = opt.state_dict()
-    tensors, scalars = {}, {}
+    tensors, scalars, groups = {}, {}, []
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
                 tensors[f"{pid}.{k}"] = v
             else:
                 scalars[f"{pid}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    for i, g in enumerate(sd["param_groups"]):
+        tensors.update({f"group{i}.{k}": v for k, v in g.items() if torch.is_tensor(v)})
+        groups.append({k: v for k, v in g.items() if not torch.is_tensor(v)})
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     state: dict = {}
+    groups = [dict(g) for g in meta["param_groups"]]
     for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    groups = meta["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
+        owner, name = key.split(".", 1)
+        if owner.startswith("group"):
+            groups[int(owner[5:])][name] = v
+        else:
+            state.setdefault(int(owner), {})[name] = v
+    for g, now in zip(groups, opt.param_groups):  # JSON has no tuples (betas)
+        g.update({k: tuple(v) for k, v in g.items() if isinstance(now.get(k), tuple) and isinstance(v, list)})
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
