@@ -1,23 +1,28 @@
 """eqzoo: learnt partial equivariance for the timm model zoo.
 
-``import eqzoo`` registers the ``pe_*`` models with timm (and changes nothing in timm). The
-method is described in :mod:`eqzoo.likelihood` (λ, the twirl, the layer's filter) and
-:mod:`eqzoo.nn.twirl` (how the filter is computed).
+``import eqzoo`` registers the ``pe_*`` models with timm, as soon as timm is imported, and changes
+nothing in timm; the public API below is imported on first use. The method is described in
+:mod:`eqzoo.likelihood` (what λ does to a layer) and :mod:`eqzoo.nn.twirl` (the λ-twirl and how a
+layer's filter is computed).
 
 The package::
 
-    __init__.py       the public API below; importing it registers the models
+    __init__.py       the public API; registering the models
     groups.py         group specs ("D4", "O2", "C1", ...) -> escnn gspaces, field types, grids
     likelihood.py     GroupLikelihood (λ: density, KLs, read-out) and a model's likelihoods
-    kernels.py        build-time maths: kernel bases, the twirl's operators, fingerprints, the cache
-    nn/               PEConv2d, PELinear, FieldBatchNorm2d, nonlinearities, pooling (plain tensors);
-                      twirl/ computes a layer's filter from its weights and λ
+    kernels.py        build-time maths: the kernel bases and facts about representations
+    nn/               PEConv2d, PELinear (conv.py; harmonic_conv.py for small maps), FieldBatchNorm2d
+                      and its synchronised form, nonlinearities, pooling: plain tensors in and out
+    nn/twirl/         the λ-twirl: its reference definition, the sparse and regular-frame fast
+                      paths, their Layout interface, the per-element operators and their cache
     regularizers.py   the loss terms on the likelihoods (alignment, KL chain, KL to uniform)
-    validate.py       checks and caps of the model arguments
+    validate.py       OPTIONS, the one declaration of the model options, and Spec, the check of
+                      every untrusted setting (model options and run config keys alike)
     errors.py         every error eqzoo raises on purpose
-    models/           pe_resnet.py, pe_wrn.py (the registered models) and their one build and
-                      load path (pretrained, hf-hub:, local-dir:), the checks of loaded weights
-                      and the saved format
+    models/           pe_resnet.py, pe_wrn.py (the registered models); _common.py, _layers.py (what
+                      the families share, the layer factory); _builder.py (the one build and load
+                      path: pretrained, hf-hub:, local-dir:); _checkpoint.py (weights meeting a
+                      model); _schema.py (the saved format); _pretrained.py, published.json (tags)
     sources.py        where a model comes from: hf-hub:, local-dir:, folders, run folders, timm names
     hub/              writing, publishing and reading saved models: config, card, likelihood files
     export.py         a pe model to plain torch layers / timm's own model
@@ -28,8 +33,11 @@ The package::
     train/            the training engine (``eqzoo train``): run folders, loop, checkpoints, DDP
     cli.py            the ``eqzoo`` command
     timm_script.py    runs timm's own scripts (train.py, validate.py, ...) with the models registered
+    _timm.py          the private timm names eqzoo uses, in one place
+    _io.py _yaml.py   atomic file writes; bounded YAML/JSON reading
+    _buffers.py       constant buffers, rebuilt from a module's arguments and kept out of its state
 
-Escnn is used while a layer is built (groups, representations, bases); a forward pass is plain
+escnn is used while a layer is built (groups, representations, bases); a forward pass is plain
 torch. The model code never imports :mod:`eqzoo.hub`: saving is built on the models, not the other
 way round.
 """
