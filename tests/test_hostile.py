@@ -448,7 +448,7 @@ def _final_weights(run):
     (lambda run: _poison(run / "checkpoints/epoch-0002/model.safetensors"),
      r"epoch-0002/model.safetensors: tensor '[\w.]+' holds NaN or infinite values", "epoch-0001"),
     (lambda run: _poison(run / "checkpoints/epoch-0002/optimizer.safetensors"),
-     r"epoch-0002/optimizer.safetensors: tensor '\d+\.exp_avg\w*' holds NaN or infinite values", "epoch-0001"),
+     r"epoch-0002/optimizer.safetensors: tensor 'state\.\d+\.exp_avg\w*' holds NaN or infinite values", "epoch-0001"),
     (lambda run: _edit_state(run, lambda s: s["optimizer"]["param_groups"][0].update(lr=float("nan"))),
      r"epoch-0002/state.json is damaged .*optimizer.param_groups.0.lr is not a finite number", "epoch-0001"),
     (lambda run: _edit_state(run, lambda s: s["rng"][0].update(torch="AAAA")),

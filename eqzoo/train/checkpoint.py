@@ -66,36 +66,53 @@ def set_rng_state(s: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def _to_json(value, key: str, tensors: dict):
+    """The JSON form of an optimizer state value: its tensors moved into ``tensors`` under ``key``
+    and referred to by it, dtypes and tuples marked (timm's optimizers keep lists of tensors,
+    per-group step counts and dtypes in their state)."""
+    if torch.is_tensor(value):
+        tensors[key] = value
+        return {"__tensor__": key}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_to_json(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _to_json(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    return value
+
+
+def _from_json(value, tensors: dict):
+    if isinstance(value, list):
+        return [_from_json(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__dtype__" in value:
+        dtype = getattr(torch, str(value["__dtype__"]), None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{value['__dtype__']!r} is not a torch dtype")
+        return dtype
+    if "__tuple__" in value:
+        return tuple(_from_json(v, tensors) for v in value["__tuple__"])
+    return {k: _from_json(v, tensors) for k, v in value.items()}
+
+
 def optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Optimizer state as (tensors for safetensors, JSON): per-parameter tensors by "pid.name" and
-    per-group ones (some timm optimizers count steps per group) by "group<i>.name"; the
-    hyper-parameters and non-tensor per-parameter values in the JSON."""
-    sd = opt.state_dict()
-    tensors, scalars, groups = {}, {}, []
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v
-            else:
-                scalars[f"{pid}.{k}"] = v
-    for i, g in enumerate(sd["param_groups"]):
-        tensors.update({f"group{i}.{k}": v for k, v in g.items() if torch.is_tensor(v)})
-        groups.append({k: v for k, v in g.items() if not torch.is_tensor(v)})
-    return tensors, {"param_groups": groups, "scalars": scalars}
+    """Optimizer state as (tensors for safetensors, JSON): the state_dict with every tensor moved
+    into the first, by its path (``state.<param id>.exp_avg``, ``param_groups.0.step``, ...)."""
+    tensors: dict = {}
+    meta = {k: _to_json(v, k, tensors) for k, v in opt.state_dict().items()}
+    return tensors, meta
 
 
 def optimizer_from_files(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict = {}
-    groups = [dict(g) for g in meta["param_groups"]]
-    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
-        owner, name = key.split(".", 1)
-        if owner.startswith("group"):
-            groups[int(owner[5:])][name] = v
-        else:
-            state.setdefault(int(owner), {})[name] = v
-    for g, now in zip(groups, opt.param_groups):  # JSON has no tuples (betas)
-        g.update({k: tuple(v) for k, v in g.items() if isinstance(now.get(k), tuple) and isinstance(v, list)})
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    sd = {k: _from_json(v, tensors) for k, v in meta.items()}
+    sd["state"] = {int(pid): st for pid, st in sd["state"].items()}  # (JSON keys are strings)
+    opt.load_state_dict(sd)
 
 
 _CHECKPOINT = re.compile(r"epoch-(\d{4,})")
