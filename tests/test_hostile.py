@@ -457,6 +457,8 @@ def _final_weights(run):
      r"epoch-0002/state.json is damaged .*step 3 is not epoch 2 times the 2 steps of an epoch", "epoch-0001"),
     (lambda run: _edit_state(run, lambda s: s["optimizer"].update(param_groups=s["optimizer"]["param_groups"][:1])),
      r"epoch-0002/state.json is damaged \(ValueError", "epoch-0001"),
+    (lambda run: (run / "checkpoints/epoch-0002/state.json").write_text("[" * 100_000 + "]" * 100_000),
+     r"epoch-0002/state.json is not valid JSON", "epoch-0001"),
 ])
 def test_damaged_latest_checkpoint_falls_back(reference_run, tmp_path, capsys, damage, problem, start):
     full, stopped, _ = reference_run

@@ -190,7 +190,7 @@ class RunDir:
             return None, None
         try:
             name = json.loads(ptr.read_text(encoding="utf-8"))["dir"]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             return None, f"{ptr} is not valid ({type(e).__name__}: {e})"
         # a bare folder name of this run only: a path into another run would mix two runs
         if not isinstance(name, str) or not _CHECKPOINT.fullmatch(name):
@@ -228,7 +228,7 @@ class RunDir:
         try:
             state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
             missing = [k for k in _STATE_KEYS if k not in state]
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, RecursionError) as e:  # (deep nesting: RecursionError)
             return f"{folder / 'state.json'} is not valid JSON ({e})"
         if missing:
             return f"{folder / 'state.json'} lacks {', '.join(missing)}"
@@ -339,7 +339,7 @@ def load_checkpoint(folder: Path, model, opt, scaler, state: dict, steps_per_epo
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         state.update({k: saved[k] for k in state})
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, RecursionError) as e:
         raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(weights)
