@@ -299,11 +299,14 @@ for argv in (["--help"], ["train", "--help"], ["inspect", "x", "--equivariance",
         pass
 assert main(["train", "--config", "configs/digits_c4.yaml", "optim.lrr=1"]) == 2  # a typo in a key
 print(sorted({"torch", "timm", "escnn"} & set(sys.modules)))
+import timm  # imported after eqzoo: the models are registered once timm is
+print(timm.is_model("pe_resnet18"))
 """
     import subprocess
     import sys
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and lines[-2:] == ["[]", "True"], out.stdout[-2000:] + out.stderr[-2000:]
     assert "usage: eqzoo train" in out.stdout and "SIZE must be an integer in [8, 512]" in out.stderr
     assert "unknown config key 'optim.lrr' (did you mean 'lr'?)" in out.stderr
