@@ -65,7 +65,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="write the plot of the learnt distributions here (PNG)")
     p.add_argument("--equivariance", type=_input_side, metavar="SIZE", default=None,
                    help=f"also build the model and measure its equivariance error on a random SIZExSIZE input, "
-                        f"SIZE in [{MIN_SIDE}, {MAX_SIDE}] (odd sizes such as 33 or 65 keep strided feature maps centred)")
+                        f"SIZE in [{MIN_SIDE}, {MAX_SIDE}] (odd sizes such as 33 or 65 keep strided feature maps "
+                        "centred)")
 
 
 # The equivariance measurement runs the model on every element of the group at once: its memory

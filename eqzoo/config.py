@@ -84,8 +84,10 @@ SCHEMA: dict[str, Any] = {
                             "SO2, O2, D1, CN, DN); DDMNIST: [left group, right group]"),
         "classes": _key((list, _NONE), None, doc="digits / MNIST family: keep only these digit classes "
                                                 "(relabelled 0..k-1)"),
-        "train_size": _key((int, _NONE), None, min=1, max=MAX_SPLIT_SIZE, doc="number of training images (default per data set)"),
-        "val_size": _key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of validation images (0: no validation)"),
+        "train_size": _key((int, _NONE), None, min=1, max=MAX_SPLIT_SIZE,
+                           doc="number of training images (default per data set)"),
+        "val_size": _key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE,
+                         doc="number of validation images (0: no validation)"),
         "test_size": _key((int, _NONE), None, min=0, max=MAX_SPLIT_SIZE, doc="number of test images (null: all)"),
         "seed": _key(int, 0, doc="seed of the data set generation (the transforms and the subsets), kept "
                                 "apart from the training seed so that runs with different seeds see the same data"),
@@ -98,7 +100,8 @@ SCHEMA: dict[str, Any] = {
                                          "image is read, i.e. every epoch (the paper's protocol); val/test stay fixed"),
         "batch_size": _key(int, 64, min=1, max=MAX_BATCH,
                           doc="the global batch: split over the DDP processes (timm's train.py -b is per process)"),
-        "eval_batch_size": _key((int, _NONE), None, min=1, max=MAX_BATCH, doc="batch size for evaluation (default: 2x batch_size)"),
+        "eval_batch_size": _key((int, _NONE), None, min=1, max=MAX_BATCH,
+                                doc="batch size for evaluation (default: 2x batch_size)"),
         "workers": _key(int, 0, min=0, max=256, doc="DataLoader worker processes"),
     },
     "optim": {
@@ -108,7 +111,8 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _key(_NUM, 0.01, min=0, max=1, doc="applied to conv/linear weights only: not to biases, "
                                                           "norms or likelihoods"),
         "momentum": _key(_NUM, 0.9, min=0, max=0.9999, doc="momentum of the optimizers that have one (sgd, ...)"),
-        "betas": _key(list, [0.9, 0.999], check=_betas_problem, doc="betas of the optimizers that have them (adam, adamw, lamb, ...)"),
+        "betas": _key(list, [0.9, 0.999], check=_betas_problem,
+                      doc="betas of the optimizers that have them (adam, adamw, lamb, ...)"),
         "grad_clip": _key((_NUM + (_NONE,)), None, min=0, max=1e6, doc="clip the global gradient norm to this"),
         "label_smoothing": _key(_NUM, 0.0, min=0, max=0.9999),
         "likelihood_lr_scale": _key(_NUM, 1.0, min=0, max=1e4, doc="the likelihoods' learning rate is lr times this: "
@@ -137,7 +141,7 @@ SCHEMA: dict[str, Any] = {
                                                 "null: torch's default. On a busy machine 1 can be much faster"),
     "amp": _key(bool, True, doc="mixed precision (CUDA only; bf16 where supported, else fp16)"),
     "channels_last": _key(bool, True, doc="channels_last memory format (CUDA only)"),
-    "progress": _key(bool, True, doc="tqdm progress bars (on a terminal only: batch logs get no carriage-return lines)"),
+    "progress": _key(bool, True, doc="tqdm progress bars (on a terminal only: logs get no carriage-return lines)"),
     "log_interval": _key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
     "tensorboard": _key(bool, True, doc="also log to TensorBoard when it is installed"),
     "save_model": _key(bool, True, doc="write the Hub-format model folder at the end"),

@@ -274,3 +274,5 @@ def test_augmentation_adds_no_flip_unless_asked(tmp_path):
     with pytest.raises(ConfigError, match=r"'data.hflip' applies to natural images; the digit sets' flips are "
                                           r"data.symmetry"):
         data_cfg(name="digits", hflip=0.5)
+    with pytest.raises(ConfigError, match=r"'data.train_size' \+ 'data.val_size' = 5 exceed the 2 training images"):
+        build_datasets(data_cfg(name="imagefolder", root=str(root), train_size=5), None, 3)

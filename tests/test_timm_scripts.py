@@ -67,7 +67,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", rank=0, world_size=1)  # as train.py does under torchrun
 model = timm.create_model("pe_resnet18", num_classes=3, layers=[1, 1, 1, 1], stem_width=8, channels=[8, 8, 8, 8])
 model(torch.randn(2, 3, 16, 16)).sum().backward()
-print(sum(isinstance(m, SyncFieldBatchNorm2d) for m in model.modules()), sum("BatchNorm" in type(m).__name__ for m in model.modules()))
+synced = sum(isinstance(m, SyncFieldBatchNorm2d) for m in model.modules())
+print(synced, sum("BatchNorm" in type(m).__name__ for m in model.modules()))
 dist.destroy_process_group()
 '''
 

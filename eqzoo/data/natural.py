@@ -123,7 +123,8 @@ def build_natural(d: dict, model, in_chans: int = 3) -> Splits:
     n_val = 0 if explicit_val else (d["val_size"] if d["val_size"] is not None else _DEFAULT_VAL[name])
     n_train = d["train_size"] if d["train_size"] is not None else n - n_val
     if n_train + n_val > n:
-        raise ValueError(f"data.train_size + data.val_size = {n_train + n_val} exceeds the {n} training images of {name}")
+        raise ConfigError(f"config keys 'data.train_size' + 'data.val_size' = {n_train + n_val} exceed the {n} "
+                          f"training images of {name}")
     perm = np.random.default_rng(d["seed"]).permutation(n)
     # the validation images come out of the training split, with the evaluation transform
     train = Subset(train_aug, perm[:n_train].tolist())

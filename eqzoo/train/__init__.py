@@ -18,5 +18,5 @@ from .checkpoint import RunDir
 from .model import build_model, build_optimizer, build_scheduler, lambda_kl
 from .output import save_model_dir
 
-__all__ = ["train", "finetune", "evaluate", "finetune_config", "build_model", "lambda_kl", "build_optimizer", "build_scheduler", "RunDir",
-           "save_model_dir", "TrainingError"]
+__all__ = ["train", "finetune", "evaluate", "finetune_config", "build_model", "lambda_kl", "build_optimizer",
+           "build_scheduler", "RunDir", "save_model_dir", "TrainingError"]

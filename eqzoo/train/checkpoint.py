@@ -344,5 +344,6 @@ def load_checkpoint(folder: Path, model, opt, scaler, state: dict, steps_per_epo
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the model ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not fit the model ({first})") from None
     return saved
