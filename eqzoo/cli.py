@@ -171,8 +171,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="continue a stopped or killed run from its last checkpoint (the config's output, or RUN_DIR)")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an output folder that holds a run (deleting that run's files)")
-    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after-epoch", type=_positive, default=None, metavar="N",
                    help="stop (resumably) once N epochs are done")
+
+
+def _positive(text: str) -> int:
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,8 @@ over the M distinct likelihoods of a model, in the order their layers appear.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -23,8 +25,8 @@ def regularization(model: nn.Module, alignment: float = 5.0, kl_chain: float = 3
 
     Frozen likelihoods still count (they are constants). A model without likelihoods gives 0."""
     for name, w in (("alignment", alignment), ("kl_chain", kl_chain), ("kl_uniform", kl_uniform)):
-        if not isinstance(w, (int, float)) or w < 0:
-            raise ValueError(f"regulariser weight {name} must be a number >= 0, got {w!r}")
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not 0 <= w < math.inf:
+            raise ValueError(f"regulariser weight {name} must be a finite number >= 0, got {w!r}")
     lams = list(likelihoods(model).values())
     zero = next((p.new_zeros(()) for p in model.parameters()), torch.zeros(()))
     if not lams:

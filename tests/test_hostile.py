@@ -998,3 +998,24 @@ def test_saved_plain_counterpart_is_a_timm_architecture(saved, tmp_path, exporte
         _load(folder)
     with pytest.raises(HubConfigError, match=r"eqzoo.exported must be"):
         hub.read_config(folder)
+
+
+def test_stop_after_epoch_is_positive(capsys):
+    for value in ("0", "-3", "x"):
+        with pytest.raises(SystemExit):
+            main(["train", "--config", str(TINY), "--stop-after-epoch", value])
+        assert f"must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_best_weights_and_regulariser_weights_are_finite(tmp_path, small):
+    from eqzoo.errors import CheckpointError
+    from eqzoo.train.checkpoint import finite_tensors
+
+    path = tmp_path / "best.safetensors"
+    save_tensors({"fc.weight": torch.tensor([1.0, float("nan")]), "steps": torch.tensor([3])}, path)
+    with pytest.raises(CheckpointError, match=r"best.safetensors: tensor 'fc.weight' holds NaN or infinite values"):
+        finite_tensors(path)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match=r"regulariser weight kl_chain must be a finite number >= 0"):
+            eqzoo.regularization(small, kl_chain=bad)
+

@@ -36,7 +36,8 @@ from .._io import atomic_write, check_safetensors, load_tensors, locked, new_sib
 from ..errors import CheckpointError, TrainingError
 from ..sources import HUB_DIR
 
-__all__ = ["RunDir", "rng_state", "set_rng_state", "optimizer_to_files", "optimizer_from_files", "load_checkpoint"]
+__all__ = ["RunDir", "rng_state", "set_rng_state", "optimizer_to_files", "optimizer_from_files", "load_checkpoint",
+           "finite_tensors"]
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -305,7 +306,8 @@ def _non_finite(value, where: str) -> str | None:
     return next((w for k, v in items if (w := _non_finite(v, f"{where}.{k}")) is not None), None)
 
 
-def _finite_tensors(path: Path) -> dict:
+def finite_tensors(path: Path) -> dict:
+    """The tensors of a safetensors file; CheckpointError naming the file and tensor if one holds NaN or inf."""
     tensors = load_tensors(path)
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -317,8 +319,8 @@ def load_checkpoint(folder: Path, model, opt, scaler, state: dict, steps_per_epo
     """Apply checkpoint ``folder`` to the model, optimizer, scaler and ``state`` (updated in place);
     returns its state.json. Raises :class:`CheckpointError` naming the file and what is wrong:
     non-finite tensors, or a state.json whose values do not fit this run (step, param groups, RNG)."""
-    weights = _finite_tensors(folder / "model.safetensors")
-    opt_tensors = _finite_tensors(folder / "optimizer.safetensors")
+    weights = finite_tensors(folder / "model.safetensors")
+    opt_tensors = finite_tensors(folder / "optimizer.safetensors")
     path = folder / "state.json"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))

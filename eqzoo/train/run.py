@@ -26,14 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._io import atomic_write, load_tensors, save_tensors, write_json
+from .._io import atomic_write, save_tensors, write_json
 from ..config import RESUME_SAFE, config_diff, dump_config, validate_config
 from ..data import build_datasets, data_info
 from ..errors import CheckpointError, TrainingError
 from ..nn import convert_sync_batchnorm
 from ..sources import HUB_DIR
 from . import loop
-from .checkpoint import RunDir, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import RunDir, finite_tensors, load_checkpoint, rng_state, set_rng_state
 from .dist import Dist, console_logging, init_dist, log, run_device
 from .model import build_model, build_optimizer, build_scheduler, check_optimizer, lambda_kl, mixed_precision
 from .output import record_input, save_model_dir
@@ -247,7 +247,7 @@ def _finish(r: Run) -> tuple[dict, str | None]:
     """Test the best-on-validation weights; write results.json and the Hub-format model."""
     state, epochs = r.state, r.cfg["schedule"]["epochs"]
     if state["best_epoch"] is not None and (r.folder.path / "best.safetensors").is_file():
-        r.model.load_state_dict(load_tensors(r.folder.path / "best.safetensors"))
+        r.model.load_state_dict(finite_tensors(r.folder.path / "best.safetensors"))
     results = {"best_epoch": state["best_epoch"] or epochs, "val_acc": state["best_val_acc"]}
     if r.test_loader is not None:
         t = loop.evaluate_loader(r.net, r.test_loader, r.device, r.autocast, r.d, r.channels_last)
