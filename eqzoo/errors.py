@@ -6,7 +6,7 @@ and so that no two modules import each other only to share an exception class.
 """
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ModelArgError", "HubConfigError", "CheckpointError", "PushError", "TrainingError",
+__all__ = ["ConfigError", "ModelArgError", "UnknownModelArgError", "HubConfigError", "CheckpointError", "PushError", "TrainingError",
            "DataNotFoundError", "CliError", "USAGE_ERRORS", "FAILURES"]
 
 
@@ -21,6 +21,11 @@ class ModelArgError(ValueError):
     def __init__(self, arg: str, problem: str, where: str = ""):
         self.arg, self.problem, self.where = arg, problem, where
         super().__init__(f"{where}{arg} {problem}")
+
+
+class UnknownModelArgError(ModelArgError, TypeError):
+    """A keyword the model does not take. Also a ``TypeError``, as Python's own for an unexpected
+    keyword, which is what timm's model contract and callers that probe a constructor catch."""
 
 
 class HubConfigError(ValueError):

@@ -846,6 +846,12 @@ def test_model_arguments_at_build(kwargs, match):
     assert "\n" not in str(info.value)
 
 
+def test_unknown_keywords_are_type_errors():
+    # timm's contract: an unknown constructor keyword raises TypeError, as Python's own does
+    with pytest.raises(TypeError, match=r"not_a_model_arg is not supported by pe_resnet18"):
+        timm.create_model("pe_resnet18", not_a_model_arg=1, **SMALL)
+
+
 def test_likelihood_band_limits_are_capped():
     with pytest.raises(ValueError, match=r"GroupLikelihood: bandlimit is 1000000, above the maximum of 32"):
         eqzoo.GroupLikelihood("O2", bandlimit=10**6)

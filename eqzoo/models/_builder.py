@@ -21,7 +21,7 @@ import json
 from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
 from .._io import check_safetensors, sha256
-from ..errors import CheckpointError, HubConfigError, ModelArgError
+from ..errors import CheckpointError, HubConfigError, ModelArgError, UnknownModelArgError
 from ..sources import fetch
 from ..validate import check_arg, is_json, options_where
 from ._checkpoint import checkpoint_filter
@@ -200,6 +200,6 @@ def _check_keywords(variant: str, kwargs: dict) -> None:
     accepted = architecture_args(variant)
     unknown = sorted(k for k in kwargs if k not in accepted and k not in RUNTIME_ARGS and k != "pretrained_filter_fn")
     if unknown:
-        raise ModelArgError(", ".join(unknown), f"{'is' if len(unknown) == 1 else 'are'} not supported by {variant} "
+        raise UnknownModelArgError(", ".join(unknown), f"{'is' if len(unknown) == 1 else 'are'} not supported by {variant} "
                             f"(pe models build every layer from the group's fields); it accepts: "
                             f"{', '.join(accepted)}")
