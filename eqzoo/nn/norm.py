@@ -199,26 +199,33 @@ class FieldBatchNorm2d(ConstantBuffers, nn.Module):
         if not self._use_batch_stats():
             return self._with_running_stats(x)
         B, C, H, W = x.shape
-        F_, d = self.num_fields, self.field_size
+        d = self.field_size
         E = self._invariant.to(torch.promote_types(x.dtype, self._invariant.dtype))
         xs = x.to(E.dtype)  # statistics in at least the module's precision, as _general
         var_c, m = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
-        m = m.view(F_, d)
+        mean, var, scale, shift = self._from_channel_stats(m, var_c, E)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, var, B * H * W * d)
+        y = torch.addcmul(shift.reshape(1, C, 1, 1), xs, scale.repeat_interleave(d).view(1, C, 1, 1))
+        return y.to(x.dtype)
+
+    def _from_channel_stats(self, m: torch.Tensor, var_c: torch.Tensor, E: torch.Tensor):
+        """The field statistics (mean, var) and the per-field scale and per-channel shift of the
+        normalisation, from the channels' means ``m`` and variances ``var_c`` [C]."""
+        F_, d = self.num_fields, self.field_size
+        m, var_c = m.view(F_, d), var_c.view(F_, d)
         # a permutation field keeps the average of its channels and one bias per field, a general
         # field the coordinates of its mean and bias in the invariant basis E
         mean = m.mean(1, keepdim=True) if self.permutation else m @ E
         mu = mean.expand(F_, d) if self.permutation else mean @ E.T
-        var = (var_c.view(F_, d) + (m - mu).square()).mean(1)
+        var = (var_c + (m - mu).square()).mean(1)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
             scale = scale * self.weight
         shift = -mu * scale[:, None]
         if self.bias is not None:
             shift = shift + (self.bias.expand(F_, d) if self.permutation else self.bias @ E.T)
-        if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, B * H * W * d)
-        y = torch.addcmul(shift.reshape(1, C, 1, 1), xs, scale.repeat_interleave(d).view(1, C, 1, 1))
-        return y.to(x.dtype)
+        return mean, var, scale, shift
 
     def _per_channel(self):
         """(mean, var, weight, bias) per channel, equal to this layer in eval mode."""

@@ -56,7 +56,7 @@ class SyncFieldBatchNorm2d(FieldBatchNorm2d):
             return super().forward(x)
         self._check(x)  # an empty batch still takes part in the collectives (the others wait for it)
         B, C, H, W = x.shape
-        F_, d = self.num_fields, self.field_size
+        d = self.field_size
         E = self._invariant.to(torch.promote_types(x.dtype, self._invariant.dtype))
         xs = x.to(E.dtype)
         count = torch.full((1,), float(B * H * W), dtype=E.dtype, device=x.device)
@@ -65,18 +65,7 @@ class SyncFieldBatchNorm2d(FieldBatchNorm2d):
         m = sums[:C] / n  # channel means of the global batch
         # the squared deviations around the global means: two passes, no difference of large numbers
         var_c = _all_reduce((xs - m.view(1, C, 1, 1)).square().sum((0, 2, 3)), self.process_group) / n
-        m, var_c = m.view(F_, d), var_c.view(F_, d)
-        # as FieldBatchNorm2d's per-channel-statistics path: a permutation field keeps the average
-        # of its channels, a general field the coordinates of its mean in the invariant basis E
-        mean = m.mean(1, keepdim=True) if self.permutation else m @ E
-        mu = mean.expand(F_, d) if self.permutation else mean @ E.T
-        var = (var_c + (m - mu).square()).mean(1)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mu * scale[:, None]
-        if self.bias is not None:
-            shift = shift + (self.bias.expand(F_, d) if self.permutation else self.bias @ E.T)
+        mean, var, scale, shift = self._from_channel_stats(m, var_c, E)  # as on one process
         if self.track_running_stats:
             self._update_running_stats(mean, var, int(sums[-1].detach().item()) * d)
         y = torch.addcmul(shift.reshape(1, C, 1, 1), xs, scale.repeat_interleave(d).view(1, C, 1, 1))
