@@ -25,7 +25,7 @@ The package::
                       model); _schema.py (the saved format); _pretrained.py, published.json (tags)
     sources.py        where a model comes from: hf-hub:, local-dir:, folders, run folders, timm names
     hub/              writing, publishing and reading saved models: config, card, likelihood files
-    export.py         a pe model to plain torch layers / timm's own model
+    _export.py        eqzoo.export: a pe model to plain torch layers / timm's own model
     analysis.py       read-outs: degree of equivariance, equivariance error, head and kernel invariance
     viz.py            plots of λ
     data/             the data sets of the training engine and their symmetry transforms
@@ -45,7 +45,6 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-import types
 
 from ._version import __version__
 
@@ -53,7 +52,7 @@ from ._version import __version__
 # starts without torch, timm and escnn; the models are registered with timm as soon as timm is
 # imported (at once when it already is).
 _API = {"GroupLikelihood": "likelihood", "likelihoods": "likelihood", "get_group": "groups",
-        "regularization": "regularizers", "export": "export", "save_pretrained": "hub", "push_to_hub": "hub",
+        "regularization": "regularizers", "export": "_export", "save_pretrained": "hub", "push_to_hub": "hub",
         "load_likelihoods": "hub", "plot_likelihoods": "viz", "degree_of_equivariance": "analysis",
         "equivariance_error": "analysis", "format_table": "analysis", "head_invariance": "analysis",
         "kernel_invariance": "analysis"}
@@ -74,18 +73,6 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """``eqzoo.export`` is the function, also once the submodule of that name is imported (the
-    import system sets a package's attribute to each submodule it loads)."""
-
-    def __setattr__(self, name, value):
-        if not (name in _API and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def _register_models() -> None:

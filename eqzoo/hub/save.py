@@ -27,7 +27,7 @@ from torch import nn
 from .._io import atomic_write, new_sibling_dir, replace_dir, save_tensors, sha256, write_json
 from .._timm import save_config_for_hf
 from ..errors import HubConfigError
-from ..export import export as export_model
+from .._export import export as export_model
 from ..models._schema import (CARD_NAME, CONFIG_NAME, EXPORT_DIR, HUB_FORMAT, LIKELIHOODS_NAME, PLOT_NAME,
                               RUNTIME_ARGS, WEIGHTS_NAME, basis_fingerprint, is_pe_architecture, layer_fingerprints,
                               model_head, structure_fingerprint, validate_model_args, versions)
