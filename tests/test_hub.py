@@ -491,3 +491,15 @@ def test_cli_push_of_a_saved_folder(saved, local_hub, model, capsys):
     x = torch.randn(1, 3, 33, 33)
     with torch.no_grad():
         assert torch.equal(pulled(x), model.eval()(x))
+
+
+def test_timms_own_push_loads_back(tiny, local_hub, no_unpickling):
+    """timm.models.push_to_hf_hub on a pe model uploads what the model records (model_args with the
+    bases' fingerprint): the repo loads back through hf-hub: from its safetensors."""
+    repo = "eqzoo-test/timm-push"
+    timm.models.push_to_hf_hub(tiny, repo, token=TOKEN, model_config=dict(label_names=["a", "b", "c"]))
+    loaded = _load(f"hf-hub:{repo}")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), tiny(x))
+    assert loaded.model_args["group"] == "C4" and loaded.pretrained_cfg["label_names"] == ["a", "b", "c"]

@@ -249,7 +249,7 @@ def test_bad_runtime_configs_fail_before_training(tmp_path):
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-def test_example_configs_for_your_own_images(full_run, tmp_path):
+def test_example_configs_for_your_own_images(full_run, tmp_path, capsys):
     from test_data import _image_folder
 
     root = _image_folder(tmp_path / "images", "L")
@@ -267,6 +267,15 @@ def test_example_configs_for_your_own_images(full_run, tmp_path):
     saved = json.loads((tmp_path / "ft" / "hub" / "config.json").read_text())
     # the source reads one channel: so are the grayscale images
     assert saved["num_classes"] == 2 and saved["pretrained_cfg"]["input_size"] == [1, 12, 12]
+    # the class names (the folder names) are saved as timm saves them, and eval prints them
+    assert saved["label_names"] == ["cat", "dog"]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "ft"), "--split", "val"]) == 0
+    assert json.loads(capsys.readouterr().out)["label_names"] == ["cat", "dog"]
+    for split in ("train", "val"):  # other classes, as many: refused
+        (root / split / "dog").rename(root / split / "bird")
+    assert main(["eval", str(tmp_path / "ft"), "--split", "val"]) == 2
+    assert "other names" in capsys.readouterr().err
 
 
 def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, monkeypatch):

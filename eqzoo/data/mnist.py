@@ -181,6 +181,7 @@ class Splits:
     test: Dataset | None
     num_classes: int
     in_chans: int
+    label_names: tuple[str, ...] | None = None  # the class names, where the data set has them
 
 
 def _keep_classes(x, y, classes):

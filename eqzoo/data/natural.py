@@ -134,4 +134,6 @@ def build_natural(d: dict, model, in_chans: int = 3) -> Splits:
     test = _load(name, root, False, eval_tf, in_chans)
     if d["test_size"] is not None:
         test = Subset(test, np.random.default_rng(d["seed"] + 1).permutation(len(test))[:d["test_size"]].tolist())
-    return Splits(train, val, test, natural_num_classes(name, root), in_chans)
+    names = getattr(train_aug, "classes", None)  # ImageFolder: the folder names; CIFAR, STL-10: theirs
+    return Splits(train, val, test, natural_num_classes(name, root), in_chans,
+                  tuple(str(c) for c in names) if names is not None else None)

@@ -73,7 +73,8 @@ def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
     """Accuracy and loss of a trained model on a split (``train``/``val``/``test``) of ``cfg.data``.
 
     ``source``: a run directory (its ``hub/``), a model directory, ``local-dir:``/``hf-hub:`` or a
-    registry tag; default ``cfg.model``. Returns ``{"split", "loss", "acc", "n", "lambda_kl", "model"}``."""
+    registry tag; default ``cfg.model``. Returns ``{"split", "loss", "acc", "top5", "n", "lambda_kl",
+    "model"}`` and the model's ``label_names`` where it has them (refused when the data set's differ)."""
     cfg = load_config(cfg)
     if split not in ("train", "val", "test"):
         raise ConfigError(f"split must be train, val or test, got {split!r}")
@@ -87,11 +88,18 @@ def evaluate(cfg, source: str | None = None, split: str = "test") -> dict:
             raise TrainingError(f"{src} has {model.num_classes} classes, data set {cfg['data']['name']} has "
                                 f"{info['num_classes']}: evaluate it on the data it was trained for")
         model.to(device)
-        ds = getattr(build_datasets(cfg["data"], model, info["in_chans"]), split)
+        # read the images with the model's channels (a fine-tune's config need not name them)
+        splits = build_datasets(cfg["data"], model, getattr(model, "in_chans", None) or info["in_chans"])
+        names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+        if names and splits.label_names and list(names) != list(splits.label_names):
+            raise TrainingError(f"{src} was trained on the classes {list(names)[:10]}, data set "
+                                f"{cfg['data']['name']} has {list(splits.label_names)[:10]}: the same number, other names")
+        ds = getattr(splits, split)
         if ds is None:
             raise ConfigError(f"the {split} split of {cfg['data']['name']} is empty (data.{split}_size)")
         autocast, _ = mixed_precision(cfg, device)
         out = evaluate_loader(model, eval_loader(ds, cfg, d), device, autocast, d)
-        return {"split": split, **out, "lambda_kl": lambda_kl(model), "model": src}
+        named = {"label_names": list(names)} if names else {}
+        return {"split": split, **out, "lambda_kl": lambda_kl(model), "model": src, **named}
     finally:
         d.close()

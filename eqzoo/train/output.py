@@ -11,6 +11,7 @@ from .._timm import save_config_for_hf
 from ..data import DATASETS
 from ..hub import is_pe_architecture, save_pretrained
 from ..hub.card import run_card_data
+from ..models import set_data_config
 
 
 def save_model_dir(model: nn.Module, directory, cfg: dict | None = None, results: dict | None = None) -> Path:
@@ -27,7 +28,9 @@ def save_model_dir(model: nn.Module, directory, cfg: dict | None = None, results
             model_args = None  # fine-tuned: the architecture's args come from the model itself
         else:
             model_args.pop("num_classes")
-        return save_pretrained(model, directory, model_args=model_args, card_data=card)
+        names = model.pretrained_cfg.get("label_names")
+        return save_pretrained(model, directory, dict(label_names=list(names)) if names else None,
+                               model_args=model_args, card_data=card)
     new = new_sibling_dir(directory)  # written whole, then renamed into place (as save_pretrained)
     try:
         save_tensors(model.state_dict(), new / "model.safetensors")
@@ -39,21 +42,19 @@ def save_model_dir(model: nn.Module, directory, cfg: dict | None = None, results
     return directory
 
 
-def record_input(model: nn.Module, train_set, cfg: dict) -> None:
-    """Make the saved pretrained_cfg describe the input the model was trained on: its size and,
-    for the digit data sets (plain [0, 1] tensors, no normalisation), mean 0 / std 1, so that
-    timm's resolve_data_config on the loaded model reproduces the training input."""
-    pc = getattr(model, "pretrained_cfg", None)
-    if pc is None:
+def record_input(model: nn.Module, splits, cfg: dict) -> None:
+    """Make the saved pretrained_cfg describe the input the model was trained on: its size, the
+    class names where the data set has them, and, for the digit data sets (plain [0, 1] tensors,
+    no normalisation), mean 0 / std 1, so that timm's resolve_data_config on the loaded model
+    reproduces the training input."""
+    if getattr(model, "pretrained_cfg", None) is None:
         return
-    x, _ = train_set[0]
-    pc = dict(pc, input_size=tuple(x.shape))
-    c = x.shape[0]
+    x, _ = splits.train[0]
+    values = dict(input_size=tuple(x.shape), label_names=splits.label_names)
     if DATASETS[cfg["data"]["name"]][0] != "natural":
-        pc.update(mean=(0.0,) * c, std=(1.0,) * c, crop_pct=1.0, interpolation="bilinear")
-    elif len(pc.get("mean") or ()) not in (0, c):  # grayscale images: the one-channel mean the data used
-        pc.update(mean=(sum(pc["mean"]) / len(pc["mean"]),) * c, std=(sum(pc["std"]) / len(pc["std"]),) * c)
-    model.pretrained_cfg = pc
+        c = x.shape[0]
+        values.update(mean=(0.0,) * c, std=(1.0,) * c, crop_pct=1.0, interpolation="bilinear")
+    set_data_config(model, **values)  # a grayscale model's 3-channel mean becomes its average there
 
 
 def _in_chans(model, cfg) -> int:

@@ -254,7 +254,7 @@ def _finish(r: Run) -> tuple[dict, str | None]:
         results.update(test_acc=t["acc"], test_top5=t["top5"], test_loss=t["loss"], test_n=t["n"])
     results["lambda_kl"] = lambda_kl(r.model)
     model_dir = None
-    record_input(r.model, r.splits.train, r.cfg)
+    record_input(r.model, r.splits, r.cfg)
     if r.d.main:
         write_json(r.folder.path / "results.json", results)
         if r.cfg["save_model"]:
