@@ -143,7 +143,8 @@ SCHEMA: dict[str, Any] = {
     "channels_last": _key(bool, True, doc="channels_last memory format (CUDA only)"),
     "progress": _key(bool, True, doc="tqdm progress bars (on a terminal only: logs get no carriage-return lines)"),
     "log_interval": _key(int, 10, min=1, max=10**6, doc="steps between progress-bar updates of λ-KL"),
-    "tensorboard": _key(bool, True, doc="also log to TensorBoard when it is installed"),
+    "tensorboard": _key((bool, _NONE), None, doc="also log to TensorBoard: null (default) when it is installed, "
+                                                 "true always (a warning when it is not), false never"),
     "save_model": _key(bool, True, doc="write the Hub-format model folder at the end"),
 }
 

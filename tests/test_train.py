@@ -289,6 +289,8 @@ def test_messages_go_through_logging_and_bars_need_a_terminal(tmp_path, capsys, 
     assert "\r" not in out + err  # not a terminal: no progress bar
     assert out.count("TensorBoard is not installed") == 1 and not (tmp_path / "run" / "tb").exists()
     assert "batch 32 in all (data.batch_size), 32 per process" in out  # the global and the per-process batch
+    train(tiny(tmp_path / "quiet", tensorboard=None, data=small, schedule={"epochs": 1}))  # the default
+    assert "TensorBoard" not in capsys.readouterr().out  # TensorBoard where it is installed, and no warning
     records, logger = [], logging.getLogger("eqzoo.train")
     handler = logging.Handler()
     handler.emit = records.append

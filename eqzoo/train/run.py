@@ -145,11 +145,13 @@ def _restore(r: Run) -> None:
 
 
 def _tensorboard(cfg: dict, folder: RunDir, d: Dist):
-    if not (d.main and cfg["tensorboard"]):
+    if not (d.main and cfg["tensorboard"] is not False):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional: CSV and JSON are always written
     except ImportError:
+        if not cfg["tensorboard"]:  # null: TensorBoard only where it is installed, no warning
+            return None
         log(d, "warning: tensorboard: true, but TensorBoard is not installed (pip install tensorboard): metrics go "
                "to metrics.csv and metrics.json only", logging.WARNING)
         return None
