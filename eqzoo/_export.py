@@ -58,6 +58,10 @@ def export(model: nn.Module, counterpart: bool | None = None) -> nn.Module:
         if ref is not None:
             target = target.to(device=ref.device, dtype=ref.dtype)
         target.load_state_dict(state, strict=True)
+        data = getattr(model, "pretrained_cfg", None)
+        if data:  # the input it was trained on (size, channels, mean, std, class names), not the registry's
+            from .models import set_data_config
+            set_data_config(target, data)
         return target.train(model.training)
     if counterpart:
         why = ("it has none (continuous groups or custom widths have no plain counterpart)" if target is None

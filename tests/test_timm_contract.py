@@ -261,3 +261,18 @@ def test_saved_pretrained_cfg_describes_the_training_data(tmp_path, caplog):
     assert not [r for r in caplog.records if "does not match" in r.getMessage()]
     with pytest.raises(ValueError, match="2 label names for 3 classes"):
         eqzoo.models.set_data_config(model, label_names=["a", "b"])
+
+
+def test_exported_counterpart_describes_the_training_data(tmp_path, caplog):
+    """The plain timm model of a saved folder (exported/) takes the pe model's input, not the
+    registry's [3, 224, 224] and ImageNet mean, and writing it warns of nothing."""
+    with caplog.at_level("WARNING"):
+        model = timm.create_model("pe_resnet18", in_chans=1, num_classes=3)
+        eqzoo.models.set_data_config(model, input_size=(1, 32, 32), mean=(0.13,), std=(0.3,), label_names=["a", "b", "c"])
+        eqzoo.save_pretrained(model, tmp_path / "m", plot=False)
+        cfg = json.loads((tmp_path / "m" / "exported" / "config.json").read_text())
+        assert cfg["architecture"] == "resnet18" and cfg["pretrained_cfg"]["input_size"] == [1, 32, 32]
+        assert cfg["pretrained_cfg"]["mean"] == [0.13] and cfg["pretrained_cfg"]["label_names"] == ["a", "b", "c"]
+        plain = timm.create_model(f"local-dir:{tmp_path / 'm' / 'exported'}", pretrained=True)
+        assert resolve_model_data_config(plain)["input_size"] == (1, 32, 32)
+    assert not [r for r in caplog.records if "does not match" in r.getMessage()]
