@@ -27,17 +27,14 @@ def millions(n: int) -> str:
 def model_row(name: str) -> str:
     import timm
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     import eqzoo  # noqa: F401  (registers the pe_* models)
+    from eqzoo.hub.card import model_stats  # the model cards' count
 
     with torch.device("meta"):
         model = timm.create_model(name)
         plain = model.plain_counterpart()
     size = model.pretrained_cfg["input_size"]
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        plain.eval()(torch.empty(1, *size, device="meta"))
     architecture = getattr(plain, "pretrained_cfg", {}).get("architecture")
     if architecture:  # a timm model
         label = f"`{architecture}`"
@@ -45,7 +42,7 @@ def model_row(name: str) -> str:
         label = f"eqzoo `{type(plain).__name__}({model.model_args['depth']}, {model.model_args['widen_factor']})`"
     params = sum(p.numel() for p in model.parameters())
     plain_params = sum(p.numel() for p in plain.parameters())
-    gmacs = counter.get_total_flops() / 2e9  # the counter counts a multiply-add as two operations
+    gmacs = model_stats(plain, size)["gmacs"]
     return f"| {name} | {label} ({millions(plain_params)}) | {millions(params)} | {gmacs:.2f} @ {size[-1]} px |"
 
 
