@@ -124,6 +124,14 @@ def test_damaged_config_json_is_named(saved, tmp_path, content, match):
         _load(folder)
 
 
+def test_deeply_nested_config_json_is_named(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    path = folder / "config.json"
+    path.write_text('{"architecture": "pe_resnet18", "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(HubConfigError, match=r"config.json is not a config of timm's layout \(nested too deeply\)"):
+        hub.read_config(folder)
+
+
 @pytest.mark.parametrize("args, match", [
     (dict(learn_likelihood="false"), r"model_args\['learn_likelihood'\] must be true or false"),
     (dict(field_bandlimit=-1), r"model_args\['field_bandlimit'\] must be >= 0"),

@@ -187,6 +187,8 @@ def load_config_file(path: str | os.PathLike) -> dict:
         cfg = json.loads(text)
     except json.JSONDecodeError as e:
         raise HubConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {fix}") from None
+    except RecursionError:  # nesting past the parser's depth: no config of timm's layout is that deep
+        raise HubConfigError(f"{path} is not a config of timm's layout (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise HubConfigError(f"{path}: expected a JSON object (timm's config layout), got {type(cfg).__name__}")
     if not isinstance(cfg.get("architecture"), str):
