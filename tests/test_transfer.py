@@ -43,8 +43,8 @@ def test_transfer_run_and_report(tmp_path, one_thread, capsys):
         name = f"{model}_rotmnist"
         write_release(configs, name, arch, args, f"pe_resnet18.{name}" if arch != "resnet18" else None)
     release.main(["build", "--configs", str(configs), "--out", str(releases)])
-    run = ["run", "--releases", str(releases), "--out", str(out), "--tasks", "digits", "--labels", "2",
-           "--seeds", "0", "--steps", "2", "--image-size", "16", "--test-size", "50", "--source", "hub"]
+    run = ["run", "--releases", str(releases), "--configs", str(configs), "--out", str(out), "--tasks", "digits",
+           "--labels", "2", "--seeds", "0", "--steps", "2", "--image-size", "16", "--test-size", "50", "--source", "hub"]
     with serve_hub(tmp_path / "server"):
         release.main(["publish", "--org", ORG, "--out", str(releases), "--registry", str(tmp_path / "reg.json")])
         revision = json.loads((releases / "d4_rotmnist" / "published.json").read_text())["revision"]
