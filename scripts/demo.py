@@ -10,11 +10,20 @@ a random multiple of 90 degrees but never flipped. Three models with the same la
 Then the learnt model is saved in the Hub format, reloaded through
 ``timm.create_model('local-dir:...')``, its λ is read out per layer, and the symmetry its plain
 classifier learnt is read out with :func:`eqzoo.head_invariance`.
+
+Last, the release path at demo size, with the commands the full release uses: the release files
+in ``configs/demo_release/`` are built (``scripts/release.py build``), published to a Hub look-alike
+on 127.0.0.1 (``release.py publish``), their tag loaded in a fresh process with
+``timm.create_model('pe_resnet18.d4_digits', pretrained=True)``, online and then with
+``HF_HUB_OFFLINE=1`` from the cache, and fine-tuned on 10 labels per class of digits rotated by
+any angle against the same models from scratch (``scripts/transfer.py``), which prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,8 +111,65 @@ def main(argv=None) -> int:
     eqzoo.plot_likelihoods(model, plot)
     print(f"\nplot of every layer's λ: {plot}")
     print(f"Hub-format model (config.json, model.safetensors, likelihoods.json/.png, card): {learnt_dir}")
+    release_demo(out / "release")
     print(f"demo done in {time.time() - start:.0f} s")
     return 0
+
+
+LOAD_TAG = """
+import sys, timm, eqzoo
+tag = sys.argv[1]
+model = timm.create_model(tag, pretrained=True)
+print(f"timm.list_pretrained('pe_*'): {timm.list_pretrained('pe_*')}")
+print(f"timm.create_model({tag!r}, pretrained=True): {sum(p.numel() for p in model.parameters()):,} parameters, "
+      f"weights from {model.pretrained_cfg['hf_hub_id']} (repo@commit, sha256 checked)")
+"""
+
+
+def release_demo(out: Path) -> None:
+    """Build, publish, load by tag and fine-tune the demo's release (see the module's docstring)."""
+    from hub_server import LocalHub
+
+    if out.exists():
+        print(f"\nreplacing the previous demo release in {out}")
+        shutil.rmtree(out)
+    script = lambda name, *args: [sys.executable, str(ROOT / "scripts" / name), *map(str, args)]  # noqa: E731
+    configs = ROOT / "configs" / "demo_release"
+    t = time.time()
+    print("\n## The release path at demo size\n")
+    step(script("release.py", "build", "--configs", configs, "--out", out / "release"), "build", quiet=True)
+    with LocalHub(out / "hub") as hub:
+        # what a user's shell would hold: the Hub to talk to, a cache, a token, the registry to write and read
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(out / "hf-home"), HF_TOKEN="hf_demo")
+        step(script("release.py", "publish", "--org", "eqzoo-demo", "--out", out / "release", "--registry",
+                    out / "published.json"), "publish", env=env)
+        env["EQZOO_PUBLISHED"] = str(out / "published.json")  # the registry publish wrote, instead of the package's
+        load = [sys.executable, "-c", LOAD_TAG, "pe_resnet18.d4_digits"]
+        step(load, "a fresh process loads the tag", env=env)
+        step(load, "again with HF_HUB_OFFLINE=1: from the cache", env=dict(env, HF_HUB_OFFLINE="1"))
+        step(script("transfer.py", "run", "--source", "hub", "--releases", out / "release", "--configs", configs,
+                    "--out", out / "transfer", "--tasks", "digits", "--labels", 10, "--seeds", 0, "--steps", 60,
+                    "--image-size", 16, "--checkpoints", "cnn=resnet18_digits", "strict=d4_strict_digits",
+                    "learnt=d4_digits"), "fine-tune and train from scratch", env=env, quiet=True)
+    print("Fine-tuned on 10 labels per class of digits rotated by any angle (the release was trained on 90-degree "
+          "rotations of the same 1,797 digits: a demo of the path; the benchmark on MNIST is in "
+          "scripts/README.md):\n")
+    report = subprocess.run(script("transfer.py", "report", "--releases", out / "release", "--out",
+                                   out / "transfer", "--checkpoints", "learnt=d4_digits"),
+                            capture_output=True, text=True, check=True).stdout
+    print(report.split("\nTargets:")[0].split("\n", 2)[2])
+    print(f"release path in {time.time() - t:.0f} s; staged folders in {out / 'release'}")
+
+
+def step(cmd: list[str], what: str, env: dict | None = None, quiet: bool = False) -> None:
+    """Run one command as a user would, in its own process; show its last lines, or all of its error."""
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"demo: {what} failed ({' '.join(cmd[:3])} ...):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    lines = [line for line in done.stdout.splitlines() if not line.startswith(("epoch=", "results:"))]
+    print(f"{what}:")
+    for line in lines[-3:] if quiet else lines:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@
 One checkpoint = one file ``configs/release/NAME.yaml``: a ``release`` section (its registry
 ``tag``, whether to ``publish`` it, the Hub ``repo`` name, a ``dataset`` line for the card, and
 ``recipe``: ``placeholder`` until the batch, epochs and learning rate are chosen by measurement)
-and a ``train`` section, the eqzoo run config (``eqzoo train --config``) that trains it.
+and a ``train`` section, the eqzoo run config (``eqzoo train --config``) that trains it. A change
+to the ``train`` section after a build is refused; a change to the ``release`` section re-stages
+the same weights with a new card.
 
 ``build`` trains each checkpoint with ``eqzoo.train.train`` into ``OUT/NAME/run`` (a finished one
 is skipped, a killed one resumes from its last epoch, so a build continues across sessions),
@@ -160,17 +162,23 @@ def build_one(rel: dict, out: Path) -> dict:
 
     folder = out / rel["name"]
     record_file = folder / "release.json"
+    trained_at = None
     if record_file.is_file():
         record = json.loads(record_file.read_text())
         if record["train"] != json.loads(json.dumps(rel["train"])):
             raise SystemExit(f"release.py: {rel['file']} has changed since {rel['name']} was built; delete "
                              f"{folder} to build it again with the new config")
-        print(f"{rel['name']}: built (delete {folder} to build it again)", flush=True)
-        return record
-    print(f"{rel['name']}: training into {rel['train']['output']}", flush=True)
+        if all(record.get(key) == value for key, value in rel["release"].items()):
+            print(f"{rel['name']}: built (delete {folder} to build it again)", flush=True)
+            return record
+        # only the release section changed (a card's text, the recipe's status): the same weights, a new card
+        print(f"{rel['name']}: the release section changed: staging it again, without training", flush=True)
+        trained_at = record["commit"]
+    else:
+        print(f"{rel['name']}: training into {rel['train']['output']}", flush=True)
     results = _train(rel)
     history = json.loads((Path(rel["train"]["output"]) / "metrics.json").read_text())
-    commit, command = source_commit(), f"python scripts/release.py build {rel['name']}"
+    commit, command = trained_at or source_commit(), f"python scripts/release.py build {rel['name']}"
     card = _card(rel, results, history, commit, command)
     stage = folder / "stage"
     _stage(rel, card, stage)

@@ -54,7 +54,7 @@ MODES = {"cnn": ("scratch", "finetuned"), "strict": ("scratch", "finetuned"),
 SEEDS = (0, 1, 2)
 # The recipe, the same for every run: AdamW and a fixed number of updates, so that every cell of
 # the table had about the same compute. At least 200 updates of 32 images, rounded up to whole epochs
-# (201 at 10 labels per class, 217 at 50 and 100, 312 at 1,000), fit 105 runs into about two hours of
+# (201 at 10 labels per class, 210 at 50, 217 at 100, 312 at 1,000), fit 105 runs into about two hours of
 # a 2-core CPU: 67 passes over 10 labels per class, one over 1,000 (the table says so).
 RECIPE = dict(steps=200, batch_size=32, lr=1e-3, weight_decay=0.01, likelihood_lr_scale=10.0)
 
@@ -76,6 +76,13 @@ def source_of(releases: Path, name: str, kind: str) -> str:
     return f"local-dir:{stage}"
 
 
+def checkpoint_of(task: str, model: str, args) -> str:
+    """The release checkpoint that ``model`` fine-tunes from on ``task``: the task's, or
+    ``--checkpoints MODEL=NAME``'s (another release's, e.g. the demo's)."""
+    chosen = dict(item.split("=", 1) for item in getattr(args, "checkpoints", None) or ())
+    return chosen.get(model, TASKS[task]["sources"][model])
+
+
 def architecture_of(configs: Path, name: str) -> tuple[str, dict]:
     """(model, model arguments) of release checkpoint ``name`` as its release file declares them: what
     a run from scratch builds, known before the checkpoint is."""
@@ -90,7 +97,7 @@ def architecture_of(configs: Path, name: str) -> tuple[str, dict]:
 
 def run_config(task: str, labels: int, model: str, mode: str, seed: int, args) -> tuple[dict, str | None]:
     """(run config, fine-tuning source or None for a run from scratch)."""
-    name = TASKS[task]["sources"][model]
+    name = checkpoint_of(task, model, args)
     source = None if mode == "scratch" else source_of(Path(args.releases), name, args.source)
     architecture, model_args = architecture_of(Path(args.configs), name)
     data = dict(TASKS[task]["data"], root=args.root, seed=seed, train_size=10 * labels, batch_size=RECIPE["batch_size"])
@@ -142,7 +149,7 @@ def cmd_run(args) -> None:
     while True:
         todo = []
         for task, labels, model, mode, seed in all_runs(args):
-            name = TASKS[task]["sources"][model]
+            name = checkpoint_of(task, model, args)
             ready = mode == "scratch" or (Path(args.releases) / name / "stage" / "config.json").is_file()
             cfg, source = run_config(task, labels, model, mode, seed, args) if ready else ({}, name)
             if not ready or not (Path(cfg["output"]) / "results.json").is_file():
@@ -212,7 +219,7 @@ def _targets(acc: dict, budgets) -> list[str]:
     return lines
 
 
-def _lambda_lines(out: Path, releases: Path) -> list[str]:
+def _lambda_lines(out: Path, args) -> list[str]:
     import eqzoo
 
     def readout(folder: Path) -> str:
@@ -220,13 +227,14 @@ def _lambda_lines(out: Path, releases: Path) -> list[str]:
         return ", ".join(f"{r['layer']} {r['closest_subgroup']} ({r['kl_uniform']:.2f})" for r in rows)
 
     lines = []
-    for task, spec in TASKS.items():
-        source = releases / spec["sources"]["learnt"] / "stage"
+    for task in TASKS:
+        name = checkpoint_of(task, "learnt", args)
+        source = Path(args.releases) / name / "stage"
         runs = sorted(out.glob(f"{task}/k*/learnt-finetuned/seed*/hub"))
         if not runs:
             continue
         if (source / "likelihoods.json").is_file():
-            lines.append(f"- {task}, checkpoint `{spec['sources']['learnt']}`: {readout(source)}")
+            lines.append(f"- {task}, checkpoint `{name}`: {readout(source)}")
         for hub in runs:
             lines.append(f"- {task}, {hub.parents[2].name[1:]}/class, fine-tuned, {hub.parent.name}: {readout(hub)}")
     return lines
@@ -253,9 +261,16 @@ def cmd_report(args) -> None:
             f"and `report`, runs in `{out}`.", "", *lines, "", "Targets:", "",
             *(_targets(means, budgets) or ["- (no complete budget yet)"]), "",
             "λ per layer (closest subgroup, KL to uniform) of the learnt checkpoints and of their fine-tunes:", "",
-            *(_lambda_lines(out, Path(args.releases)) or ["- (no fine-tuned learnt model yet)"])]
+            *(_lambda_lines(out, args) or ["- (no fine-tuned learnt model yet)"])]
     (out / "transfer.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
+
+
+def _checkpoint_arg(text: str) -> str:
+    model, _, name = text.partition("=")
+    if model not in MODELS or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected MODEL=NAME with MODEL one of {', '.join(MODELS)}")
+    return text
 
 
 def main(argv=None) -> int:
@@ -284,6 +299,8 @@ def main(argv=None) -> int:
     for q in (r, rep):
         q.add_argument("--releases", default="runs/release", help="scripts/release.py's --out")
         q.add_argument("--out", default="runs/transfer")
+        q.add_argument("--checkpoints", nargs="*", metavar="MODEL=NAME", type=_checkpoint_arg,
+                       help="fine-tune MODEL (cnn, strict, learnt) from release checkpoint NAME instead of the task's")
     args = p.parse_args(argv)
     {"run": cmd_run, "report": cmd_report}[args.cmd](args)
     return 0

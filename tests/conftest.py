@@ -1,6 +1,12 @@
 """Fixtures shared by several test modules."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# scripts/hub_server.py: the local Hub the tests (and the demo) publish to and download from
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 @pytest.fixture(scope="module")

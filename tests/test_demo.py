@@ -1,4 +1,5 @@
-"""`make demo`, the first thing a user runs, must also work the second time."""
+"""`make demo`, the first thing a user runs, must also work the second time: training, the Hub
+format, and the release path (build, publish to a local Hub, load by tag, fine-tune)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -17,3 +18,9 @@ def test_demo_runs_twice_in_a_row(tmp_path):
     assert (tmp_path / "digits_d4_learnt" / "results.json").stat().st_mtime_ns != stamp
     assert "| learnt λ over D4 |" in second.stdout and "demo done" in second.stdout
     assert (tmp_path / "likelihoods.png").stat().st_size > 0
+    # the release path: a tag published to the local Hub, loaded online and offline, fine-tuned
+    assert "replacing the previous demo release" in second.stdout
+    assert second.stdout.count("timm.create_model('pe_resnet18.d4_digits', pretrained=True)") == 2
+    assert "timm.list_pretrained('pe_*'): ['pe_resnet18.d4_digits', 'pe_resnet18.d4_strict_digits']" in second.stdout
+    row = next(line for line in second.stdout.splitlines() if line.startswith("| digits | 10 |"))
+    assert row.count("(1)") == 7

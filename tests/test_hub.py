@@ -1,5 +1,5 @@
 """Publishing to and loading from the Hub, with the real huggingface_hub client over HTTP
-against tests/hub_server.py's LocalHub. One pe_resnet18 (C4, 10 classes, random λ) is built, saved
+against scripts/hub_server.py's LocalHub. One pe_resnet18 (C4, 10 classes, random λ) is built, saved
 and pushed once per module; every load goes through timm.create_model."""
 
 import json

@@ -1,4 +1,4 @@
-"""The real huggingface_hub client, over real HTTP, against tests/hub_server.py's LocalHub."""
+"""The real huggingface_hub client, over real HTTP, against scripts/hub_server.py's LocalHub."""
 
 import json
 import random

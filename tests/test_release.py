@@ -157,6 +157,14 @@ def test_a_killed_build_resumes_and_a_changed_config_is_refused(tmp_path, one_th
     history = json.loads((out / "strict" / "run" / "metrics.json").read_text())
     assert len(history) == 2 and history[0] == first[0]  # epoch 1 kept, epoch 2 added
     assert json.loads((out / "strict" / "release.json").read_text())["val_curve"] == [h["val_acc"] for h in history]
+    weights = (out / "strict" / "stage" / "model.safetensors").read_bytes()
+    doc["release"]["recipe"] = "measured"  # the release section only: a new card, the same weights, no training
+    (configs / "strict.yaml").write_text(yaml.safe_dump(doc))
+    release.main(["build", "--configs", str(configs), "--out", str(out)])
+    record = json.loads((out / "strict" / "release.json").read_text())
+    assert record["recipe"] == "measured" and "Recipe (measured)" in (out / "strict" / "stage" / "README.md").read_text()
+    assert json.loads((out / "strict" / "run" / "metrics.json").read_text()) == history
+    assert (out / "strict" / "stage" / "model.safetensors").read_bytes() == weights
     doc["train"]["optim"] = {"lr": 0.5}
     (configs / "strict.yaml").write_text(yaml.safe_dump(doc))
     with pytest.raises(SystemExit, match=r"strict.yaml has changed since strict was built"):

@@ -1,4 +1,4 @@
-"""A small Hugging Face Hub look-alike for tests.
+"""A small Hugging Face Hub look-alike, for the tests and the demo.
 
 `LocalHub` serves, on 127.0.0.1, just enough of the Hub HTTP API for the real `huggingface_hub`
 client to create repos, push commits (to `main` or to branches) and download files, revisions and
