@@ -25,9 +25,9 @@ ablation that asks whether λ adapts to the downstream symmetry). No validation 
 trains for the same number of updates (``--steps``) and is tested with its final weights.
 
 ``run`` writes ``OUT/TASK/kLABELS/MODEL-MODE/seedS`` (a finished run is skipped, a killed one
-resumes). ``report`` writes ``OUT/transfer.md``: test accuracy by task x labels x model x mode
-(mean ± std over seeds), the issue's targets checked, and the λ read-out of the fine-tuned learnt
-models next to their checkpoint's.
+resumes). ``report`` writes ``OUT/transfer.md``, test accuracy by task x labels x model x mode
+(mean ± std over seeds), the benchmark's targets checked, and the λ read-out of the fine-tuned
+learnt models next to their checkpoint's; and ``OUT/transfer.png``, accuracy against labels.
 """
 from __future__ import annotations
 
@@ -255,8 +255,8 @@ def cmd_report(args) -> None:
             cells.append(f"{100 * _mean_std(xs)[0]:.1f} ± {100 * _mean_std(xs)[1]:.1f} ({len(xs)})" if xs else "-")
         lines.append(f"| {task} | {labels} | " + " | ".join(cells) + " |")
     means = {key: _mean_std(xs)[0] for key, xs in found.items()}
-    recipe = (f"AdamW, lr {RECIPE['lr']}, batch {RECIPE['batch_size']}, {RECIPE['steps']} updates per run unless "
-              "`--steps` said otherwise, final weights")
+    recipe = (f"AdamW, lr {RECIPE['lr']}, batch {RECIPE['batch_size']}, at least {RECIPE['steps']} updates (whole "
+              "epochs) per run unless `--steps` said otherwise, final weights")
     text = [f"Test accuracy (%), mean ± std over seeds (number of seeds); `python scripts/transfer.py run` ({recipe}) "
             f"and `report`, runs in `{out}`.", "", *lines, "", "Targets:", "",
             *(_targets(means, budgets) or ["- (no complete budget yet)"]), "",
@@ -264,6 +264,34 @@ def cmd_report(args) -> None:
             *(_lambda_lines(out, args) or ["- (no fine-tuned learnt model yet)"])]
     (out / "transfer.md").write_text("\n".join(text) + "\n", encoding="utf-8")
     print("\n".join(text))
+    if found:
+        _plot(found, columns, names, out / "transfer.png")
+
+
+def _plot(found: dict, columns, names, path: Path) -> None:
+    """Test accuracy against labels per class, one panel per task, mean ± std over seeds."""
+    from matplotlib.figure import Figure
+
+    tasks = [t for t in TASKS if any(key[0] == t for key in found)]
+    fig = Figure(figsize=(5 * len(tasks), 3.8))
+    colours = {"cnn": "tab:gray", "strict": "tab:blue", "learnt": "tab:red"}
+    styles = {"scratch": ":", "finetuned": "-", "frozen": "--"}
+    for i, task in enumerate(tasks):
+        ax = fig.add_subplot(1, len(tasks), i + 1)
+        for model, mode in columns:
+            points = sorted((k, _mean_std(xs)) for (t, k, m, o), xs in found.items()
+                            if (t, m, o) == (task, model, mode))
+            if points:
+                ax.errorbar([k for k, _ in points], [100 * ms[0] for _, ms in points],
+                            yerr=[100 * ms[1] for _, ms in points], color=colours[model], linestyle=styles[mode],
+                            marker=".", capsize=2, label=f"{model} {names[mode]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("labels per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def _checkpoint_arg(text: str) -> str:
@@ -295,7 +323,7 @@ def main(argv=None) -> int:
     r.add_argument("--threads", type=int, default=1, help="CPU threads per run (1: best on a busy machine)")
     r.add_argument("--root", default=os.environ.get("EQZOO_MNIST_ROOT", "data"), help="folder holding MNIST/")
     r.add_argument("--configs", default="configs/release", help="the release files (what a run from scratch builds)")
-    rep = sub.add_parser("report", help="write OUT/transfer.md")
+    rep = sub.add_parser("report", help="write OUT/transfer.md and OUT/transfer.png")
     for q in (r, rep):
         q.add_argument("--releases", default="runs/release", help="scripts/release.py's --out")
         q.add_argument("--out", default="runs/transfer")

@@ -74,6 +74,7 @@ def test_transfer_run_and_report(tmp_path, one_thread, capsys):
 
     transfer.main(["report", "--releases", str(releases), "--out", str(out)])
     table = (out / "transfer.md").read_text()
+    assert (out / "transfer.png").stat().st_size > 0
     assert "| task | labels/class | cnn scratch | cnn fine-tuned |" in table
     row = next(line for line in table.splitlines() if line.startswith("| digits | 2 |"))
     assert row.count("(1)") == 7  # seven cells, one seed each
