@@ -10,6 +10,9 @@ snapshots. The server is stdlib-only; `redirect_hub`, `offline` and `serve_hub` 
         path = hf_hub_download("me/model", "config.json")
         assert hub.files("me/model")["config.json"] == ...
 
+From a shell, ``python scripts/hub_server.py DIR`` serves the repos stored in DIR until stopped and
+prints the URL to put in ``HF_ENDPOINT`` (writes need any token, e.g. ``HF_TOKEN=hf_local``).
+
 Pull requests: `create_pr=True` (a commit with `?create_pr=1`, or `create_pull_request` then
 commits to its `refs/pr/N`) opens one against main; its files resolve at revision "refs/pr/N" and
 `pull_requests(repo_id)` lists them. Simplifications: every file is a "regular" (non-LFS, non-Xet)
@@ -487,3 +490,18 @@ def serve_hub(tmp_dir: str | os.PathLike, token: str | None = "hf_test"):
     tmp_dir/hf-cache. Typical fixture: `with serve_hub(tmp_path) as hub: yield hub`."""
     with LocalHub(Path(tmp_dir) / "hub") as hub, redirect_hub(hub.url, Path(tmp_dir) / "hf-cache", token):
         yield hub
+
+
+if __name__ == "__main__":
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(description="Serve a local Hub look-alike on 127.0.0.1 until stopped.")
+    parser.add_argument("root", help="folder holding the repos (created; a later start sees the same repos)")
+    with LocalHub(parser.parse_args().root) as hub:
+        print(f"HF_ENDPOINT={hub.url}", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
