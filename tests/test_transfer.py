@@ -54,6 +54,7 @@ def test_transfer_run_and_report(tmp_path, one_thread, capsys):
         assert "0 runs to do" in capsys.readouterr().out
 
     runs = out / "digits" / "k2"
+    assert not list(out.glob("**/checkpoints"))  # finished runs keep their results, not their resume state
     assert sorted(p.name for p in runs.iterdir()) == sorted(
         ["cnn-scratch", "cnn-finetuned", "strict-scratch", "strict-finetuned", "learnt-scratch", "learnt-finetuned",
          "learnt-frozen"])
