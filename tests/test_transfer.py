@@ -42,6 +42,12 @@ def test_transfer_run_and_report(tmp_path, one_thread, capsys):
                                 "resnet18": ("resnet18", {})}.items():
         name = f"{model}_rotmnist"
         write_release(configs, name, arch, args, f"pe_resnet18.{name}" if arch != "resnet18" else None)
+    before = ["run", "--releases", str(releases), "--configs", str(configs), "--out", str(out), "--tasks", "digits",
+              "--labels", "2", "--seeds", "0", "--image-size", "16"]
+    transfer.main([*before, "--dry-run"])  # nothing built yet: the runs from scratch can go, the rest waits
+    listed = capsys.readouterr().out
+    assert "7 runs to do, waiting for d4_rotmnist, d4_strict_rotmnist, resnet18_rotmnist" in listed
+    assert listed.count("from scratch") == 3 and "<- local-dir:" not in listed
     release.main(["build", "--configs", str(configs), "--out", str(releases)])
     run = ["run", "--releases", str(releases), "--configs", str(configs), "--out", str(out), "--tasks", "digits",
            "--labels", "2", "--seeds", "0", "--steps", "2", "--image-size", "16", "--test-size", "50", "--source", "hub"]
