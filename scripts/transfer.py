@@ -84,15 +84,16 @@ def checkpoint_of(task: str, model: str, args) -> str:
     return chosen.get(model, TASKS[task]["sources"][model])
 
 
-def architecture_of(configs: Path, name: str) -> tuple[str, dict]:
-    """(model, model arguments) of release checkpoint ``name`` as its release file declares them: what
-    a run from scratch builds, known before the checkpoint is."""
-    from eqzoo.config import read_yaml
+def architecture_of(configs: Path, name: str, releases: Path) -> tuple[str, dict]:
+    """(model, model arguments) of release checkpoint ``name`` as its release file declares them
+    (read and checked as ``release.py`` reads it): what a run from scratch builds, known before the
+    checkpoint is."""
+    from release import read_release  # scripts/release.py, beside this file
 
     path = configs / f"{name}.yaml"
     if not path.is_file():
         raise SystemExit(f"transfer.py: no release file {path}")
-    train = read_yaml(path)["train"]
+    train = read_release(path, releases)["train"]
     return train["model"], dict(train.get("model_args") or {})
 
 
@@ -100,7 +101,7 @@ def run_config(task: str, labels: int, model: str, mode: str, seed: int, args) -
     """(run config, fine-tuning source or None for a run from scratch)."""
     name = checkpoint_of(task, model, args)
     source = None if mode == "scratch" else source_of(Path(args.releases), name, args.source)
-    architecture, model_args = architecture_of(Path(args.configs), name)
+    architecture, model_args = architecture_of(Path(args.configs), name, Path(args.releases))
     data = dict(TASKS[task]["data"], root=args.root, seed=seed, train_size=10 * labels, batch_size=RECIPE["batch_size"])
     if args.image_size:
         data["image_size"] = args.image_size
